@@ -1,0 +1,68 @@
+# Real-time ETA platform — the verbs a newcomer can guess.
+#   make run      bring up the whole system locally (embedded Kafka-protocol broker, Redis, PostgreSQL)
+#   make test     install everything, lint, type-check, unit + integration + deploy tests
+#   make bench    run every benchmark under bench/ (tables + bench/results/<name>.json)
+#   make protos   generate the protobuf/gRPC code into services/eta/ (never committed)
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PROTO_SRC := $(wildcard protos/eta/v1/*.proto)
+PROTO_OUT := services
+STAMP  := $(VENV)/.installed
+
+.PHONY: help install protos run test lint typecheck unit integration deploy-check bench clean stop
+
+help:
+	@sed -n '1,6p' Makefile
+
+$(PY):
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ required"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) protos
+
+protos: $(STAMP) $(PROTO_OUT)/eta/v1/.stamp
+
+$(PROTO_OUT)/eta/v1/.stamp: $(PROTO_SRC) | $(STAMP)
+	rm -rf $(PROTO_OUT)/eta
+	mkdir -p $(PROTO_OUT)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iprotos \
+		--python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
+		--mypy_out=$(PROTO_OUT) --mypy_grpc_out=$(PROTO_OUT) $(PROTO_SRC)
+	touch $(PROTO_OUT)/eta/__init__.py $(PROTO_OUT)/eta/v1/__init__.py $(PROTO_OUT)/eta/py.typed
+	touch $@
+
+run: install
+	$(PY) -m devstack run
+
+lint: install
+	$(VENV)/bin/ruff check services tests bench
+	$(VENV)/bin/ruff format --check services tests bench
+
+typecheck: install
+	$(VENV)/bin/mypy services tests bench
+
+unit: install
+	$(PY) -m pytest -q -m "not integration" services tests/unit tests/deploy
+
+integration: install
+	$(PY) -m pytest -q -m integration tests/integration
+
+test: lint typecheck
+	$(PY) -m pytest -q services tests
+
+bench: install
+	$(PY) -m bench
+
+format: install
+	$(VENV)/bin/ruff check --fix services tests bench
+	$(VENV)/bin/ruff format services tests bench
+
+clean:
+	rm -rf $(VENV) $(PROTO_OUT)/eta .run build .pytest_cache .mypy_cache .ruff_cache

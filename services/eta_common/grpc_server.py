@@ -1,0 +1,105 @@
+"""aio gRPC server bootstrap shared by the three services.
+
+Every server gets: the standard ``grpc.health.v1`` service, server reflection (so ``grpcurl`` works),
+the tracing interceptor, a Prometheus endpoint, and a shutdown sequence for Kubernetes rollouts:
+SIGTERM/SIGINT → health NOT_SERVING (readiness fails, traffic drains) → ``server.stop(grace)`` lets
+in-flight RPCs finish → the service's own ``on_stop`` hooks close Kafka/Redis/PostgreSQL clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from eta_common.config import ServerSettings
+from eta_common.telemetry import TracingServerInterceptor
+
+__all__ = ["GrpcService", "serve"]
+
+log = logging.getLogger(__name__)
+
+AddServicer = Callable[[grpc.aio.Server], None]
+
+
+@dataclass
+class GrpcService:
+    """What a service plugs into :func:`serve`."""
+
+    name: str
+    settings: ServerSettings
+    # Functions that register servicers on the server (e.g. ``add_EtaServiceServicer_to_server``).
+    register: Sequence[AddServicer]
+    # Fully-qualified service names (for reflection and per-service health).
+    service_names: Sequence[str]
+    # Run once before the port opens (connect stores, load models …).
+    on_start: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=tuple)
+    # Long-running background tasks (e.g. a Kafka consume loop); cancelled on shutdown.
+    background: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=tuple)
+    # Run after the server stopped (close clients), in order.
+    on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=tuple)
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = field(default_factory=tuple)
+    bind_host: str = "[::]"
+
+
+async def serve(service: GrpcService, *, ready: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or a background task fails), then shut down gracefully."""
+    for hook in service.on_start:
+        await hook()
+    server = grpc.aio.server(
+        interceptors=[TracingServerInterceptor(), *service.interceptors],
+        options=[("grpc.so_reuseport", 0)],
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for register in service.register:
+        register(server)
+    reflection.enable_server_reflection(
+        (*service.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(f"{service.bind_host}:{service.settings.grpc_port}")
+    if service.settings.metrics_port:
+        start_http_server(service.settings.metrics_port)
+    await server.start()
+    for name in ("", *service.service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"grpc_port": port, "metrics_port": service.settings.metrics_port})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(job(), name=f"{service.name}-bg{i}") for i, job in enumerate(service.background)]
+    for task in tasks:
+        task.add_done_callback(lambda _t: stop.set())
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error("background task failed", exc_info=task.exception())
+        log.info("shutting down", extra={"grace_seconds": service.settings.shutdown_grace_seconds})
+        await health_servicer.enter_graceful_shutdown()
+    finally:
+        await server.stop(service.settings.shutdown_grace_seconds)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for hook in service.on_stop:
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook failed")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("stopped")

@@ -1,0 +1,207 @@
+"""OpenTelemetry wiring shared by every service.
+
+Configuration uses the standard variables, so any collector works:
+``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_EXPORTER_OTLP_ENDPOINT`` (OTLP/gRPC export is
+on when set), ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` (parent-based, so a sampled-out
+request stays sampled-out downstream). ``ETA_TRACES_FILE`` additionally writes finished spans as JSON
+lines (used by ``make run`` and the tests; ``{pid}`` in the path is replaced by the process id).
+
+Trace context crosses gRPC in metadata and Kafka in record headers (W3C ``traceparent``/``tracestate``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from eta_common.config import env_str
+
+__all__ = [
+    "JsonLinesSpanExporter",
+    "TracingClientInterceptor",
+    "TracingServerInterceptor",
+    "extract_from_headers",
+    "headers_with_context",
+    "setup_tracing",
+]
+
+KafkaHeaders = Sequence[tuple[str, bytes]]
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends one JSON object per finished span to a file (local debugging and trace reports)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = [json.dumps(span_to_dict(span), default=str) for span in spans]
+        with self._lock, open(self._path, "a", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
+    ctx = span.get_span_context()
+    assert ctx is not None
+    return {
+        "trace_id": format(ctx.trace_id, "032x"),
+        "span_id": format(ctx.span_id, "016x"),
+        "parent_span_id": format(span.parent.span_id, "016x") if span.parent else None,
+        "name": span.name,
+        "kind": span.kind.name,
+        "service": span.resource.attributes.get("service.name"),
+        "start_ns": span.start_time,
+        "end_ns": span.end_time,
+        "attributes": dict(span.attributes or {}),
+        "links": [
+            {"trace_id": format(link.context.trace_id, "032x"), "span_id": format(link.context.span_id, "016x")}
+            for link in span.links
+        ],
+        "status": span.status.status_code.name,
+    }
+
+
+def setup_tracing(default_service_name: str) -> TracerProvider:
+    """Install a global tracer provider configured from the standard ``OTEL_*`` variables."""
+    service_name = env_str("OTEL_SERVICE_NAME", default_service_name)
+    resource = Resource.create({"service.name": service_name, "service.namespace": "eta-platform"})
+    provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER (parent-based default)
+    if env_str("OTEL_EXPORTER_OTLP_ENDPOINT", ""):
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    traces_file = env_str("ETA_TRACES_FILE", "")
+    if traces_file:
+        provider.add_span_processor(
+            BatchSpanProcessor(JsonLinesSpanExporter(traces_file.replace("{pid}", str(os.getpid()))))
+        )
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+# --- Kafka record headers ---------------------------------------------------------------------------
+
+
+def headers_with_context(ctx: otel_context.Context | None = None) -> list[tuple[str, bytes]]:
+    """W3C trace-context headers for a Kafka record, from ``ctx`` (default: the current context)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=ctx)
+    return [(key, value.encode()) for key, value in carrier.items()]
+
+
+def extract_from_headers(headers: KafkaHeaders | None) -> otel_context.Context:
+    """The producer's trace context from a Kafka record's headers (empty context if none)."""
+    carrier = {key: value.decode("latin-1") for key, value in (headers or ()) if value is not None}
+    return propagate.extract(carrier)
+
+
+# --- gRPC ---------------------------------------------------------------------------------------------
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
+
+def _split_method(full_method: str) -> tuple[str, str]:
+    _, service, method = full_method.split("/", 2) if full_method.count("/") == 2 else ("", "", full_method)
+    return service, method
+
+
+class TracingServerInterceptor(grpc.aio.ServerInterceptor):
+    """Server span per RPC (rpc.* semantic conventions), parented by the caller's ``traceparent``."""
+
+    def __init__(self, tracer_name: str = "eta.grpc.server") -> None:
+        self._tracer = trace.get_tracer(tracer_name)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or handler.unary_unary is None or method.startswith("/grpc."):
+            return handler
+        metadata = {key: value for key, value in (handler_call_details.invocation_metadata or ())}
+        service, method_name = _split_method(method)
+        inner = handler.unary_unary
+        tracer = self._tracer
+
+        async def traced(request: Any, servicer_context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            parent = propagate.extract({k: v for k, v in metadata.items() if isinstance(v, str)})
+            with tracer.start_as_current_span(
+                method.lstrip("/"),
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method_name},
+                record_exception=True,
+                set_status_on_exception=True,
+            ) as span:
+                response = await inner(request, servicer_context)
+                code = servicer_context.code()
+                status_code = code.value[0] if isinstance(code, grpc.StatusCode) else int(code or 0)
+                span.set_attribute("rpc.grpc.status_code", status_code)
+                if status_code != 0:
+                    span.set_status(Status(StatusCode.ERROR))
+                return response
+
+        return grpc.unary_unary_rpc_method_handler(
+            traced,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Client span per unary RPC; injects ``traceparent`` into the call metadata."""
+
+    def __init__(self, tracer_name: str = "eta.grpc.client") -> None:
+        self._tracer = trace.get_tracer(tracer_name)
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        raw_method = client_call_details.method
+        method = raw_method.decode() if isinstance(raw_method, bytes) else str(raw_method)
+        service, method_name = _split_method(method)
+        with self._tracer.start_as_current_span(
+            method.lstrip("/"),
+            kind=SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method_name},
+        ):
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            metadata = list(client_call_details.metadata or ()) + list(carrier.items())
+            details = grpc.aio.ClientCallDetails(
+                method=client_call_details.method,
+                timeout=client_call_details.timeout,
+                metadata=grpc.aio.Metadata(*metadata),
+                credentials=client_call_details.credentials,
+                wait_for_ready=client_call_details.wait_for_ready,
+            )
+            call = await continuation(details, request)
+            return await call
+
+
+def attributes_for(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop ``None`` values (OpenTelemetry attributes may not be None)."""
+    return {key: value for key, value in mapping.items() if value is not None}
