@@ -1,0 +1,1 @@
+"""Feature aggregation service: Kafka → online features in Redis + event history in PostgreSQL."""

@@ -1,0 +1,50 @@
+"""Aggregator settings (environment variables, defaults in brackets).
+
+``GRPC_PORT`` [50052] (FeatureService), ``METRICS_PORT`` [9102], ``SHUTDOWN_GRACE_SECONDS`` [10],
+``AGGREGATOR_GROUP_ID`` [eta-aggregator] Kafka consumer group (run more replicas to scale out, up to the
+partition count), ``AGGREGATOR_ALLOWED_LATENESS_SECONDS`` [300] events that reach the aggregator's
+input later than this after their event_time do not change online features (still archived),
+``AGGREGATOR_MAX_BATCH`` [500] records per processing batch. Plus ``KAFKA_*``, ``REDIS_URL``,
+``DATABASE_URL`` and ``OTEL_*``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from eta_common.config import (
+    DatabaseSettings,
+    KafkaSettings,
+    RedisSettings,
+    ServerSettings,
+    env_float,
+    env_int,
+    env_str,
+)
+
+DEFAULT_GRPC_PORT = 50052
+DEFAULT_METRICS_PORT = 9102
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregatorSettings:
+    server: ServerSettings
+    kafka: KafkaSettings
+    redis: RedisSettings
+    database: DatabaseSettings
+    group_id: str = "eta-aggregator"
+    allowed_lateness_seconds: float = 300.0
+    max_batch: int = 500
+
+    @classmethod
+    def from_env(cls) -> AggregatorSettings:
+        return cls(
+            server=ServerSettings.from_env(default_grpc_port=DEFAULT_GRPC_PORT, default_metrics_port=DEFAULT_METRICS_PORT),
+            kafka=KafkaSettings.from_env(),
+            redis=RedisSettings.from_env(),
+            database=DatabaseSettings.from_env(),
+            group_id=env_str("AGGREGATOR_GROUP_ID", cls.group_id),
+            allowed_lateness_seconds=env_float("AGGREGATOR_ALLOWED_LATENESS_SECONDS", cls.allowed_lateness_seconds,
+                                               minimum=0),
+            max_batch=env_int("AGGREGATOR_MAX_BATCH", cls.max_batch, minimum=1),
+        )

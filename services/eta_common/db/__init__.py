@@ -1,0 +1,1 @@
+"""PostgreSQL (offline store): connection pool, migrations, event archive, model registry."""

@@ -1,0 +1,122 @@
+"""Feature definitions — the single source of truth for the online aggregator (Redis), the prediction
+service, and the offline training-set builder. Change a definition here and every path follows.
+
+Time semantics
+--------------
+* Windowed features are over **event time**: a window of length W evaluated at time t counts the events
+  whose ``event_time`` lies in the half-open interval ``(t - W, t]``.
+* Each order counts once (the order id is the member of the window set), so re-sent events, broker
+  retry duplicates and replays change nothing.
+* **Lateness**: an event whose ``ingest_time - event_time`` exceeds ``ALLOWED_LATENESS_MS``
+  (``AGGREGATOR_ALLOWED_LATENESS_SECONDS``, default 300 s) is not applied to online features (it is
+  counted in a metric and still archived); the offline builder applies the same rule.
+* State features (orders in the kitchen, kitchen status, free drivers) take an event only if it is newer
+  (event time) than the last one applied for that entity: out-of-order stale updates are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+__all__ = [
+    "DEFAULTS",
+    "DISTANCE_KM",
+    "FEATURE_NAMES",
+    "FREE_DRIVERS_NEARBY",
+    "HOUR_OF_WEEK",
+    "KITCHEN_BUSY",
+    "MEAN_PREP_MINUTES_60",
+    "NUM_ORDERS_10",
+    "NUM_ORDERS_30",
+    "ORDERS_IN_KITCHEN",
+    "SUPPLY_RADIUS_KM",
+    "WindowCount",
+    "haversine_km",
+    "hour_of_week",
+]
+
+EARTH_RADIUS_M = 6372797.560856  # the radius Redis GEO uses, so offline distances match online ones
+
+
+@dataclass(frozen=True)
+class WindowCount:
+    """Number of orders PLACED at the restaurant with event_time in (t - window, t]."""
+
+    name: str
+    window_ms: int
+
+
+@dataclass(frozen=True)
+class WindowMean:
+    """Mean prep time (ORDER_ACCEPTED → ORDER_READY, minutes) of orders that became READY in (t - window, t]."""
+
+    name: str
+    window_ms: int
+
+
+NUM_ORDERS_10 = WindowCount("num_orders_last_10_min", 10 * 60_000)
+NUM_ORDERS_30 = WindowCount("num_orders_last_30_min", 30 * 60_000)
+MEAN_PREP_MINUTES_60 = WindowMean("mean_prep_minutes_last_60_min", 60 * 60_000)
+# Orders the kitchen accepted and has not finished (READY or CANCELLED). An accepted order older than
+# KITCHEN_ORDER_TTL_MS with no outcome is considered abandoned and no longer counted.
+ORDERS_IN_KITCHEN = "orders_in_kitchen"
+KITCHEN_ORDER_TTL_MS = 3 * 60 * 60_000
+# 1 when the last kitchen status event was BUSY, else 0 (OPENED/CLOSED or none).
+KITCHEN_BUSY = "kitchen_busy"
+# Drivers whose last state is free (ONLINE or DELIVERED, not since ASSIGNED/OFFLINE) within the radius
+# of the restaurant, at their last known position.
+SUPPLY_RADIUS_KM = 3.0
+FREE_DRIVERS_NEARBY = "free_drivers_within_3km"
+# Request-time features.
+DISTANCE_KM = "distance_km"
+HOUR_OF_WEEK = "hour_of_week"
+
+WINDOW_COUNTS: tuple[WindowCount, ...] = (NUM_ORDERS_10, NUM_ORDERS_30)
+# How long window members are kept: the longest window plus the allowed lateness (set at runtime).
+MAX_WINDOW_MS = max(NUM_ORDERS_30.window_ms, MEAN_PREP_MINUTES_60.window_ms)
+DEFAULT_ALLOWED_LATENESS_MS = 300_000
+
+# Model input order. Append only; the registry stores the names each model was trained with.
+FEATURE_NAMES: tuple[str, ...] = (
+    NUM_ORDERS_10.name,
+    NUM_ORDERS_30.name,
+    ORDERS_IN_KITCHEN,
+    MEAN_PREP_MINUTES_60.name,
+    KITCHEN_BUSY,
+    FREE_DRIVERS_NEARBY,
+    DISTANCE_KM,
+    HOUR_OF_WEEK,
+)
+
+# Value used when the online store has nothing for a feature (documented fallback). NaN lets LightGBM
+# route missing values the way it learnt during training.
+DEFAULTS: dict[str, float] = {
+    NUM_ORDERS_10.name: 0.0,
+    NUM_ORDERS_30.name: 0.0,
+    ORDERS_IN_KITCHEN: 0.0,
+    MEAN_PREP_MINUTES_60.name: math.nan,
+    KITCHEN_BUSY: 0.0,
+    FREE_DRIVERS_NEARBY: math.nan,
+}
+
+
+def haversine_km(lat1: float, lng1: float, lat2: float, lng2: float) -> float:
+    """Great-circle distance in km (same formula and radius as Redis GEO)."""
+    phi1, phi2 = math.radians(lat1), math.radians(lat2)
+    dphi = phi2 - phi1
+    dlmb = math.radians(lng2 - lng1)
+    a = math.sin(dphi / 2) ** 2 + math.cos(phi1) * math.cos(phi2) * math.sin(dlmb / 2) ** 2
+    return 2 * EARTH_RADIUS_M * math.asin(math.sqrt(a)) / 1000.0
+
+
+def hour_of_week(ms: int) -> int:
+    """0 = Monday 00:00–00:59 UTC … 167 = Sunday 23:00–23:59 UTC."""
+    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    return moment.weekday() * 24 + moment.hour
+
+
+def is_late(event_ms: int, ingest_ms: int, allowed_lateness_ms: int) -> bool:
+    """True when the event arrived later than allowed and must not change online features."""
+    return ingest_ms - event_ms > allowed_lateness_ms

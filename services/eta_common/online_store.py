@@ -1,0 +1,351 @@
+"""The online store: Redis key layout, idempotent update scripts and the one-round-trip feature read.
+
+Key layout (hash tags keep one restaurant's keys in one Redis Cluster slot, so scripts stay atomic):
+
+=============================  ======  ===========================================================
+key                            type    content
+=============================  ======  ===========================================================
+``rst:{R}:placed``             zset    order_id → PLACED event time (ms); windowed order counts
+``rst:{R}:o:<order_id>``       hash    accepted / ready / cancelled event times of one order (TTL)
+``rst:{R}:kitchen``            zset    order_id → ACCEPTED time, while in the kitchen
+``rst:{R}:prep``               zset    "order_id:prep_ms" → READY time; windowed mean prep time
+``rst:{R}:meta``               hash    lat, lng, status, status_ms, and per feature group
+                                       ``u:<group>`` (wall time of last change, ms) and
+                                       ``e:<group>`` (latest event time reflected, ms)
+``drv:{C}:free``               geo     free drivers at their last position
+``drv:{C}:state``              hash    driver_id → "status|event_ms" (ordering guard)
+``drv:{C}:meta``               hash    ``u:drivers`` / ``e:drivers`` freshness
+=============================  ======  ===========================================================
+
+Every update is idempotent (set members are ids; first-write-wins per order field; state changes only
+for strictly newer event times), so at-least-once delivery and crash replays cannot double count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from eta_common import features as F
+
+__all__ = ["FeatureReading", "OnlineStore", "RestaurantFeatures", "driver_keys", "restaurant_keys"]
+
+CITY = "city"
+ORDER_STATE_TTL_S = 6 * 3600
+
+_APPLY_RESTAURANT = """
+local placed, kitchen, prep, meta = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local okey = KEYS[5]
+local kind, etype, oid = ARGV[1], ARGV[2], ARGV[3]
+local ems, now, retention = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+local lat, lng, ttl, kitchen_ttl = ARGV[7], ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10])
+local function touch(group)
+  redis.call('HSET', meta, 'u:' .. group, now)
+  local prev = tonumber(redis.call('HGET', meta, 'e:' .. group) or '0')
+  if ems > prev then redis.call('HSET', meta, 'e:' .. group, ARGV[4]) end
+end
+if lat ~= '' then redis.call('HSET', meta, 'lat', lat, 'lng', lng) end
+local changed = 0
+if etype == 'PLACED' then
+  changed = redis.call('ZADD', placed, 'NX', ems, oid)
+  redis.call('ZREMRANGEBYSCORE', placed, '-inf', '(' .. (ems - retention))
+  touch('orders')
+elseif etype == 'ORDER_ACCEPTED' then
+  if redis.call('HSETNX', okey, 'accepted', ARGV[4]) == 1 then
+    changed = 1
+    redis.call('EXPIRE', okey, ttl)
+    local ready = redis.call('HGET', okey, 'ready')
+    if ready then
+      redis.call('ZADD', prep, ready, oid .. ':' .. (tonumber(ready) - ems))
+    elseif not redis.call('HGET', okey, 'cancelled') then
+      redis.call('ZADD', kitchen, ems, oid)
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', kitchen, '-inf', '(' .. (ems - kitchen_ttl))
+  touch('kitchen')
+elseif etype == 'ORDER_READY' then
+  if redis.call('HSETNX', okey, 'ready', ARGV[4]) == 1 then
+    changed = 1
+    redis.call('EXPIRE', okey, ttl)
+    redis.call('ZREM', kitchen, oid)
+    local accepted = redis.call('HGET', okey, 'accepted')
+    if accepted then
+      redis.call('ZADD', prep, ems, oid .. ':' .. (ems - tonumber(accepted)))
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', prep, '-inf', '(' .. (ems - retention))
+  touch('kitchen')
+elseif etype == 'CANCELLED' then
+  if redis.call('HSETNX', okey, 'cancelled', ARGV[4]) == 1 then
+    changed = 1
+    redis.call('EXPIRE', okey, ttl)
+    redis.call('ZREM', kitchen, oid)
+  end
+  touch('kitchen')
+elseif etype == 'OPENED' or etype == 'CLOSED' or etype == 'BUSY' then
+  local prev = tonumber(redis.call('HGET', meta, 'status_ms') or '-1')
+  if ems > prev then
+    redis.call('HSET', meta, 'status', etype, 'status_ms', ARGV[4])
+    changed = 1
+  end
+  touch('status')
+end
+return changed
+"""
+
+_APPLY_DRIVER = """
+local free, state, meta = KEYS[1], KEYS[2], KEYS[3]
+local did, etype, ems, now, lat, lng = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
+local status, last = 'offline', -1
+local cur = redis.call('HGET', state, did)
+if cur then
+  local sep = string.find(cur, '|', 1, true)
+  status = string.sub(cur, 1, sep - 1)
+  last = tonumber(string.sub(cur, sep + 1))
+end
+if ems <= last then return 0 end
+if etype == 'ONLINE' or etype == 'DELIVERED' then status = 'free'
+elseif etype == 'OFFLINE' then status = 'offline'
+elseif etype == 'ASSIGNED' then status = 'busy' end
+redis.call('HSET', state, did, status .. '|' .. ARGV[3])
+if status == 'free' then redis.call('GEOADD', free, lng, lat, did) else redis.call('ZREM', free, did) end
+redis.call('HSET', meta, 'u:drivers', now)
+local prev = tonumber(redis.call('HGET', meta, 'e:drivers') or '0')
+if ems > prev then redis.call('HSET', meta, 'e:drivers', ARGV[3]) end
+return 1
+"""
+
+_READ_RESTAURANT = """
+local placed, kitchen, prep, meta = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local t = tonumber(ARGV[1])
+local out = {}
+local i = 1
+local nwin = tonumber(ARGV[2])
+for w = 1, nwin do
+  out[i] = redis.call('ZCOUNT', placed, '(' .. (t - tonumber(ARGV[2 + w])), t)
+  i = i + 1
+end
+local base = 2 + nwin
+out[i] = redis.call('ZCOUNT', kitchen, '(' .. (t - tonumber(ARGV[base + 1])), '+inf'); i = i + 1
+local members = redis.call('ZRANGEBYSCORE', prep, '(' .. (t - tonumber(ARGV[base + 2])), t)
+local sum, n = 0, 0
+for _, m in ipairs(members) do
+  local sep = string.find(m, ':[^:]*$')
+  sum = sum + tonumber(string.sub(m, sep + 1)); n = n + 1
+end
+out[i] = tostring(sum); out[i + 1] = n; i = i + 2
+local fields = redis.call('HMGET', meta, 'status', 'lat', 'lng', 'u:orders', 'e:orders', 'u:kitchen',
+  'e:kitchen', 'u:status', 'e:status')
+for _, v in ipairs(fields) do out[i] = v or false; i = i + 1 end
+return out
+"""
+
+
+def restaurant_keys(restaurant_id: str) -> dict[str, str]:
+    tag = f"rst:{{{restaurant_id}}}"
+    return {
+        "placed": f"{tag}:placed",
+        "kitchen": f"{tag}:kitchen",
+        "prep": f"{tag}:prep",
+        "meta": f"{tag}:meta",
+        "order_prefix": f"{tag}:o:",
+    }
+
+
+def driver_keys(city: str = CITY) -> dict[str, str]:
+    tag = f"drv:{{{city}}}"
+    return {"free": f"{tag}:free", "state": f"{tag}:state", "meta": f"{tag}:meta"}
+
+
+@dataclass(frozen=True)
+class FeatureReading:
+    """One feature value with its freshness."""
+
+    name: str
+    value: float
+    present: bool
+    updated_ms: int | None = None
+    event_ms: int | None = None
+
+    def age_seconds(self, now_ms: int) -> float | None:
+        return None if self.updated_ms is None else max(0.0, (now_ms - self.updated_ms) / 1000.0)
+
+
+@dataclass
+class RestaurantFeatures:
+    restaurant_id: str
+    as_of_ms: int
+    readings: dict[str, FeatureReading] = field(default_factory=dict)
+    location: tuple[float, float] | None = None
+
+    def vector(self, names: Sequence[str]) -> list[float]:
+        return [self.readings[name].value for name in names]
+
+
+@dataclass(frozen=True)
+class RestaurantUpdate:
+    """One order/kitchen event in the form the restaurant script takes."""
+
+    restaurant_id: str
+    event_type: str
+    order_id: str
+    event_ms: int
+    lat: float | None = None
+    lng: float | None = None
+
+
+@dataclass(frozen=True)
+class DriverUpdate:
+    driver_id: str
+    event_type: str
+    event_ms: int
+    lat: float
+    lng: float
+
+
+def _int_or_none(raw: Any) -> int | None:
+    return None if raw in (None, False, b"", "") else int(raw)
+
+
+class OnlineStore:
+    """Async access to the online features. One instance per process (it holds the connection pool)."""
+
+    def __init__(self, client: aioredis.Redis, *, allowed_lateness_ms: int = F.DEFAULT_ALLOWED_LATENESS_MS,
+                 city: str = CITY) -> None:
+        self.client = client
+        self.retention_ms = F.MAX_WINDOW_MS + allowed_lateness_ms
+        self.city = city
+        self._apply_restaurant = client.register_script(_APPLY_RESTAURANT)
+        self._apply_driver = client.register_script(_APPLY_DRIVER)
+        self._read_restaurant = client.register_script(_READ_RESTAURANT)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> OnlineStore:
+        return cls(aioredis.Redis.from_url(url, decode_responses=False), **kwargs)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def apply(self, updates: Sequence[RestaurantUpdate | DriverUpdate], *, now_ms: int) -> list[int]:
+        """Apply updates in one pipeline (one round trip); returns 1 per update that changed state."""
+        if not updates:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        dkeys = driver_keys(self.city)
+        for update in updates:
+            if isinstance(update, DriverUpdate):
+                await self._apply_driver(
+                    keys=[dkeys["free"], dkeys["state"], dkeys["meta"]],
+                    args=[update.driver_id, update.event_type, update.event_ms, now_ms, update.lat, update.lng],
+                    client=pipe,
+                )
+            else:
+                keys = restaurant_keys(update.restaurant_id)
+                await self._apply_restaurant(
+                    keys=[keys["placed"], keys["kitchen"], keys["prep"], keys["meta"],
+                          keys["order_prefix"] + update.order_id],
+                    args=[
+                        "restaurant", update.event_type, update.order_id, update.event_ms, now_ms,
+                        self.retention_ms,
+                        "" if update.lat is None else repr(update.lat),
+                        "" if update.lng is None else repr(update.lng),
+                        ORDER_STATE_TTL_S, F.KITCHEN_ORDER_TTL_MS,
+                    ],
+                    client=pipe,
+                )
+        return [int(x) for x in await pipe.execute()]
+
+    async def read_restaurant(
+        self, restaurant_id: str, *, now_ms: int, location: tuple[float, float] | None = None
+    ) -> RestaurantFeatures:
+        """All online features of one restaurant in one round trip (when ``location`` is given)."""
+        keys = restaurant_keys(restaurant_id)
+        dkeys = driver_keys(self.city)
+        pipe = self.client.pipeline(transaction=False)
+        await self._read_restaurant(
+            keys=[keys["placed"], keys["kitchen"], keys["prep"], keys["meta"]],
+            args=[now_ms, len(F.WINDOW_COUNTS), *(w.window_ms for w in F.WINDOW_COUNTS),
+                  F.KITCHEN_ORDER_TTL_MS, F.MEAN_PREP_MINUTES_60.window_ms],
+            client=pipe,
+        )
+        pipe.hmget(dkeys["meta"], "u:drivers", "e:drivers")
+        if location is not None:
+            pipe.geosearch(dkeys["free"], longitude=location[1], latitude=location[0],
+                           radius=F.SUPPLY_RADIUS_KM, unit="km")
+        results = await pipe.execute()
+        raw, driver_meta = results[0], results[1]
+        if location is None and raw[-8] not in (False, None):
+            location = (float(raw[-8]), float(raw[-7]))
+            nearby = await self.client.geosearch(dkeys["free"], longitude=location[1], latitude=location[0],
+                                                 radius=F.SUPPLY_RADIUS_KM, unit="km")
+        elif location is not None:
+            nearby = results[2]
+        else:
+            nearby = None
+        return self._assemble(restaurant_id, now_ms, raw, driver_meta, nearby, location)
+
+    def _assemble(self, restaurant_id: str, now_ms: int, raw: list[Any], driver_meta: list[Any],
+                  nearby: list[Any] | None, location: tuple[float, float] | None) -> RestaurantFeatures:
+        nwin = len(F.WINDOW_COUNTS)
+        counts = [int(x) for x in raw[:nwin]]
+        in_kitchen = int(raw[nwin])
+        prep_sum_ms, prep_n = float(raw[nwin + 1]), int(raw[nwin + 2])
+        status, _lat, _lng, u_orders, e_orders, u_kitchen, e_kitchen, u_status, e_status = raw[nwin + 3:]
+        u_orders_i, u_kitchen_i, u_status_i = _int_or_none(u_orders), _int_or_none(u_kitchen), _int_or_none(u_status)
+        e_orders_i, e_kitchen_i, e_status_i = _int_or_none(e_orders), _int_or_none(e_kitchen), _int_or_none(e_status)
+        out = RestaurantFeatures(restaurant_id=restaurant_id, as_of_ms=now_ms, location=location)
+        for window, count in zip(F.WINDOW_COUNTS, counts, strict=True):
+            out.readings[window.name] = FeatureReading(window.name, float(count), u_orders_i is not None,
+                                                       u_orders_i, e_orders_i)
+        out.readings[F.ORDERS_IN_KITCHEN] = FeatureReading(F.ORDERS_IN_KITCHEN, float(in_kitchen),
+                                                           u_kitchen_i is not None, u_kitchen_i, e_kitchen_i)
+        prep_name = F.MEAN_PREP_MINUTES_60.name
+        out.readings[prep_name] = FeatureReading(
+            prep_name,
+            prep_sum_ms / prep_n / 60_000.0 if prep_n else F.DEFAULTS[prep_name],
+            prep_n > 0, u_kitchen_i, e_kitchen_i,
+        )
+        busy = 1.0 if status in (b"BUSY", "BUSY") else 0.0
+        out.readings[F.KITCHEN_BUSY] = FeatureReading(F.KITCHEN_BUSY, busy, status not in (None, False),
+                                                      u_status_i, e_status_i)
+        u_drv, e_drv = _int_or_none(driver_meta[0]), _int_or_none(driver_meta[1])
+        free = float(len(nearby)) if nearby is not None and u_drv is not None else F.DEFAULTS[F.FREE_DRIVERS_NEARBY]
+        out.readings[F.FREE_DRIVERS_NEARBY] = FeatureReading(
+            F.FREE_DRIVERS_NEARBY, free, nearby is not None and u_drv is not None, u_drv, e_drv
+        )
+        return out
+
+
+def nan_to_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def update_from_event(event: Any) -> RestaurantUpdate | DriverUpdate | None:
+    """Map an ``eta.v1.Event`` to the online update it causes (None for events with no online effect)."""
+    from eta.v1 import events_pb2
+
+    from eta_common.timeutil import ms_from_timestamp
+
+    kind = event.WhichOneof("payload")
+    if kind == "driver":
+        d = event.driver
+        return DriverUpdate(d.driver_id, events_pb2.DriverEvent.Type.Name(d.type), ms_from_timestamp(d.event_time),
+                            d.location.lat, d.location.lng)
+    if kind == "kitchen":
+        k = event.kitchen
+        loc = k.restaurant_location if k.HasField("restaurant_location") else None
+        return RestaurantUpdate(k.restaurant_id, events_pb2.KitchenEvent.Type.Name(k.type), k.order_id,
+                                ms_from_timestamp(k.event_time), loc.lat if loc else None, loc.lng if loc else None)
+    if kind == "order":
+        o = event.order
+        etype = events_pb2.OrderEvent.Type.Name(o.type)
+        if etype not in ("PLACED", "CANCELLED"):
+            return None
+        loc = o.restaurant_location if o.HasField("restaurant_location") else None
+        return RestaurantUpdate(o.restaurant_id, etype, o.order_id, ms_from_timestamp(o.event_time),
+                                loc.lat if loc else None, loc.lng if loc else None)
+    return None

@@ -1,0 +1,1 @@
+"""Ingestion service: validates app-backend events and publishes them to Kafka."""

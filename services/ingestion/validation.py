@@ -1,0 +1,106 @@
+"""Event validation rules (also documented in protos/eta/v1/events.proto). Pure functions: no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from eta.v1 import events_pb2
+from eta_common.geo import check_point
+from eta_common.timeutil import ms_from_timestamp
+
+__all__ = ["ValidationLimits", "Violation", "validate_event"]
+
+MAX_ID_LENGTH = 128
+Violation = tuple[str, str]  # (field path, reason)
+
+
+@dataclass(frozen=True)
+class ValidationLimits:
+    max_future_skew_ms: int = 300_000
+    max_age_ms: int = 7 * 24 * 3_600_000
+
+
+def _check_id(out: list[Violation], path: str, value: str) -> None:
+    if not value:
+        out.append((path, "required"))
+    elif len(value) > MAX_ID_LENGTH:
+        out.append((path, f"longer than {MAX_ID_LENGTH} characters"))
+    elif not value.isprintable() or value != value.strip():
+        out.append((path, "must be printable with no leading/trailing whitespace"))
+
+
+def _check_time(out: list[Violation], path: str, has: bool, ts: Timestamp, now_ms: int,
+                limits: ValidationLimits) -> None:
+    if not has:
+        out.append((path, "required"))
+        return
+    if not 0 <= ts.nanos < 1_000_000_000:
+        out.append((path, "nanos out of range"))
+        return
+    ms = ms_from_timestamp(ts)
+    if ms > now_ms + limits.max_future_skew_ms:
+        out.append((path, f"more than {limits.max_future_skew_ms // 1000}s in the future"))
+    elif ms < now_ms - limits.max_age_ms:
+        out.append((path, f"older than {limits.max_age_ms // 1000}s"))
+
+
+def _check_type(out: list[Violation], path: str, value: int, enum: type) -> str | None:
+    names = enum.DESCRIPTOR.values_by_number  # type: ignore[attr-defined]
+    if value not in names:
+        out.append((path, f"unknown value {value}"))
+        return None
+    if value == 0:
+        out.append((path, "required"))
+        return None
+    return str(names[value].name)
+
+
+def validate_event(event: events_pb2.Event, *, now_ms: int, limits: ValidationLimits) -> list[Violation]:
+    """Every violation of the event (empty list = valid). Field paths are relative to the Event."""
+    out: list[Violation] = []
+    kind = event.WhichOneof("payload")
+    if kind == "driver":
+        d = event.driver
+        _check_id(out, "driver.event_id", d.event_id)
+        _check_time(out, "driver.event_time", d.HasField("event_time"), d.event_time, now_ms, limits)
+        _check_id(out, "driver.driver_id", d.driver_id)
+        etype = _check_type(out, "driver.type", d.type, events_pb2.DriverEvent.Type)
+        check_point(out, "driver.location", d.HasField("location"), d.location, required=True)
+        if etype in ("ASSIGNED", "DELIVERED"):
+            _check_id(out, "driver.order_id", d.order_id)
+    elif kind == "kitchen":
+        k = event.kitchen
+        _check_id(out, "kitchen.event_id", k.event_id)
+        _check_time(out, "kitchen.event_time", k.HasField("event_time"), k.event_time, now_ms, limits)
+        _check_id(out, "kitchen.restaurant_id", k.restaurant_id)
+        etype = _check_type(out, "kitchen.type", k.type, events_pb2.KitchenEvent.Type)
+        if etype in ("ORDER_ACCEPTED", "ORDER_READY"):
+            _check_id(out, "kitchen.order_id", k.order_id)
+        check_point(out, "kitchen.restaurant_location", k.HasField("restaurant_location"), k.restaurant_location,
+                     required=False)
+    elif kind == "order":
+        o = event.order
+        _check_id(out, "order.event_id", o.event_id)
+        _check_time(out, "order.event_time", o.HasField("event_time"), o.event_time, now_ms, limits)
+        _check_id(out, "order.order_id", o.order_id)
+        _check_id(out, "order.restaurant_id", o.restaurant_id)
+        etype = _check_type(out, "order.type", o.type, events_pb2.OrderEvent.Type)
+        placed = etype == "PLACED"
+        if placed:
+            _check_id(out, "order.customer_id", o.customer_id)
+        check_point(out, "order.restaurant_location", o.HasField("restaurant_location"), o.restaurant_location,
+                     required=placed)
+        check_point(out, "order.customer_location", o.HasField("customer_location"), o.customer_location,
+                     required=placed)
+        if etype in ("PICKED_UP", "DELIVERED"):
+            _check_id(out, "order.driver_id", o.driver_id)
+    else:
+        out.append(("payload", "one of driver, kitchen, order is required"))
+    return out
+
+
+def event_id_of(event: events_pb2.Event) -> str:
+    kind = event.WhichOneof("payload")
+    return str(getattr(event, kind).event_id) if kind else ""
