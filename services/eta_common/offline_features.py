@@ -1,0 +1,172 @@
+"""Point-in-time feature values from event history (the offline path).
+
+Replays archived events in the order the online path saw them (ingest time) through an in-memory
+model of exactly the semantics the Redis scripts in :mod:`eta_common.online_store` implement, and
+evaluates features at query times. A query at time t sees only events ingested at or before t, so no
+value from the future — including late-arriving events — can leak into a training row; late events
+(beyond the allowed lateness) are ignored exactly as online.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from eta_common import features as F
+
+__all__ = ["FeatureQuery", "HistoryEvent", "OfflineFeatureBuilder"]
+
+
+@dataclass(frozen=True)
+class HistoryEvent:
+    """The columns of an archived event the feature logic needs."""
+
+    kind: str  # driver | kitchen | order
+    type: str  # enum name, e.g. PLACED, ORDER_READY, LOCATION
+    event_ms: int
+    ingest_ms: int
+    restaurant_id: str | None = None
+    driver_id: str | None = None
+    order_id: str | None = None
+    lat: float | None = None
+    lng: float | None = None
+
+
+@dataclass(frozen=True)
+class FeatureQuery:
+    """Evaluate a restaurant's features at ``at_ms`` (e.g. an order's placement time)."""
+
+    key: str
+    restaurant_id: str
+    at_ms: int
+    restaurant_lat: float
+    restaurant_lng: float
+
+
+@dataclass
+class _Restaurant:
+    placed: dict[str, int] = field(default_factory=dict)
+    orders: dict[str, dict[str, int]] = field(default_factory=dict)
+    kitchen: dict[str, int] = field(default_factory=dict)
+    prep: dict[str, int] = field(default_factory=dict)  # "order:prep_ms" -> ready_ms
+    status: str | None = None
+    status_ms: int = -1
+
+
+@dataclass
+class _Driver:
+    status: str = "offline"
+    last_ms: int = -1
+    lat: float = math.nan
+    lng: float = math.nan
+
+
+class OfflineFeatureBuilder:
+    """Stateful replay; feed events in ingest order with :meth:`apply`, ask with :meth:`features_at`."""
+
+    def __init__(self, *, allowed_lateness_ms: int = F.DEFAULT_ALLOWED_LATENESS_MS) -> None:
+        self.allowed_lateness_ms = allowed_lateness_ms
+        self.retention_ms = F.MAX_WINDOW_MS + allowed_lateness_ms
+        self._restaurants: dict[str, _Restaurant] = {}
+        self._drivers: dict[str, _Driver] = {}
+        self._free: set[str] = set()
+
+    def apply(self, ev: HistoryEvent) -> None:
+        if F.is_late(ev.event_ms, ev.ingest_ms, self.allowed_lateness_ms):
+            return
+        if ev.kind == "driver":
+            self._apply_driver(ev)
+        elif ev.restaurant_id:
+            self._apply_restaurant(ev)
+
+    def _apply_driver(self, ev: HistoryEvent) -> None:
+        assert ev.driver_id is not None
+        driver = self._drivers.setdefault(ev.driver_id, _Driver())
+        if ev.event_ms <= driver.last_ms:
+            return
+        if ev.type in ("ONLINE", "DELIVERED"):
+            driver.status = "free"
+        elif ev.type == "OFFLINE":
+            driver.status = "offline"
+        elif ev.type == "ASSIGNED":
+            driver.status = "busy"
+        driver.last_ms = ev.event_ms
+        if driver.status == "free":
+            driver.lat, driver.lng = float(ev.lat or 0.0), float(ev.lng or 0.0)
+            self._free.add(ev.driver_id)
+        else:
+            self._free.discard(ev.driver_id)
+
+    def _apply_restaurant(self, ev: HistoryEvent) -> None:
+        assert ev.restaurant_id is not None
+        r = self._restaurants.setdefault(ev.restaurant_id, _Restaurant())
+        oid, ems = ev.order_id or "", ev.event_ms
+        if ev.type == "PLACED":
+            r.placed.setdefault(oid, ems)
+            cutoff = ems - self.retention_ms
+            r.placed = {k: v for k, v in r.placed.items() if v >= cutoff} if len(r.placed) > 512 else r.placed
+        elif ev.type == "ORDER_ACCEPTED":
+            state = r.orders.setdefault(oid, {})
+            if "accepted" not in state:
+                state["accepted"] = ems
+                if "ready" in state:
+                    r.prep[f"{oid}:{state['ready'] - ems}"] = state["ready"]
+                elif "cancelled" not in state:
+                    r.kitchen[oid] = ems
+        elif ev.type == "ORDER_READY":
+            state = r.orders.setdefault(oid, {})
+            if "ready" not in state:
+                state["ready"] = ems
+                r.kitchen.pop(oid, None)
+                if "accepted" in state:
+                    r.prep[f"{oid}:{ems - state['accepted']}"] = ems
+        elif ev.type == "CANCELLED":
+            state = r.orders.setdefault(oid, {})
+            if "cancelled" not in state:
+                state["cancelled"] = ems
+                r.kitchen.pop(oid, None)
+        elif ev.type in ("OPENED", "CLOSED", "BUSY") and ems > r.status_ms:
+            r.status, r.status_ms = ev.type, ems
+
+    def features_at(self, query: FeatureQuery) -> dict[str, float]:
+        """Online-equivalent feature values (those the aggregator maintains) at ``query.at_ms``."""
+        t = query.at_ms
+        r = self._restaurants.get(query.restaurant_id, _Restaurant())
+        out: dict[str, float] = {}
+        for window in F.WINDOW_COUNTS:
+            lo = t - window.window_ms
+            out[window.name] = float(sum(1 for ms in r.placed.values() if lo < ms <= t))
+        out[F.ORDERS_IN_KITCHEN] = float(sum(1 for ms in r.kitchen.values() if ms > t - F.KITCHEN_ORDER_TTL_MS))
+        lo = t - F.MEAN_PREP_MINUTES_60.window_ms
+        preps = [int(member.rsplit(":", 1)[1]) for member, ready in r.prep.items() if lo < ready <= t]
+        out[F.MEAN_PREP_MINUTES_60.name] = (sum(preps) / len(preps) / 60_000.0) if preps \
+            else F.DEFAULTS[F.MEAN_PREP_MINUTES_60.name]
+        out[F.KITCHEN_BUSY] = 1.0 if r.status == "BUSY" else 0.0
+        if self._drivers:
+            out[F.FREE_DRIVERS_NEARBY] = float(sum(
+                1 for d in self._free
+                if F.haversine_km(query.restaurant_lat, query.restaurant_lng, self._drivers[d].lat,
+                                  self._drivers[d].lng) <= F.SUPPLY_RADIUS_KM
+            ))
+        else:
+            out[F.FREE_DRIVERS_NEARBY] = F.DEFAULTS[F.FREE_DRIVERS_NEARBY]
+        return out
+
+    def run(self, events: Iterable[HistoryEvent], queries: Sequence[FeatureQuery]) -> Iterator[
+            tuple[FeatureQuery, dict[str, float]]]:
+        """Replay ``events`` (sorted by ingest time) and answer each query (any order) at its time."""
+        ordered = sorted(queries, key=lambda q: q.at_ms)
+        times = [q.at_ms for q in ordered]
+        qi = 0
+        for ev in events:
+            # every query strictly before this event's ingestion sees the state without it
+            end = bisect.bisect_left(times, ev.ingest_ms, lo=qi)
+            while qi < end:
+                yield ordered[qi], self.features_at(ordered[qi])
+                qi += 1
+            self.apply(ev)
+        while qi < len(ordered):
+            yield ordered[qi], self.features_at(ordered[qi])
+            qi += 1

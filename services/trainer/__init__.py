@@ -1,0 +1,1 @@
+"""Trainer: PostgreSQL history → point-in-time training set → LightGBM quantile models → registry."""

@@ -1,0 +1,92 @@
+"""The real stack for integration tests: Tansu (Kafka protocol), Redis and PostgreSQL from wheels, and the
+three services as separate processes, on free ports, started once per test session."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+
+from devstack.stack import LocalStack, ServicePorts
+
+T = TypeVar("T")
+
+pytestmark = pytest.mark.integration
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    workdir = tmp_path_factory.mktemp("stack")
+    local = LocalStack(
+        workdir,
+        ports=ServicePorts.free(),
+        use_env_endpoints=False,
+        extra_env={
+            "LOG_FORMAT": "json",
+            "ETA_TRACES_FILE": str(workdir / "traces" / "spans-{pid}.jsonl"),
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+            "PREDICTION_MODEL_REFRESH_SECONDS": "1",
+            "SHUTDOWN_GRACE_SECONDS": "2",
+        },
+    )
+    try:
+        local.start_infra()
+        local.start_services()
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="session")
+async def channels(stack: LocalStack) -> AsyncIterator[dict[str, grpc.aio.Channel]]:
+    chans = {name: grpc.aio.insecure_channel(stack.target(name)) for name in ("ingestion", "aggregator", "prediction")}
+    yield chans
+    for chan in chans.values():
+        await chan.close()
+
+
+async def poll_until(fetch: Callable[[], Any], predicate: Callable[[Any], bool], *, timeout: float = 15.0,
+                     interval: float = 0.1) -> Any:
+    """Call ``fetch`` (sync or async) until ``predicate(result)``; return the last result or fail."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = fetch()
+        if inspect.isawaitable(last):
+            last = await last
+        if predicate(last):
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s; last value: {last!r}")
+
+
+def read_spans(stack: LocalStack) -> list[dict[str, Any]]:
+    spans: list[dict[str, Any]] = []
+    for path in sorted((stack.workdir / "traces").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                spans.append(json.loads(line))
+    return spans
+
+
+@pytest.fixture
+def spans_of(stack: LocalStack) -> Callable[[], list[dict[str, Any]]]:
+    return lambda: read_spans(stack)
+
+
+def workdir_of(stack: LocalStack) -> Path:
+    return stack.workdir
