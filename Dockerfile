@@ -20,12 +20,16 @@ RUN python -m venv /opt/venv \
 # 1) Dependencies only (cached until pyproject.toml changes): an empty package tree is enough for pip to
 #    resolve and install [project.dependencies].
 COPY pyproject.toml README.md ./
-RUN mkdir -p services && /opt/venv/bin/pip install . && /opt/venv/bin/pip uninstall --yes eta-platform
+RUN mkdir -p services \
+    && /opt/venv/bin/pip install . \
+    && /opt/venv/bin/pip uninstall --yes eta-platform \
+    && rm -rf build services
 
 # 2) Code generation with grpcio-tools from a separate, throw-away venv (never reaches the final image).
-#    grpcio-tools is pinned to the grpcio version resolved above so generated code and runtime agree.
-RUN python -m venv /opt/codegen \
-    && /opt/codegen/bin/pip install "grpcio-tools==$(/opt/venv/bin/python -c 'import importlib.metadata as m; print(m.version("grpcio"))')"
+#    Same grpcio minor as the runtime and never newer (generated *_grpc.py refuses an older grpcio).
+RUN GRPC_VERSION="$(/opt/venv/bin/python -c 'import importlib.metadata as m; print(m.version("grpcio"))')" \
+    && python -m venv /opt/codegen \
+    && /opt/codegen/bin/pip install "grpcio-tools>=${GRPC_VERSION%.*}.0,<=${GRPC_VERSION}"
 COPY protos/ protos/
 COPY services/ services/
 RUN rm -rf services/eta \

@@ -205,3 +205,16 @@ def test_topic_names_match_the_code(render: Render) -> None:
     kafka_module = _python_sources("eta_common")
     for topic in values["topics"]:
         assert topic in kafka_module, f"topic {topic!r} not named in services/eta_common"
+
+
+def test_trainer_env_and_flags_are_known_to_the_trainer(render: Render, workloads_of: Workloads) -> None:
+    values = render("dev")["values"]["trainer"]
+    for name in values["env"]:
+        assert _code_reads(name, "trainer"), f"{name} is not read in services/trainer/"
+    for flag in values["trainOnInstall"]["args"] + values["cronJob"]["args"]:
+        if flag.startswith("--"):
+            assert _code_reads(flag, "trainer"), f"eta-trainer has no {flag} option"
+    job = next(w for w in workloads_of(render("dev")["manifests"]) if w["name"] == "eta-platform-train-once")
+    env = {e["name"]: e.get("value") for e in job["containers"][0]["env"]}
+    assert env["TRAINER_HISTORY_DAYS"] == values["env"]["TRAINER_HISTORY_DAYS"]
+    assert env["KAFKA_BOOTSTRAP_SERVERS"]  # batch pods get the shared configuration inline

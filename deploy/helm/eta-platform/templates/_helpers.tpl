@@ -242,7 +242,7 @@ Call with (dict "root" $ "deps" (list "kafka" "redis" "postgres")).
 {{- $targets := list -}}
 {{- range .deps -}}
 {{- $targets = append $targets (printf "%s:%s" (include "eta-platform.devHost" (dict "root" $root "name" .)) (get $ports .)) -}}
-{{- end }}
+{{- end -}}
 - name: wait-for-dependencies
   image: {{ include "eta-platform.image" $root | quote }}
   imagePullPolicy: {{ $root.Values.image.pullPolicy }}
@@ -274,7 +274,7 @@ Call with (dict "root" $ "deps" (list "kafka" "redis" "postgres")).
 {{/*
 A run-to-completion pod spec for one of our entrypoints (migrate, seed, train).
 Call with (dict "root" $ "name" "migrate" "command" (list ...) "args" (list ...) "serviceName" "eta-x"
-"resources" map "deps" (list ...)).
+"resources" map "deps" (list ...) "env" map-of-extra-plain-env).
 */}}
 {{- define "eta-platform.batchPodSpec" -}}
 {{- $root := .root -}}
@@ -299,7 +299,7 @@ containers:
     {{- end }}
     {{- /* Inline rather than envFrom: pre-install hooks run before the ConfigMap exists. */}}
     env:
-      {{- include "eta-platform.env" (dict "root" $root "serviceName" .serviceName "database" true "env" (include "eta-platform.configData" $root | fromYaml)) | nindent 6 }}
+      {{- include "eta-platform.env" (dict "root" $root "serviceName" .serviceName "database" true "env" (merge (dict) (.env | default dict) (include "eta-platform.configData" $root | fromYaml))) | nindent 6 }}
     resources:
       {{- toYaml .resources | nindent 6 }}
     securityContext:

@@ -1,0 +1,138 @@
+"""The ``make run`` orchestration (see :mod:`devstack.__main__` for the user-facing description)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from devstack.live_view import LiveView
+from devstack.stack import LocalStack, ServicePorts
+from eta_common.db.migrate import apply_migrations
+from eta_common.timeutil import now_ms
+
+log = logging.getLogger("devstack")
+
+INFRA_PORTS: dict[str, int | None] = {"kafka": 19092, "redis": 16379, "postgres": 15432}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    workdir: str = ".run"
+    seed_days: float = 3.0
+    restaurants: int = 20
+    drivers: int = 60
+    speed: float = 1.0
+    duration_seconds: float | None = None
+    refresh_seconds: float = 3.0
+    keep_data: bool = False
+
+
+def _step(message: str, started: float) -> None:
+    sys.stderr.write(f"[{time.monotonic() - started:6.1f}s] {message}\n")
+    sys.stderr.flush()
+
+
+def run(options: RunOptions) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    workdir = Path(options.workdir).resolve()
+    for folder in ("traces", "logs", "redis") + (() if options.keep_data else ("pgdata",)):
+        shutil.rmtree(workdir / folder, ignore_errors=True)
+    stack = LocalStack(
+        workdir,
+        ports=ServicePorts.defaults(),
+        infra_ports=INFRA_PORTS,
+        extra_env={
+            "ETA_TRACES_FILE": str(workdir / "traces" / "spans-{pid}.jsonl"),
+            "OTEL_BSP_SCHEDULE_DELAY": "500",
+            "PREDICTION_MODEL_REFRESH_SECONDS": "5",
+        },
+    )
+    started = time.monotonic()
+    try:
+        _step("starting Kafka-protocol broker, Redis, PostgreSQL …", started)
+        stack.start_infra()
+        _step(f"infrastructure up: kafka={stack.kafka} redis={stack.redis_url} postgres={stack.database_url}",
+              started)
+        return asyncio.run(_run_async(stack, options, started))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        _step("stopping services and servers …", started)
+        stack.stop()
+        _step("stopped cleanly", started)
+
+
+async def _run_async(stack: LocalStack, options: RunOptions, started: float) -> int:
+    from simulator.city import CityConfig
+    from simulator.live import run_live
+    from simulator.seed import seed_history
+    from trainer.__main__ import train_and_register
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    applied = await apply_migrations(stack.database_url)
+    _step(f"migrations applied: {applied or 'already up to date'}", started)
+    city = CityConfig(restaurants=options.restaurants, drivers=options.drivers)
+    has_history = False
+    if options.keep_data:
+        import asyncpg
+
+        conn = await asyncpg.connect(stack.database_url)
+        has_history = bool(await conn.fetchval("SELECT count(*) FROM events"))
+        await conn.close()
+    if not has_history:
+        _step(f"seeding {options.seed_days:g} days of city history into PostgreSQL …", started)
+        stats = await seed_history(stack.database_url, city, days=options.seed_days, end_ms=now_ms(), progress=True)
+        _step(f"seeded: {stats}", started)
+    _step("training the first model (LightGBM p10/p50/p90) …", started)
+    summary = await train_and_register(stack.database_url, history_days=options.seed_days + 1, rounds=200)
+    metrics = summary["metrics"]
+    assert isinstance(metrics, dict)
+    _step(f"model {summary['version']} promoted={summary['promoted']} holdout: model {metrics['model']} | "
+          f"restaurant-mean baseline {metrics['baseline_restaurant_mean']}", started)
+    if stop.is_set():
+        return 130
+    _step("starting ingestion :50051, aggregator/features :50052, prediction :50053 …", started)
+    await asyncio.to_thread(stack.start_services)
+    _step("services up; driving live city traffic through the ingestion API", started)
+    live = asyncio.create_task(run_live(stack.target("ingestion"), city, speed=options.speed, stop=stop,
+                                        duration_seconds=options.duration_seconds))
+    live.add_done_callback(lambda _t: stop.set())
+    view = LiveView(stack.target("prediction"), stack.redis_url, stack.workdir / "traces")
+    first_eta_logged = False
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=options.refresh_seconds)
+            if stop.is_set():
+                break
+            for child in stack.processes:
+                if not child.alive():
+                    _step(f"{child.name} exited unexpectedly (code {child.proc.returncode}); see {child.log_path}",
+                          started)
+                    return 1
+            header = f"ETA platform live — up {time.monotonic() - started:5.0f}s — Ctrl-C to stop"
+            screen = await view.render(header)
+            if sys.stdout.isatty():
+                sys.stdout.write("\x1b[2J\x1b[H")
+            sys.stdout.write(screen + "\n\n")
+            sys.stdout.flush()
+            if not first_eta_logged and "waiting for the first events" not in screen:
+                first_eta_logged = True
+                _step("first live ETAs shown", started)
+    finally:
+        stop.set()
+        await view.close()
+        live_stats = await live
+        _step(f"live simulator: {live_stats}", started)
+    return 0
