@@ -28,9 +28,12 @@ from eta_common.telemetry import setup_tracing
 def build(settings: config.AggregatorSettings) -> GrpcService:
     lateness_ms = int(settings.allowed_lateness_seconds * 1000)
     store = OnlineStore.from_url(settings.redis.url, allowed_lateness_ms=lateness_ms)
-    consumer = make_consumer(settings.kafka, group_id=settings.group_id,
-                             client_id=f"eta-aggregator-{socket.gethostname()}",
-                             topics=Topics.from_settings(settings.kafka))
+    consumer = make_consumer(
+        settings.kafka,
+        group_id=settings.group_id,
+        client_id=f"eta-aggregator-{socket.gethostname()}",
+        topics=Topics.from_settings(settings.kafka),
+    )
     state: dict[str, asyncpg.Pool] = {}
 
     async def start() -> None:
@@ -51,7 +54,11 @@ def build(settings: config.AggregatorSettings) -> GrpcService:
     return GrpcService(
         name="eta-aggregator",
         settings=settings.server,
-        register=[lambda server: features_pb2_grpc.add_FeatureServiceServicer_to_server(FeatureServicer(store), server)],
+        register=[
+            lambda server: features_pb2_grpc.add_FeatureServiceServicer_to_server(
+                FeatureServicer(store), server
+            )
+        ],
         service_names=[features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name],
         on_start=[start],
         background=[run_consumer],
@@ -65,8 +72,11 @@ async def run(settings: config.AggregatorSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="eta-aggregator", description=config.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="eta-aggregator",
+        description=config.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.parse_args(argv)
     configure_logging("eta-aggregator")
     provider = setup_tracing("eta-aggregator")

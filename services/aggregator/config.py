@@ -39,12 +39,15 @@ class AggregatorSettings:
     @classmethod
     def from_env(cls) -> AggregatorSettings:
         return cls(
-            server=ServerSettings.from_env(default_grpc_port=DEFAULT_GRPC_PORT, default_metrics_port=DEFAULT_METRICS_PORT),
+            server=ServerSettings.from_env(
+                default_grpc_port=DEFAULT_GRPC_PORT, default_metrics_port=DEFAULT_METRICS_PORT
+            ),
             kafka=KafkaSettings.from_env(),
             redis=RedisSettings.from_env(),
             database=DatabaseSettings.from_env(),
             group_id=env_str("AGGREGATOR_GROUP_ID", cls.group_id),
-            allowed_lateness_seconds=env_float("AGGREGATOR_ALLOWED_LATENESS_SECONDS", cls.allowed_lateness_seconds,
-                                               minimum=0),
+            allowed_lateness_seconds=env_float(
+                "AGGREGATOR_ALLOWED_LATENESS_SECONDS", cls.allowed_lateness_seconds, minimum=0
+            ),
             max_batch=env_int("AGGREGATOR_MAX_BATCH", cls.max_batch, minimum=1),
         )

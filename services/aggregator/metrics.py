@@ -4,12 +4,18 @@ from prometheus_client import Counter, Histogram
 
 _LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
-RECORDS = Counter("eta_aggregator_records_total", "Consumed records by topic and outcome", ["topic", "outcome"])
-LATE_EVENTS = Counter("eta_aggregator_late_events_total", "Events past the allowed lateness (archived, not applied)",
-                      ["kind"])
-INGEST_TO_VISIBLE = Histogram("eta_aggregator_ingest_to_visible_seconds",
-                              "From ingestion ack time to the feature update being visible in Redis",
-                              buckets=_LAG_BUCKETS)
-BATCH_SECONDS = Histogram("eta_aggregator_batch_seconds", "Processing time of one consumed batch", ["stage"],
-                          buckets=_LAG_BUCKETS)
+RECORDS = Counter(
+    "eta_aggregator_records_total", "Consumed records by topic and outcome", ["topic", "outcome"]
+)
+LATE_EVENTS = Counter(
+    "eta_aggregator_late_events_total", "Events past the allowed lateness (archived, not applied)", ["kind"]
+)
+INGEST_TO_VISIBLE = Histogram(
+    "eta_aggregator_ingest_to_visible_seconds",
+    "From ingestion ack time to the feature update being visible in Redis",
+    buckets=_LAG_BUCKETS,
+)
+BATCH_SECONDS = Histogram(
+    "eta_aggregator_batch_seconds", "Processing time of one consumed batch", ["stage"], buckets=_LAG_BUCKETS
+)
 ARCHIVE_RETRIES = Counter("eta_aggregator_archive_retries_total", "PostgreSQL archive attempts that failed")

@@ -39,8 +39,9 @@ class _Item:
 
 
 class BatchProcessor:
-    def __init__(self, store: OnlineStore, pool: asyncpg.Pool, *, allowed_lateness_ms: int,
-                 retry_seconds: float = 1.0) -> None:
+    def __init__(
+        self, store: OnlineStore, pool: asyncpg.Pool, *, allowed_lateness_ms: int, retry_seconds: float = 1.0
+    ) -> None:
         self._store = store
         self._pool = pool
         self._allowed_lateness_ms = allowed_lateness_ms
@@ -72,8 +73,10 @@ class BatchProcessor:
             envelope.ParseFromString(record.value or b"")
         except DecodeError:
             metrics.RECORDS.labels(record.topic, "undecodable").inc()
-            log.error("undecodable record skipped", extra={"topic": record.topic, "partition": record.partition,
-                                                             "offset": record.offset})
+            log.error(
+                "undecodable record skipped",
+                extra={"topic": record.topic, "partition": record.partition, "offset": record.offset},
+            )
             return None
         kind = envelope.event.WhichOneof("payload")
         if kind is None:
@@ -85,10 +88,12 @@ class BatchProcessor:
             context=extract_from_headers(record.headers),
             kind=SpanKind.CONSUMER,
             attributes={
-                "messaging.system": "kafka", "messaging.operation.type": "process",
+                "messaging.system": "kafka",
+                "messaging.operation.type": "process",
                 "messaging.destination.name": record.topic,
                 "messaging.destination.partition.id": str(record.partition),
-                "messaging.kafka.offset": record.offset, "messaging.message.id": event.event_id,
+                "messaging.kafka.offset": record.offset,
+                "messaging.message.id": event.event_id,
                 "messaging.consumer.group.name": "eta-aggregator",
                 # Time the record waited in Kafka, from the broker's append timestamp.
                 "eta.kafka.queued_ms": max(0, now_ms() - int(record.timestamp)),
@@ -114,11 +119,17 @@ class BatchProcessor:
         for (item, update), did_change in zip(updates, changed, strict=True):
             # One pipeline served the whole batch: each record's Redis span shows that shared round trip.
             redis_span = tracer.start_span(
-                "redis apply features", context=trace.set_span_in_context(item.span), kind=SpanKind.CLIENT,
+                "redis apply features",
+                context=trace.set_span_in_context(item.span),
+                kind=SpanKind.CLIENT,
                 start_time=start_ns,
-                attributes={"db.system": "redis", "db.operation.name": "EVALSHA", "eta.changed": bool(did_change),
-                            "eta.entity": getattr(update, "restaurant_id", None) or getattr(update, "driver_id", ""),
-                            "db.operation.batch.size": len(updates)},
+                attributes={
+                    "db.system": "redis",
+                    "db.operation.name": "EVALSHA",
+                    "eta.changed": bool(did_change),
+                    "eta.entity": getattr(update, "restaurant_id", None) or getattr(update, "driver_id", ""),
+                    "db.operation.batch.size": len(updates),
+                },
             )
             redis_span.end(end_time=end_ns)
             ingest_ms = ms_from_timestamp(item.envelope.ingest_time)
@@ -127,22 +138,38 @@ class BatchProcessor:
             metrics.RECORDS.labels(item.record.topic, "applied" if did_change else "no_change").inc()
 
     async def _archive(self, items: list[_Item]) -> None:
-        rows = [ArchivedEvent(item.envelope.event, ms_from_timestamp(item.envelope.ingest_time), item.record.topic,
-                              item.record.partition, item.record.offset) for item in items]
+        rows = [
+            ArchivedEvent(
+                item.envelope.event,
+                ms_from_timestamp(item.envelope.ingest_time),
+                item.record.topic,
+                item.record.partition,
+                item.record.offset,
+            )
+            for item in items
+        ]
         attempt = 0
         while True:
             started = time.perf_counter()
             try:
-                with tracer.start_as_current_span("postgres archive events", kind=SpanKind.CLIENT,
-                                                  attributes={"db.system": "postgresql", "db.operation.name": "INSERT",
-                                                              "db.collection.name": "events",
-                                                              "db.operation.batch.size": len(rows)}):
+                with tracer.start_as_current_span(
+                    "postgres archive events",
+                    kind=SpanKind.CLIENT,
+                    attributes={
+                        "db.system": "postgresql",
+                        "db.operation.name": "INSERT",
+                        "db.collection.name": "events",
+                        "db.operation.batch.size": len(rows),
+                    },
+                ):
                     await archive_events(self._pool, rows)
                 metrics.BATCH_SECONDS.labels("postgres").observe(time.perf_counter() - started)
                 return
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
                 attempt += 1
                 metrics.ARCHIVE_RETRIES.inc()
-                log.warning("archive failed; will retry (offsets not committed)",
-                            extra={"attempt": attempt, "error": str(exc)})
+                log.warning(
+                    "archive failed; will retry (offsets not committed)",
+                    extra={"attempt": attempt, "error": str(exc)},
+                )
                 await asyncio.sleep(min(self._retry_seconds * attempt, 10.0))

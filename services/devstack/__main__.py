@@ -19,26 +19,48 @@ from devstack.run import RunOptions, run
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m devstack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    run_p = sub.add_parser("run", help="start everything and show it working (Ctrl-C to stop)",
-                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run_p = sub.add_parser(
+        "run",
+        help="start everything and show it working (Ctrl-C to stop)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run_p.add_argument("--workdir", default=".run", help="state, logs and spans (default: .run)")
-    run_p.add_argument("--seed-days", type=float, default=3.0, help="days of history to simulate (default: 3)")
+    run_p.add_argument(
+        "--seed-days", type=float, default=3.0, help="days of history to simulate (default: 3)"
+    )
     run_p.add_argument("--restaurants", type=int, default=20, help="restaurants in the city (default: 20)")
     run_p.add_argument("--drivers", type=int, default=60, help="drivers in the city (default: 60)")
-    run_p.add_argument("--speed", type=float, default=1.0,
-                       help="live simulation speed; >1 compresses city time (default: 1)")
-    run_p.add_argument("--duration-seconds", type=float, default=None,
-                       help="stop by itself after this long (default: run until Ctrl-C)")
+    run_p.add_argument(
+        "--speed", type=float, default=1.0, help="live simulation speed; >1 compresses city time (default: 1)"
+    )
+    run_p.add_argument(
+        "--duration-seconds",
+        type=float,
+        default=None,
+        help="stop by itself after this long (default: run until Ctrl-C)",
+    )
     run_p.add_argument("--refresh-seconds", type=float, default=3.0, help="live view refresh (default: 3)")
-    run_p.add_argument("--keep-data", action="store_true",
-                       help="reuse PostgreSQL data from a previous run instead of starting fresh")
+    run_p.add_argument(
+        "--keep-data",
+        action="store_true",
+        help="reuse PostgreSQL data from a previous run instead of starting fresh",
+    )
     args = parser.parse_args(argv)
-    options = RunOptions(workdir=args.workdir, seed_days=args.seed_days, restaurants=args.restaurants,
-                         drivers=args.drivers, speed=args.speed, duration_seconds=args.duration_seconds,
-                         refresh_seconds=args.refresh_seconds, keep_data=args.keep_data)
+    options = RunOptions(
+        workdir=args.workdir,
+        seed_days=args.seed_days,
+        restaurants=args.restaurants,
+        drivers=args.drivers,
+        speed=args.speed,
+        duration_seconds=args.duration_seconds,
+        refresh_seconds=args.refresh_seconds,
+        keep_data=args.keep_data,
+    )
     sys.exit(run(options))
 
 

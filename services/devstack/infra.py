@@ -39,13 +39,17 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def wait_for_port(port: int, *, timeout: float, proc: subprocess.Popen[bytes] | None = None, what: str = "") -> None:
+def wait_for_port(
+    port: int, *, timeout: float, proc: subprocess.Popen[bytes] | None = None, what: str = ""
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if port_open(port):
             return
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what or 'process'} exited with code {proc.returncode} before opening port {port}")
+            raise RuntimeError(
+                f"{what or 'process'} exited with code {proc.returncode} before opening port {port}"
+            )
         time.sleep(0.05)
     raise TimeoutError(f"{what or 'process'} did not open port {port} within {timeout:.0f}s")
 
@@ -83,12 +87,29 @@ class ChildProcess:
         self.proc.wait(5)
 
 
-def _spawn(name: str, argv: list[str], log_dir: Path, **kwargs: object) -> tuple[subprocess.Popen[bytes], Path]:
+@dataclass(frozen=True)
+class RunAs:
+    """The unprivileged user a server runs as when we are root (None: the current user)."""
+
+    uid: int | None = None
+    gid: int | None = None
+
+
+def _spawn(
+    name: str, argv: list[str], log_dir: Path, run_as: RunAs | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    out = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed with it
-    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)  # type: ignore[call-overload]
-    out.close()
+    run_as = run_as or RunAs()
+    with open(log_path, "ab") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            user=run_as.uid,
+            group=run_as.gid,
+        )
     return proc, log_path
 
 
@@ -150,7 +171,9 @@ def _postgres_user() -> tuple[str | None, int | None, int | None]:
     return "embedded_postgres", entry.pw_uid, entry.pw_gid
 
 
-def start_postgres(data_dir: Path, log_dir: Path, port: int | None = None, database: str = "eta") -> ChildProcess:
+def start_postgres(
+    data_dir: Path, log_dir: Path, port: int | None = None, database: str = "eta"
+) -> ChildProcess:
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     port = port or free_port()
@@ -162,7 +185,7 @@ def start_postgres(data_dir: Path, log_dir: Path, port: int | None = None, datab
         ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
         ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    run_as: dict[str, object] = {"user": uid, "group": gid} if uid is not None else {}
+    run_as = RunAs(uid, gid)
     if not (data_dir / "PG_VERSION").exists():
         if data_dir.exists():
             shutil.rmtree(data_dir)
@@ -170,11 +193,20 @@ def start_postgres(data_dir: Path, log_dir: Path, port: int | None = None, datab
         if uid is not None and gid is not None:
             _chown_path_for(data_dir, uid, gid)
         subprocess.run(
-            [str(POSTGRES_BIN_PATH / "initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust",
-             "--encoding=UTF8", "--no-sync"],
+            [
+                str(POSTGRES_BIN_PATH / "initdb"),
+                "-D",
+                str(data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            ],
             check=True,
             capture_output=True,
-            **run_as,  # type: ignore[arg-type]
+            user=run_as.uid,
+            group=run_as.gid,
         )
     argv = [
         str(POSTGRES_BIN_PATH / "postgres"),
@@ -187,7 +219,7 @@ def start_postgres(data_dir: Path, log_dir: Path, port: int | None = None, datab
         "-c", "full_page_writes=off",
         "-c", "max_connections=200",
     ]  # fmt: skip
-    proc, log_path = _spawn("postgres", argv, log_dir, **run_as)
+    proc, log_path = _spawn("postgres", argv, log_dir, run_as)
     wait_for_port(port, timeout=30, proc=proc, what="postgres")
     base = f"postgresql://postgres@127.0.0.1:{port}"
     _create_database(POSTGRES_BIN_PATH / "psql", base, database, run_as)
@@ -204,11 +236,16 @@ def _chown_path_for(path: Path, uid: int, gid: int) -> None:
                 parent.chmod(mode | 0o001)
 
 
-def _create_database(psql: Path, base: str, database: str, run_as: dict[str, object]) -> None:
+def _create_database(psql: Path, base: str, database: str, run_as: RunAs) -> None:
     deadline = time.monotonic() + 30
     while True:
         result = subprocess.run(
-            [str(psql), f"{base}/postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{database}'"],
+            [
+                str(psql),
+                f"{base}/postgres",
+                "-tAc",
+                f"SELECT 1 FROM pg_database WHERE datname = '{database}'",
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -219,5 +256,8 @@ def _create_database(psql: Path, base: str, database: str, run_as: dict[str, obj
             raise RuntimeError(f"postgres not accepting connections: {result.stderr}")
         time.sleep(0.2)
     if result.stdout.strip() != "1":
-        subprocess.run([str(psql), f"{base}/postgres", "-c", f'CREATE DATABASE "{database}"'], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [str(psql), f"{base}/postgres", "-c", f'CREATE DATABASE "{database}"'],
+            check=True,
+            capture_output=True,
+        )

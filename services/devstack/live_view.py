@@ -67,7 +67,7 @@ async def discover_restaurants(redis_url: str, limit: int) -> list[Restaurant]:
         async for key in client.scan_iter(match="rst:{*}:meta", count=500):
             lat, lng = await client.hmget(key, "lat", "lng")
             if lat and lng:
-                found.append(Restaurant(key[len("rst:{"):-len("}:meta")], float(lat), float(lng)))
+                found.append(Restaurant(key[len("rst:{") : -len("}:meta")], float(lat), float(lng)))
     finally:
         await client.aclose()
     found.sort(key=lambda r: r.restaurant_id)
@@ -75,7 +75,9 @@ async def discover_restaurants(redis_url: str, limit: int) -> list[Restaurant]:
 
 
 class LiveView:
-    def __init__(self, prediction_target: str, redis_url: str, traces_dir: Path, *, restaurants: int = 6) -> None:
+    def __init__(
+        self, prediction_target: str, redis_url: str, traces_dir: Path, *, restaurants: int = 6
+    ) -> None:
         self._channel = grpc.aio.insecure_channel(prediction_target)
         self._stub = eta_pb2_grpc.EtaServiceStub(self._channel)
         self._redis_url = redis_url
@@ -90,13 +92,18 @@ class LiveView:
         rows: list[str] = []
         model = "?"
         names = list(SHORT)
-        head = f"{'restaurant':<14} {'ETA min (range)':<17} {'quality':<9} " + " ".join(
-            f"{SHORT[n]:>8}" for n in names) + f" {'max age s':>9}"
+        head = (
+            f"{'restaurant':<14} {'ETA min (range)':<17} {'quality':<9} "
+            + " ".join(f"{SHORT[n]:>8}" for n in names)
+            + f" {'max age s':>9}"
+        )
         for r in restaurants:
             # a customer ~2.5 km north-east of the restaurant
             request = eta_pb2.PredictEtaRequest(
-                restaurant_id=r.restaurant_id, restaurant_location=events_pb2.GeoPoint(lat=r.lat, lng=r.lng),
-                customer_location=events_pb2.GeoPoint(lat=r.lat + 0.016, lng=r.lng + 0.026))
+                restaurant_id=r.restaurant_id,
+                restaurant_location=events_pb2.GeoPoint(lat=r.lat, lng=r.lng),
+                customer_location=events_pb2.GeoPoint(lat=r.lat + 0.016, lng=r.lng + 0.026),
+            )
             try:
                 reply = await self._stub.PredictEta(request, timeout=2)
             except grpc.aio.AioRpcError as exc:
@@ -107,17 +114,21 @@ class LiveView:
             ages = [f.age_seconds for f in reply.features if f.present and f.age_seconds > 0]
             rng = f"{reply.eta_minutes:4.0f} ({reply.eta_low_minutes:.0f}–{reply.eta_high_minutes:.0f})"
             quality = eta_pb2.PredictEtaResponse.FeatureQuality.Name(reply.feature_quality)
-            rows.append(f"{r.restaurant_id:<14} {rng:<17} {quality:<9} " + " ".join(f"{c:>8}" for c in cells)
-                        + f" {max(ages) if ages else 0:>9.1f}")
+            rows.append(
+                f"{r.restaurant_id:<14} {rng:<17} {quality:<9} "
+                + " ".join(f"{c:>8}" for c in cells)
+                + f" {max(ages) if ages else 0:>9.1f}"
+            )
             model = reply.model_version
         self._tail.poll()
         latency = render(hop_stats(list(self._tail.spans), last=1000))
         model_line = f"model {model}" if restaurants else "waiting for the first events…"
-        return "\n".join([header + " | " + model_line, head, *rows, "", "where the time goes (spans):", latency])
+        return "\n".join(
+            [header + " | " + model_line, head, *rows, "", "where the time goes (spans):", latency]
+        )
 
 
 def _fmt(value: float, present: bool) -> str:
     if not present or math.isnan(value):
         return "-"
     return f"{value:.1f}" if value != int(value) else f"{int(value)}"
-

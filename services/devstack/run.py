@@ -58,8 +58,10 @@ def run(options: RunOptions) -> int:
     try:
         _step("starting Kafka-protocol broker, Redis, PostgreSQL …", started)
         stack.start_infra()
-        _step(f"infrastructure up: kafka={stack.kafka} redis={stack.redis_url} postgres={stack.database_url}",
-              started)
+        _step(
+            f"infrastructure up: kafka={stack.kafka} redis={stack.redis_url} postgres={stack.database_url}",
+            started,
+        )
         return asyncio.run(_run_async(stack, options, started))
     except KeyboardInterrupt:
         return 130
@@ -92,21 +94,33 @@ async def _run_async(stack: LocalStack, options: RunOptions, started: float) -> 
         await conn.close()
     if not has_history:
         _step(f"seeding {options.seed_days:g} days of city history into PostgreSQL …", started)
-        stats = await seed_history(stack.database_url, city, days=options.seed_days, end_ms=now_ms(), progress=True)
+        stats = await seed_history(
+            stack.database_url, city, days=options.seed_days, end_ms=now_ms(), progress=True
+        )
         _step(f"seeded: {stats}", started)
     _step("training the first model (LightGBM p10/p50/p90) …", started)
     summary = await train_and_register(stack.database_url, history_days=options.seed_days + 1, rounds=200)
     metrics = summary["metrics"]
     assert isinstance(metrics, dict)
-    _step(f"model {summary['version']} promoted={summary['promoted']} holdout: model {metrics['model']} | "
-          f"restaurant-mean baseline {metrics['baseline_restaurant_mean']}", started)
+    _step(
+        f"model {summary['version']} promoted={summary['promoted']} holdout: model {metrics['model']} | "
+        f"restaurant-mean baseline {metrics['baseline_restaurant_mean']}",
+        started,
+    )
     if stop.is_set():
         return 130
     _step("starting ingestion :50051, aggregator/features :50052, prediction :50053 …", started)
     await asyncio.to_thread(stack.start_services)
     _step("services up; driving live city traffic through the ingestion API", started)
-    live = asyncio.create_task(run_live(stack.target("ingestion"), city, speed=options.speed, stop=stop,
-                                        duration_seconds=options.duration_seconds))
+    live = asyncio.create_task(
+        run_live(
+            stack.target("ingestion"),
+            city,
+            speed=options.speed,
+            stop=stop,
+            duration_seconds=options.duration_seconds,
+        )
+    )
     live.add_done_callback(lambda _t: stop.set())
     view = LiveView(stack.target("prediction"), stack.redis_url, stack.workdir / "traces")
     first_eta_logged = False
@@ -118,8 +132,8 @@ async def _run_async(stack: LocalStack, options: RunOptions, started: float) -> 
                 break
             for child in stack.processes:
                 if not child.alive():
-                    _step(f"{child.name} exited unexpectedly (code {child.proc.returncode}); see {child.log_path}",
-                          started)
+                    code = child.proc.returncode
+                    _step(f"{child.name} exited unexpectedly (code {code}); see {child.log_path}", started)
                     return 1
             header = f"ETA platform live — up {time.monotonic() - started:5.0f}s — Ctrl-C to stop"
             screen = await view.render(header)

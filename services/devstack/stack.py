@@ -75,18 +75,22 @@ class LocalStack:
             pg = start_postgres(self.workdir / "pgdata", self.log_dir, self.infra_ports.get("postgres"))
             self.processes.append(pg)
             self.database_url = pg.url
-        log.info("infrastructure up", extra={"kafka": self.kafka, "redis": self.redis_url,
-                                             "database": self.database_url})
+        log.info(
+            "infrastructure up",
+            extra={"kafka": self.kafka, "redis": self.redis_url, "database": self.database_url},
+        )
 
     def env(self) -> dict[str, str]:
         """Environment for our processes (services, simulator, trainer)."""
         env = dict(os.environ)
-        env.update({
-            "KAFKA_BOOTSTRAP_SERVERS": self.kafka,
-            "REDIS_URL": self.redis_url,
-            "DATABASE_URL": self.database_url,
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "KAFKA_BOOTSTRAP_SERVERS": self.kafka,
+                "REDIS_URL": self.redis_url,
+                "DATABASE_URL": self.database_url,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         env.update(self.extra_env)
         return env
 
@@ -96,14 +100,24 @@ class LocalStack:
     def start_service(self, name: str, *, extra_env: dict[str, str] | None = None) -> ChildProcess:
         module, _, _ = SERVICES[name]
         env = self.env()
-        env.update({"GRPC_PORT": str(self.ports.grpc[name]), "METRICS_PORT": str(self.ports.metrics[name]),
-                    "OTEL_SERVICE_NAME": f"eta-{name}"})
+        env.update(
+            {
+                "GRPC_PORT": str(self.ports.grpc[name]),
+                "METRICS_PORT": str(self.ports.metrics[name]),
+                "OTEL_SERVICE_NAME": f"eta-{name}",
+            }
+        )
         env.update(extra_env or {})
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         out = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         out.close()
         child = ChildProcess(name, proc, self.target(name), self.ports.grpc[name], log_path)
         self.processes.append(child)

@@ -71,7 +71,8 @@ def hop_stats(spans: Sequence[dict[str, Any]], *, last: int = 1000) -> list[HopS
             samples["aggregate: process record"].append(_duration_ms(span))
             if "eta.freshness.event_to_visible_ms" in attrs:
                 samples["freshness: event_time → visible in Redis"].append(
-                    float(attrs["eta.freshness.event_to_visible_ms"]))
+                    float(attrs["eta.freshness.event_to_visible_ms"])
+                )
         elif name == "redis apply features":
             samples["aggregate: Redis write (batched)"].append(_duration_ms(span))
         elif name == "postgres archive events":
@@ -85,7 +86,11 @@ def hop_stats(spans: Sequence[dict[str, Any]], *, last: int = 1000) -> list[HopS
     out = []
     for hop, values in samples.items():
         recent = values[-last:]
-        out.append(HopStats(hop, len(recent), _quantile(recent, 0.5), _quantile(recent, 0.95), _quantile(recent, 0.99)))
+        out.append(
+            HopStats(
+                hop, len(recent), _quantile(recent, 0.5), _quantile(recent, 0.95), _quantile(recent, 0.99)
+            )
+        )
     order = ["ingest", "kafka", "aggregate", "freshness", "predict"]
     out.sort(key=lambda h: (order.index(h.hop.split(":")[0]) if h.hop.split(":")[0] in order else 99, h.hop))
     return out
@@ -102,8 +107,11 @@ def render(stats: Sequence[HopStats]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m devstack.trace_report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m devstack.trace_report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("files", nargs="+", type=Path, help="span files (JSON lines)")
     parser.add_argument("--last", type=int, default=1000, help="samples per hop (default: 1000)")
     args = parser.parse_args(argv)

@@ -50,7 +50,7 @@ class WindowCount:
 
 @dataclass(frozen=True)
 class WindowMean:
-    """Mean prep time (ORDER_ACCEPTED → ORDER_READY, minutes) of orders that became READY in (t - window, t]."""
+    """Mean prep time (ORDER_ACCEPTED → ORDER_READY, minutes) of orders READY in (t - window, t]."""
 
     name: str
     window_ms: int

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -42,7 +43,7 @@ class GrpcService:
     # Run once before the port opens (connect stores, load models …).
     on_start: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=tuple)
     # Long-running background tasks (e.g. a Kafka consume loop); cancelled on shutdown.
-    background: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=tuple)
+    background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=tuple)
     # Run after the server stopped (close clients), in order.
     on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=tuple)
     interceptors: Iterable[grpc.aio.ServerInterceptor] = field(default_factory=tuple)
@@ -62,8 +63,11 @@ async def serve(service: GrpcService, *, ready: asyncio.Event | None = None) -> 
     for register in service.register:
         register(server)
     reflection.enable_server_reflection(
-        (*service.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
+        (
+            *service.service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     port = server.add_insecure_port(f"{service.bind_host}:{service.settings.grpc_port}")
@@ -78,7 +82,9 @@ async def serve(service: GrpcService, *, ready: asyncio.Event | None = None) -> 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(job(), name=f"{service.name}-bg{i}") for i, job in enumerate(service.background)]
+    tasks = [
+        asyncio.create_task(job(), name=f"{service.name}-bg{i}") for i, job in enumerate(service.background)
+    ]
     for task in tasks:
         task.add_done_callback(lambda _t: stop.set())
     if ready is not None:

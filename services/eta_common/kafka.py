@@ -11,6 +11,7 @@ retries; a retry may duplicate a record, which downstream dedup by ``event_id`` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -22,12 +23,21 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from eta.v1 import events_pb2
 from eta_common.config import KafkaSettings
 
-__all__ = ["EventKind", "Topics", "ensure_topics", "event_kind", "make_consumer", "make_producer", "record_key"]
+__all__ = [
+    "EventKind",
+    "Topics",
+    "ensure_topics",
+    "event_kind",
+    "make_consumer",
+    "make_producer",
+    "record_key",
+]
 
 log = logging.getLogger(__name__)
 
 EventKind = Literal["driver", "kitchen", "order"]
 EVENT_KINDS: tuple[EventKind, ...] = ("driver", "kitchen", "order")
+_KINDS: dict[str, EventKind] = {kind: kind for kind in EVENT_KINDS}
 
 
 @dataclass(frozen=True)
@@ -39,7 +49,9 @@ class Topics:
     @classmethod
     def from_settings(cls, settings: KafkaSettings) -> Topics:
         prefix = settings.topic_prefix
-        return cls(driver=f"{prefix}driver-events", kitchen=f"{prefix}kitchen-events", order=f"{prefix}order-events")
+        return cls(
+            driver=f"{prefix}driver-events", kitchen=f"{prefix}kitchen-events", order=f"{prefix}order-events"
+        )
 
     def for_kind(self, kind: EventKind) -> str:
         return str(getattr(self, kind))
@@ -50,7 +62,7 @@ class Topics:
 
 def event_kind(event: events_pb2.Event) -> EventKind | None:
     kind = event.WhichOneof("payload")
-    return kind if kind in EVENT_KINDS else None  # type: ignore[return-value]
+    return _KINDS.get(kind or "")
 
 
 def record_key(event: events_pb2.Event) -> bytes:
@@ -77,7 +89,9 @@ def make_producer(settings: KafkaSettings, *, client_id: str) -> AIOKafkaProduce
     )
 
 
-def make_consumer(settings: KafkaSettings, *, group_id: str, client_id: str, topics: Topics) -> AIOKafkaConsumer:
+def make_consumer(
+    settings: KafkaSettings, *, group_id: str, client_id: str, topics: Topics
+) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         *topics.all(),
         bootstrap_servers=settings.bootstrap_servers,
@@ -101,12 +115,13 @@ async def ensure_topics(settings: KafkaSettings, *, timeout: float = 30.0) -> No
             existing = set(await admin.list_topics())
             missing = [name for name in topics.all() if name not in existing]
             if missing:
-                try:
+                with contextlib.suppress(TopicAlreadyExistsError):  # another replica was faster
                     await admin.create_topics(
-                        [NewTopic(name, num_partitions=settings.partitions, replication_factor=1) for name in missing]
+                        [
+                            NewTopic(name, num_partitions=settings.partitions, replication_factor=1)
+                            for name in missing
+                        ]
                     )
-                except TopicAlreadyExistsError:
-                    pass
                 log.info("created topics", extra={"topics": missing, "partitions": settings.partitions})
             return
         except (KafkaError, OSError) as exc:

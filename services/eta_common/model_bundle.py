@@ -21,11 +21,13 @@ FORMAT = 1
 
 
 def dump_bundle(feature_names: Sequence[str], boosters: Mapping[float, lgb.Booster]) -> bytes:
-    return json.dumps({
-        "format": FORMAT,
-        "feature_names": list(feature_names),
-        "quantiles": {str(q): boosters[q].model_to_string() for q in QUANTILES},
-    }).encode()
+    return json.dumps(
+        {
+            "format": FORMAT,
+            "feature_names": list(feature_names),
+            "quantiles": {str(q): boosters[q].model_to_string() for q in QUANTILES},
+        }
+    ).encode()
 
 
 @dataclass
@@ -36,11 +38,12 @@ class EtaModel:
     feature_names: list[str]
     boosters: dict[float, lgb.Booster]
 
-    def predict(self, rows: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64],
-                                                             npt.NDArray[np.float64]]:
-        preds = np.vstack([
-            np.asarray(self.boosters[q].predict(rows, num_threads=1), dtype=np.float64) for q in QUANTILES
-        ])
+    def predict(
+        self, rows: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        preds = np.vstack(
+            [np.asarray(self.boosters[q].predict(rows, num_threads=1), dtype=np.float64) for q in QUANTILES]
+        )
         preds.sort(axis=0)  # quantile crossing can happen; ranges must stay ordered
         low, point, high = preds[0], preds[1], preds[2]
         return point, low, high

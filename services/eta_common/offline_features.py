@@ -138,24 +138,33 @@ class OfflineFeatureBuilder:
         for window in F.WINDOW_COUNTS:
             lo = t - window.window_ms
             out[window.name] = float(sum(1 for ms in r.placed.values() if lo < ms <= t))
-        out[F.ORDERS_IN_KITCHEN] = float(sum(1 for ms in r.kitchen.values() if ms > t - F.KITCHEN_ORDER_TTL_MS))
+        out[F.ORDERS_IN_KITCHEN] = float(
+            sum(1 for ms in r.kitchen.values() if ms > t - F.KITCHEN_ORDER_TTL_MS)
+        )
         lo = t - F.MEAN_PREP_MINUTES_60.window_ms
         preps = [int(member.rsplit(":", 1)[1]) for member, ready in r.prep.items() if lo < ready <= t]
-        out[F.MEAN_PREP_MINUTES_60.name] = (sum(preps) / len(preps) / 60_000.0) if preps \
-            else F.DEFAULTS[F.MEAN_PREP_MINUTES_60.name]
+        out[F.MEAN_PREP_MINUTES_60.name] = (
+            (sum(preps) / len(preps) / 60_000.0) if preps else F.DEFAULTS[F.MEAN_PREP_MINUTES_60.name]
+        )
         out[F.KITCHEN_BUSY] = 1.0 if r.status == "BUSY" else 0.0
         if self._drivers:
-            out[F.FREE_DRIVERS_NEARBY] = float(sum(
-                1 for d in self._free
-                if F.haversine_km(query.restaurant_lat, query.restaurant_lng, self._drivers[d].lat,
-                                  self._drivers[d].lng) <= F.SUPPLY_RADIUS_KM
-            ))
+            out[F.FREE_DRIVERS_NEARBY] = float(
+                sum(
+                    1
+                    for d in self._free
+                    if F.haversine_km(
+                        query.restaurant_lat, query.restaurant_lng, self._drivers[d].lat, self._drivers[d].lng
+                    )
+                    <= F.SUPPLY_RADIUS_KM
+                )
+            )
         else:
             out[F.FREE_DRIVERS_NEARBY] = F.DEFAULTS[F.FREE_DRIVERS_NEARBY]
         return out
 
-    def run(self, events: Iterable[HistoryEvent], queries: Sequence[FeatureQuery]) -> Iterator[
-            tuple[FeatureQuery, dict[str, float]]]:
+    def run(
+        self, events: Iterable[HistoryEvent], queries: Sequence[FeatureQuery]
+    ) -> Iterator[tuple[FeatureQuery, dict[str, float]]]:
         """Replay ``events`` (sorted by ingest time) and answer each query (any order) at its time."""
         ordered = sorted(queries, key=lambda q: q.at_ms)
         times = [q.at_ms for q in ordered]

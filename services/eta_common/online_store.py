@@ -214,8 +214,13 @@ def _int_or_none(raw: Any) -> int | None:
 class OnlineStore:
     """Async access to the online features. One instance per process (it holds the connection pool)."""
 
-    def __init__(self, client: aioredis.Redis, *, allowed_lateness_ms: int = F.DEFAULT_ALLOWED_LATENESS_MS,
-                 city: str = CITY) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        allowed_lateness_ms: int = F.DEFAULT_ALLOWED_LATENESS_MS,
+        city: str = CITY,
+    ) -> None:
         self.client = client
         self.retention_ms = F.MAX_WINDOW_MS + allowed_lateness_ms
         self.city = city
@@ -240,20 +245,37 @@ class OnlineStore:
             if isinstance(update, DriverUpdate):
                 await self._apply_driver(
                     keys=[dkeys["free"], dkeys["state"], dkeys["meta"]],
-                    args=[update.driver_id, update.event_type, update.event_ms, now_ms, update.lat, update.lng],
+                    args=[
+                        update.driver_id,
+                        update.event_type,
+                        update.event_ms,
+                        now_ms,
+                        update.lat,
+                        update.lng,
+                    ],
                     client=pipe,
                 )
             else:
                 keys = restaurant_keys(update.restaurant_id)
                 await self._apply_restaurant(
-                    keys=[keys["placed"], keys["kitchen"], keys["prep"], keys["meta"],
-                          keys["order_prefix"] + update.order_id],
+                    keys=[
+                        keys["placed"],
+                        keys["kitchen"],
+                        keys["prep"],
+                        keys["meta"],
+                        keys["order_prefix"] + update.order_id,
+                    ],
                     args=[
-                        "restaurant", update.event_type, update.order_id, update.event_ms, now_ms,
+                        "restaurant",
+                        update.event_type,
+                        update.order_id,
+                        update.event_ms,
+                        now_ms,
                         self.retention_ms,
                         "" if update.lat is None else repr(update.lat),
                         "" if update.lng is None else repr(update.lng),
-                        ORDER_STATE_TTL_S, F.KITCHEN_ORDER_TTL_MS,
+                        ORDER_STATE_TTL_S,
+                        F.KITCHEN_ORDER_TTL_MS,
                     ],
                     client=pipe,
                 )
@@ -268,52 +290,91 @@ class OnlineStore:
         pipe = self.client.pipeline(transaction=False)
         await self._read_restaurant(
             keys=[keys["placed"], keys["kitchen"], keys["prep"], keys["meta"]],
-            args=[now_ms, len(F.WINDOW_COUNTS), *(w.window_ms for w in F.WINDOW_COUNTS),
-                  F.KITCHEN_ORDER_TTL_MS, F.MEAN_PREP_MINUTES_60.window_ms],
+            args=[
+                now_ms,
+                len(F.WINDOW_COUNTS),
+                *(w.window_ms for w in F.WINDOW_COUNTS),
+                F.KITCHEN_ORDER_TTL_MS,
+                F.MEAN_PREP_MINUTES_60.window_ms,
+            ],
             client=pipe,
         )
         pipe.hmget(dkeys["meta"], "u:drivers", "e:drivers")
         if location is not None:
-            pipe.geosearch(dkeys["free"], longitude=location[1], latitude=location[0],
-                           radius=F.SUPPLY_RADIUS_KM, unit="km")
+            pipe.geosearch(
+                dkeys["free"],
+                longitude=location[1],
+                latitude=location[0],
+                radius=F.SUPPLY_RADIUS_KM,
+                unit="km",
+            )
         results = await pipe.execute()
         raw, driver_meta = results[0], results[1]
         if location is None and raw[-8] not in (False, None):
             location = (float(raw[-8]), float(raw[-7]))
-            nearby = await self.client.geosearch(dkeys["free"], longitude=location[1], latitude=location[0],
-                                                 radius=F.SUPPLY_RADIUS_KM, unit="km")
+            nearby = await self.client.geosearch(
+                dkeys["free"],
+                longitude=location[1],
+                latitude=location[0],
+                radius=F.SUPPLY_RADIUS_KM,
+                unit="km",
+            )
         elif location is not None:
             nearby = results[2]
         else:
             nearby = None
         return self._assemble(restaurant_id, now_ms, raw, driver_meta, nearby, location)
 
-    def _assemble(self, restaurant_id: str, now_ms: int, raw: list[Any], driver_meta: list[Any],
-                  nearby: list[Any] | None, location: tuple[float, float] | None) -> RestaurantFeatures:
+    def _assemble(
+        self,
+        restaurant_id: str,
+        now_ms: int,
+        raw: list[Any],
+        driver_meta: list[Any],
+        nearby: list[Any] | None,
+        location: tuple[float, float] | None,
+    ) -> RestaurantFeatures:
         nwin = len(F.WINDOW_COUNTS)
         counts = [int(x) for x in raw[:nwin]]
         in_kitchen = int(raw[nwin])
         prep_sum_ms, prep_n = float(raw[nwin + 1]), int(raw[nwin + 2])
-        status, _lat, _lng, u_orders, e_orders, u_kitchen, e_kitchen, u_status, e_status = raw[nwin + 3:]
-        u_orders_i, u_kitchen_i, u_status_i = _int_or_none(u_orders), _int_or_none(u_kitchen), _int_or_none(u_status)
-        e_orders_i, e_kitchen_i, e_status_i = _int_or_none(e_orders), _int_or_none(e_kitchen), _int_or_none(e_status)
+        status, _lat, _lng, u_orders, e_orders, u_kitchen, e_kitchen, u_status, e_status = raw[nwin + 3 :]
+        u_orders_i, u_kitchen_i, u_status_i = (
+            _int_or_none(u_orders),
+            _int_or_none(u_kitchen),
+            _int_or_none(u_status),
+        )
+        e_orders_i, e_kitchen_i, e_status_i = (
+            _int_or_none(e_orders),
+            _int_or_none(e_kitchen),
+            _int_or_none(e_status),
+        )
         out = RestaurantFeatures(restaurant_id=restaurant_id, as_of_ms=now_ms, location=location)
         for window, count in zip(F.WINDOW_COUNTS, counts, strict=True):
-            out.readings[window.name] = FeatureReading(window.name, float(count), u_orders_i is not None,
-                                                       u_orders_i, e_orders_i)
-        out.readings[F.ORDERS_IN_KITCHEN] = FeatureReading(F.ORDERS_IN_KITCHEN, float(in_kitchen),
-                                                           u_kitchen_i is not None, u_kitchen_i, e_kitchen_i)
+            out.readings[window.name] = FeatureReading(
+                window.name, float(count), u_orders_i is not None, u_orders_i, e_orders_i
+            )
+        out.readings[F.ORDERS_IN_KITCHEN] = FeatureReading(
+            F.ORDERS_IN_KITCHEN, float(in_kitchen), u_kitchen_i is not None, u_kitchen_i, e_kitchen_i
+        )
         prep_name = F.MEAN_PREP_MINUTES_60.name
         out.readings[prep_name] = FeatureReading(
             prep_name,
             prep_sum_ms / prep_n / 60_000.0 if prep_n else F.DEFAULTS[prep_name],
-            prep_n > 0, u_kitchen_i, e_kitchen_i,
+            prep_n > 0,
+            u_kitchen_i,
+            e_kitchen_i,
         )
         busy = 1.0 if status in (b"BUSY", "BUSY") else 0.0
-        out.readings[F.KITCHEN_BUSY] = FeatureReading(F.KITCHEN_BUSY, busy, status not in (None, False),
-                                                      u_status_i, e_status_i)
+        out.readings[F.KITCHEN_BUSY] = FeatureReading(
+            F.KITCHEN_BUSY, busy, status not in (None, False), u_status_i, e_status_i
+        )
         u_drv, e_drv = _int_or_none(driver_meta[0]), _int_or_none(driver_meta[1])
-        free = float(len(nearby)) if nearby is not None and u_drv is not None else F.DEFAULTS[F.FREE_DRIVERS_NEARBY]
+        free = (
+            float(len(nearby))
+            if nearby is not None and u_drv is not None
+            else F.DEFAULTS[F.FREE_DRIVERS_NEARBY]
+        )
         out.readings[F.FREE_DRIVERS_NEARBY] = FeatureReading(
             F.FREE_DRIVERS_NEARBY, free, nearby is not None and u_drv is not None, u_drv, e_drv
         )
@@ -327,25 +388,41 @@ def nan_to_none(value: float) -> float | None:
 def update_from_event(event: Any) -> RestaurantUpdate | DriverUpdate | None:
     """Map an ``eta.v1.Event`` to the online update it causes (None for events with no online effect)."""
     from eta.v1 import events_pb2
-
     from eta_common.timeutil import ms_from_timestamp
 
     kind = event.WhichOneof("payload")
     if kind == "driver":
         d = event.driver
-        return DriverUpdate(d.driver_id, events_pb2.DriverEvent.Type.Name(d.type), ms_from_timestamp(d.event_time),
-                            d.location.lat, d.location.lng)
+        return DriverUpdate(
+            d.driver_id,
+            events_pb2.DriverEvent.Type.Name(d.type),
+            ms_from_timestamp(d.event_time),
+            d.location.lat,
+            d.location.lng,
+        )
     if kind == "kitchen":
         k = event.kitchen
         loc = k.restaurant_location if k.HasField("restaurant_location") else None
-        return RestaurantUpdate(k.restaurant_id, events_pb2.KitchenEvent.Type.Name(k.type), k.order_id,
-                                ms_from_timestamp(k.event_time), loc.lat if loc else None, loc.lng if loc else None)
+        return RestaurantUpdate(
+            k.restaurant_id,
+            events_pb2.KitchenEvent.Type.Name(k.type),
+            k.order_id,
+            ms_from_timestamp(k.event_time),
+            loc.lat if loc else None,
+            loc.lng if loc else None,
+        )
     if kind == "order":
         o = event.order
         etype = events_pb2.OrderEvent.Type.Name(o.type)
         if etype not in ("PLACED", "CANCELLED"):
             return None
         loc = o.restaurant_location if o.HasField("restaurant_location") else None
-        return RestaurantUpdate(o.restaurant_id, etype, o.order_id, ms_from_timestamp(o.event_time),
-                                loc.lat if loc else None, loc.lng if loc else None)
+        return RestaurantUpdate(
+            o.restaurant_id,
+            etype,
+            o.order_id,
+            ms_from_timestamp(o.event_time),
+            loc.lat if loc else None,
+            loc.lng if loc else None,
+        )
     return None

@@ -71,7 +71,10 @@ def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
         "end_ns": span.end_time,
         "attributes": dict(span.attributes or {}),
         "links": [
-            {"trace_id": format(link.context.trace_id, "032x"), "span_id": format(link.context.span_id, "016x")}
+            {
+                "trace_id": format(link.context.trace_id, "032x"),
+                "span_id": format(link.context.span_id, "016x"),
+            }
             for link in span.links
         ],
         "status": span.status.status_code.name,
@@ -123,7 +126,7 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-class TracingServerInterceptor(grpc.aio.ServerInterceptor):
+class TracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Server span per RPC (rpc.* semantic conventions), parented by the caller's ``traceparent``."""
 
     def __init__(self, tracer_name: str = "eta.grpc.server") -> None:

@@ -25,8 +25,10 @@ def build(settings: config.IngestionSettings) -> GrpcService:
         producer=producer,
         dedup=DedupStore(redis_client, ttl_seconds=settings.dedup_ttl_seconds),
         topics=Topics.from_settings(settings.kafka),
-        limits=ValidationLimits(max_future_skew_ms=int(settings.max_future_skew_seconds * 1000),
-                                max_age_ms=int(settings.max_age_seconds * 1000)),
+        limits=ValidationLimits(
+            max_future_skew_ms=int(settings.max_future_skew_seconds * 1000),
+            max_age_ms=int(settings.max_age_seconds * 1000),
+        ),
         max_batch=settings.max_batch,
         publish_timeout_seconds=settings.publish_timeout_seconds,
     )
@@ -54,8 +56,9 @@ async def run(settings: config.IngestionSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="eta-ingestion", description=config.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="eta-ingestion", description=config.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.parse_args(argv)
     configure_logging("eta-ingestion")
     provider = setup_tracing("eta-ingestion")

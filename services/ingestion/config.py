@@ -33,14 +33,18 @@ class IngestionSettings:
     @classmethod
     def from_env(cls) -> IngestionSettings:
         return cls(
-            server=ServerSettings.from_env(default_grpc_port=DEFAULT_GRPC_PORT, default_metrics_port=DEFAULT_METRICS_PORT),
+            server=ServerSettings.from_env(
+                default_grpc_port=DEFAULT_GRPC_PORT, default_metrics_port=DEFAULT_METRICS_PORT
+            ),
             kafka=KafkaSettings.from_env(),
             redis=RedisSettings.from_env(),
             max_batch=env_int("INGESTION_MAX_BATCH", cls.max_batch, minimum=1),
-            max_future_skew_seconds=env_float("INGESTION_MAX_FUTURE_SKEW_SECONDS", cls.max_future_skew_seconds,
-                                              minimum=0),
+            max_future_skew_seconds=env_float(
+                "INGESTION_MAX_FUTURE_SKEW_SECONDS", cls.max_future_skew_seconds, minimum=0
+            ),
             max_age_seconds=env_float("INGESTION_MAX_AGE_SECONDS", cls.max_age_seconds, minimum=1),
             dedup_ttl_seconds=env_int("INGESTION_DEDUP_TTL_SECONDS", cls.dedup_ttl_seconds, minimum=1),
-            publish_timeout_seconds=env_float("INGESTION_PUBLISH_TIMEOUT_SECONDS", cls.publish_timeout_seconds,
-                                              minimum=0.1),
+            publish_timeout_seconds=env_float(
+                "INGESTION_PUBLISH_TIMEOUT_SECONDS", cls.publish_timeout_seconds, minimum=0.1
+            ),
         )

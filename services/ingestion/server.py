@@ -28,8 +28,16 @@ Result = ingestion_pb2.EventResult
 
 
 class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
-    def __init__(self, *, producer: AIOKafkaProducer, dedup: DedupStore, topics: Topics, limits: ValidationLimits,
-                 max_batch: int, publish_timeout_seconds: float) -> None:
+    def __init__(
+        self,
+        *,
+        producer: AIOKafkaProducer,
+        dedup: DedupStore,
+        topics: Topics,
+        limits: ValidationLimits,
+        max_batch: int,
+        publish_timeout_seconds: float,
+    ) -> None:
         self._producer = producer
         self._dedup = dedup
         self._topics = topics
@@ -43,7 +51,9 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
     ) -> ingestion_pb2.PublishEventsResponse:
         events = request.events
         if len(events) > self._max_batch:
-            await abort_bad_request(context, [("events", f"at most {self._max_batch} events per call, got {len(events)}")])
+            await abort_bad_request(
+                context, [("events", f"at most {self._max_batch} events per call, got {len(events)}")]
+            )
         now = now_ms()
         results = [Result(index=i, event_id=event_id_of(ev)) for i, ev in enumerate(events)]
         valid: list[int] = []
@@ -51,7 +61,9 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
             violations = validate_event(event, now_ms=now, limits=self._limits)
             if violations:
                 results[i].status = Result.REJECTED
-                results[i].violations.extend(ingestion_pb2.FieldViolation(field=f, description=d) for f, d in violations)
+                results[i].violations.extend(
+                    ingestion_pb2.FieldViolation(field=f, description=d) for f, d in violations
+                )
             else:
                 valid.append(i)
         claimed = await self._dedup.claim([results[i].event_id for i in valid])
@@ -74,13 +86,20 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
         response.rejected = sum(r.status == Result.REJECTED for r in results)
         response.unavailable = len(failed)
         span = trace.get_current_span()
-        span.set_attributes({"eta.events.count": len(events), "eta.events.accepted": response.accepted,
-                             "eta.events.rejected": response.rejected, "eta.events.duplicates": response.duplicates,
-                             "eta.events.unavailable": response.unavailable})
+        span.set_attributes(
+            {
+                "eta.events.count": len(events),
+                "eta.events.accepted": response.accepted,
+                "eta.events.rejected": response.rejected,
+                "eta.events.duplicates": response.duplicates,
+                "eta.events.unavailable": response.unavailable,
+            }
+        )
         return response
 
-    async def _publish(self, events: Any, indices: list[int], ingest_ms: int,
-                       context: grpc.aio.ServicerContext[Any, Any]) -> set[int]:
+    async def _publish(
+        self, events: Any, indices: list[int], ingest_ms: int, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> set[int]:
         """Send the events; returns the indices that were not acknowledged in time."""
         if not indices:
             return set()
@@ -100,15 +119,23 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
             span = tracer.start_span(
                 f"{topic} publish",
                 kind=SpanKind.PRODUCER,
-                attributes={"messaging.system": "kafka", "messaging.operation.type": "publish",
-                            "messaging.destination.name": topic, "messaging.message.id": event_id_of(event),
-                            "messaging.kafka.message.key": record_key(event).decode(errors="replace")},
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.operation.type": "publish",
+                    "messaging.destination.name": topic,
+                    "messaging.message.id": event_id_of(event),
+                    "messaging.kafka.message.key": record_key(event).decode(errors="replace"),
+                },
             )
             envelope = events_pb2.EventEnvelope(event=event, ingest_time=ingest_ts, ingested_by=self._replica)
             try:
                 future = await asyncio.wait_for(
-                    self._producer.send(topic, envelope.SerializeToString(), key=record_key(event),
-                                        headers=headers_with_context(trace.set_span_in_context(span))),
+                    self._producer.send(
+                        topic,
+                        envelope.SerializeToString(),
+                        key=record_key(event),
+                        headers=headers_with_context(trace.set_span_in_context(span)),
+                    ),
                     timeout=max(timeout - (time.perf_counter() - started), 0.001),
                 )
             except Exception as exc:  # broker unreachable / buffer full / timeout: retryable for the client
@@ -130,21 +157,27 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
                     metrics.BROKER_ERRORS.labels("timeout").inc()
                 for future in done:
                     i, span = pending[future]
-                    exc = future.exception()
-                    if exc is not None:
-                        _end_failed(span, exc)
+                    error = future.exception()
+                    if error is not None:
+                        _end_failed(span, error)
                         failed.add(i)
-                        metrics.BROKER_ERRORS.labels(type(exc).__name__).inc()
+                        metrics.BROKER_ERRORS.labels(type(error).__name__).inc()
                     else:
                         meta = future.result()
-                        span.set_attributes({"messaging.destination.partition.id": str(meta.partition),
-                                             "messaging.kafka.offset": meta.offset})
+                        span.set_attributes(
+                            {
+                                "messaging.destination.partition.id": str(meta.partition),
+                                "messaging.kafka.offset": meta.offset,
+                            }
+                        )
                         span.end()
         finally:
             metrics.IN_FLIGHT.dec(len(pending))
             metrics.PUBLISH_LATENCY.observe(time.perf_counter() - started)
         if failed:
-            log.warning("events not acknowledged by the broker", extra={"failed": len(failed), "sent": len(indices)})
+            log.warning(
+                "events not acknowledged by the broker", extra={"failed": len(failed), "sent": len(indices)}
+            )
         return failed
 
 

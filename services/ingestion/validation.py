@@ -31,8 +31,9 @@ def _check_id(out: list[Violation], path: str, value: str) -> None:
         out.append((path, "must be printable with no leading/trailing whitespace"))
 
 
-def _check_time(out: list[Violation], path: str, has: bool, ts: Timestamp, now_ms: int,
-                limits: ValidationLimits) -> None:
+def _check_time(
+    out: list[Violation], path: str, has: bool, ts: Timestamp, now_ms: int, limits: ValidationLimits
+) -> None:
     if not has:
         out.append((path, "required"))
         return
@@ -78,8 +79,13 @@ def validate_event(event: events_pb2.Event, *, now_ms: int, limits: ValidationLi
         etype = _check_type(out, "kitchen.type", k.type, events_pb2.KitchenEvent.Type)
         if etype in ("ORDER_ACCEPTED", "ORDER_READY"):
             _check_id(out, "kitchen.order_id", k.order_id)
-        check_point(out, "kitchen.restaurant_location", k.HasField("restaurant_location"), k.restaurant_location,
-                     required=False)
+        check_point(
+            out,
+            "kitchen.restaurant_location",
+            k.HasField("restaurant_location"),
+            k.restaurant_location,
+            required=False,
+        )
     elif kind == "order":
         o = event.order
         _check_id(out, "order.event_id", o.event_id)
@@ -90,10 +96,20 @@ def validate_event(event: events_pb2.Event, *, now_ms: int, limits: ValidationLi
         placed = etype == "PLACED"
         if placed:
             _check_id(out, "order.customer_id", o.customer_id)
-        check_point(out, "order.restaurant_location", o.HasField("restaurant_location"), o.restaurant_location,
-                     required=placed)
-        check_point(out, "order.customer_location", o.HasField("customer_location"), o.customer_location,
-                     required=placed)
+        check_point(
+            out,
+            "order.restaurant_location",
+            o.HasField("restaurant_location"),
+            o.restaurant_location,
+            required=placed,
+        )
+        check_point(
+            out,
+            "order.customer_location",
+            o.HasField("customer_location"),
+            o.customer_location,
+            required=placed,
+        )
         if etype in ("PICKED_UP", "DELIVERED"):
             _check_id(out, "order.driver_id", o.driver_id)
     else:

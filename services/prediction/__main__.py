@@ -57,8 +57,11 @@ async def run(settings: config.PredictionSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="eta-prediction", description=config.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="eta-prediction",
+        description=config.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.parse_args(argv)
     configure_logging("eta-prediction")
     provider = setup_tracing("eta-prediction")

@@ -27,10 +27,15 @@ class PredictionSettings:
     @classmethod
     def from_env(cls) -> PredictionSettings:
         return cls(
-            server=ServerSettings.from_env(default_grpc_port=DEFAULT_GRPC_PORT, default_metrics_port=DEFAULT_METRICS_PORT),
+            server=ServerSettings.from_env(
+                default_grpc_port=DEFAULT_GRPC_PORT, default_metrics_port=DEFAULT_METRICS_PORT
+            ),
             redis=RedisSettings.from_env(),
             database=DatabaseSettings.from_env(),
-            model_refresh_seconds=env_float("PREDICTION_MODEL_REFRESH_SECONDS", cls.model_refresh_seconds, minimum=0.1),
-            staleness_budget_seconds=env_float("PREDICTION_STALENESS_BUDGET_SECONDS", cls.staleness_budget_seconds,
-                                               minimum=0),
+            model_refresh_seconds=env_float(
+                "PREDICTION_MODEL_REFRESH_SECONDS", cls.model_refresh_seconds, minimum=0.1
+            ),
+            staleness_budget_seconds=env_float(
+                "PREDICTION_STALENESS_BUDGET_SECONDS", cls.staleness_budget_seconds, minimum=0
+            ),
         )

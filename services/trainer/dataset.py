@@ -42,12 +42,21 @@ class TrainingSet:
         return self._take(order[:cut]), self._take(order[cut:])
 
     def _take(self, idx: npt.NDArray[np.intp]) -> TrainingSet:
-        return TrainingSet(self.feature_names, self.X[idx], self.y[idx], self.placed_ms[idx],
-                           [self.restaurant_ids[i] for i in idx])
+        return TrainingSet(
+            self.feature_names,
+            self.X[idx],
+            self.y[idx],
+            self.placed_ms[idx],
+            [self.restaurant_ids[i] for i in idx],
+        )
 
 
-async def load_training_set(pool: asyncpg.Pool | asyncpg.Connection, *, since_ms: int,
-                            allowed_lateness_ms: int = F.DEFAULT_ALLOWED_LATENESS_MS) -> TrainingSet:
+async def load_training_set(
+    pool: asyncpg.Pool | asyncpg.Connection,
+    *,
+    since_ms: int,
+    allowed_lateness_ms: int = F.DEFAULT_ALLOWED_LATENESS_MS,
+) -> TrainingSet:
     """One row per delivered order placed since ``since_ms``; features as of its placement time."""
     from eta_common.timeutil import datetime_from_ms
 
@@ -57,14 +66,31 @@ async def load_training_set(pool: asyncpg.Pool | asyncpg.Connection, *, since_ms
     delivered: dict[str, int] = {}
     events: list[HistoryEvent] = []
     for row in rows:
-        ev = HistoryEvent(row["kind"], row["type"], int(row["event_ms"]), int(row["ingest_ms"]),
-                          row["restaurant_id"], row["driver_id"], row["order_id"], row["lat"], row["lng"])
+        ev = HistoryEvent(
+            row["kind"],
+            row["type"],
+            int(row["event_ms"]),
+            int(row["ingest_ms"]),
+            row["restaurant_id"],
+            row["driver_id"],
+            row["order_id"],
+            row["lat"],
+            row["lng"],
+        )
         events.append(ev)
         if ev.kind == "order" and ev.order_id:
             if ev.type == "PLACED" and row["customer_lat"] is not None and ev.lat is not None:
-                placed.setdefault(ev.order_id, (ev.event_ms, ev.restaurant_id or "", float(ev.lat),
-                                                float(ev.lng or 0.0), float(row["customer_lat"]),
-                                                float(row["customer_lng"])))
+                placed.setdefault(
+                    ev.order_id,
+                    (
+                        ev.event_ms,
+                        ev.restaurant_id or "",
+                        float(ev.lat),
+                        float(ev.lng or 0.0),
+                        float(row["customer_lat"]),
+                        float(row["customer_lng"]),
+                    ),
+                )
             elif ev.type == "DELIVERED":
                 delivered.setdefault(ev.order_id, ev.event_ms)
     queries: list[FeatureQuery] = []
@@ -74,7 +100,11 @@ async def load_training_set(pool: asyncpg.Pool | asyncpg.Connection, *, since_ms
         if t1 is None or t1 <= t0:
             continue
         queries.append(FeatureQuery(order_id, rid, t0, rlat, rlng))
-        labels[order_id] = ((t1 - t0) / 60_000.0, F.haversine_km(rlat, rlng, clat, clng), float(F.hour_of_week(t0)))
+        labels[order_id] = (
+            (t1 - t0) / 60_000.0,
+            F.haversine_km(rlat, rlng, clat, clng),
+            float(F.hour_of_week(t0)),
+        )
     builder = OfflineFeatureBuilder(allowed_lateness_ms=allowed_lateness_ms)
     names = list(F.FEATURE_NAMES)
     X = np.empty((len(queries), len(names)), dtype=np.float64)

@@ -53,14 +53,22 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
 
 @pytest.fixture(scope="session")
 async def channels(stack: LocalStack) -> AsyncIterator[dict[str, grpc.aio.Channel]]:
-    chans = {name: grpc.aio.insecure_channel(stack.target(name)) for name in ("ingestion", "aggregator", "prediction")}
+    chans = {
+        name: grpc.aio.insecure_channel(stack.target(name))
+        for name in ("ingestion", "aggregator", "prediction")
+    }
     yield chans
     for chan in chans.values():
         await chan.close()
 
 
-async def poll_until(fetch: Callable[[], Any], predicate: Callable[[Any], bool], *, timeout: float = 15.0,
-                     interval: float = 0.1) -> Any:
+async def poll_until(
+    fetch: Callable[[], Any],
+    predicate: Callable[[Any], bool],
+    *,
+    timeout: float = 15.0,
+    interval: float = 0.1,
+) -> Any:
     """Call ``fetch`` (sync or async) until ``predicate(result)``; return the last result or fail."""
     deadline = time.monotonic() + timeout
     last: Any = None

@@ -11,7 +11,15 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from eta.v1 import eta_pb2, eta_pb2_grpc, events_pb2, features_pb2, features_pb2_grpc, ingestion_pb2, ingestion_pb2_grpc
+from eta.v1 import (
+    eta_pb2,
+    eta_pb2_grpc,
+    events_pb2,
+    features_pb2,
+    features_pb2_grpc,
+    ingestion_pb2,
+    ingestion_pb2_grpc,
+)
 from tests.integration.conftest import poll_until
 from tests.integration.helpers import BERLIN, NEARBY, driver_online, new_id, placed
 
@@ -22,13 +30,18 @@ Result = ingestion_pb2.EventResult
 def _feature(response: Any, name: str) -> features_pb2.FeatureValue:
     matches = [f for f in response.features if f.name == name]
     assert matches, f"feature {name} missing from {response}"
-    return matches[0]
+    feature: features_pb2.FeatureValue = matches[0]
+    return feature
 
 
-async def _publish(channels: dict[str, grpc.aio.Channel], events: list[events_pb2.Event]
-                   ) -> ingestion_pb2.PublishEventsResponse:
+async def _publish(
+    channels: dict[str, grpc.aio.Channel], events: list[events_pb2.Event]
+) -> ingestion_pb2.PublishEventsResponse:
     stub = ingestion_pb2_grpc.IngestionServiceStub(channels["ingestion"])
-    return await stub.PublishEvents(ingestion_pb2.PublishEventsRequest(events=events), timeout=10)
+    reply: ingestion_pb2.PublishEventsResponse = await stub.PublishEvents(
+        ingestion_pb2.PublishEventsRequest(events=events), timeout=10
+    )
+    return reply
 
 
 async def test_orders_flow_to_features_and_prediction(channels: dict[str, grpc.aio.Channel]) -> None:
@@ -42,16 +55,22 @@ async def test_orders_flow_to_features_and_prediction(channels: dict[str, grpc.a
 
     features = features_pb2_grpc.FeatureServiceStub(channels["aggregator"])
     request = features_pb2.GetRestaurantFeaturesRequest(restaurant_id=restaurant)
-    got = await poll_until(lambda: features.GetRestaurantFeatures(request, timeout=5),
-                           lambda r: _feature(r, "num_orders_last_30_min").value == 7)
+    got = await poll_until(
+        lambda: features.GetRestaurantFeatures(request, timeout=5),
+        lambda r: _feature(r, "num_orders_last_30_min").value == 7,
+    )
     value = _feature(got, "num_orders_last_30_min")
     assert value.present
     assert 0 <= value.age_seconds < 30
     assert _feature(got, "num_orders_last_10_min").value == 7
 
     eta = eta_pb2_grpc.EtaServiceStub(channels["prediction"])
-    prediction = await eta.PredictEta(eta_pb2.PredictEtaRequest(
-        restaurant_id=restaurant, restaurant_location=BERLIN, customer_location=NEARBY), timeout=5)
+    prediction = await eta.PredictEta(
+        eta_pb2.PredictEtaRequest(
+            restaurant_id=restaurant, restaurant_location=BERLIN, customer_location=NEARBY
+        ),
+        timeout=5,
+    )
     assert _feature(prediction, "num_orders_last_30_min").value == 7
     assert prediction.eta_low_minutes <= prediction.eta_minutes <= prediction.eta_high_minutes
     assert prediction.eta_minutes > 0
@@ -59,7 +78,8 @@ async def test_orders_flow_to_features_and_prediction(channels: dict[str, grpc.a
 
 
 async def test_duplicate_event_id_is_answered_duplicate_and_counted_once(
-        channels: dict[str, grpc.aio.Channel]) -> None:
+    channels: dict[str, grpc.aio.Channel],
+) -> None:
     restaurant = new_id("rest")
     event = placed(restaurant)
     first = await _publish(channels, [event])
@@ -68,13 +88,16 @@ async def test_duplicate_event_id_is_answered_duplicate_and_counted_once(
     assert second.results[0].status == Result.DUPLICATE
     features = features_pb2_grpc.FeatureServiceStub(channels["aggregator"])
     request = features_pb2.GetRestaurantFeaturesRequest(restaurant_id=restaurant)
-    got = await poll_until(lambda: features.GetRestaurantFeatures(request, timeout=5),
-                           lambda r: _feature(r, "num_orders_last_30_min").present)
+    got = await poll_until(
+        lambda: features.GetRestaurantFeatures(request, timeout=5),
+        lambda r: _feature(r, "num_orders_last_30_min").present,
+    )
     assert _feature(got, "num_orders_last_30_min").value == 1
 
 
 async def test_bad_events_rejected_with_reasons_and_good_neighbour_goes_through(
-        channels: dict[str, grpc.aio.Channel]) -> None:
+    channels: dict[str, grpc.aio.Channel],
+) -> None:
     restaurant = new_id("rest")
     missing_id = placed(restaurant, event_id="x")
     missing_id.order.event_id = ""
@@ -91,8 +114,10 @@ async def test_bad_events_rejected_with_reasons_and_good_neighbour_goes_through(
 
     features = features_pb2_grpc.FeatureServiceStub(channels["aggregator"])
     request = features_pb2.GetRestaurantFeaturesRequest(restaurant_id=restaurant)
-    got = await poll_until(lambda: features.GetRestaurantFeatures(request, timeout=5),
-                           lambda r: _feature(r, "num_orders_last_30_min").present)
+    got = await poll_until(
+        lambda: features.GetRestaurantFeatures(request, timeout=5),
+        lambda r: _feature(r, "num_orders_last_30_min").present,
+    )
     assert _feature(got, "num_orders_last_30_min").value == 1
 
 
@@ -111,15 +136,21 @@ async def test_oversized_batch_fails_with_bad_request_details(channels: dict[str
 async def test_predict_eta_rejects_impossible_location(channels: dict[str, grpc.aio.Channel]) -> None:
     eta = eta_pb2_grpc.EtaServiceStub(channels["prediction"])
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await eta.PredictEta(eta_pb2.PredictEtaRequest(
-            restaurant_id="r", restaurant_location=BERLIN,
-            customer_location=events_pb2.GeoPoint(lat=10, lng=500)), timeout=5)
+        await eta.PredictEta(
+            eta_pb2.PredictEtaRequest(
+                restaurant_id="r",
+                restaurant_location=BERLIN,
+                customer_location=events_pb2.GeoPoint(lat=10, lng=500),
+            ),
+            timeout=5,
+        )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "customer_location.lng" in (info.value.details() or "")
 
 
 async def test_one_trace_crosses_kafka_to_the_redis_write(
-        channels: dict[str, grpc.aio.Channel], spans_of: Callable[[], list[dict[str, Any]]]) -> None:
+    channels: dict[str, grpc.aio.Channel], spans_of: Callable[[], list[dict[str, Any]]]
+) -> None:
     restaurant = new_id("rest")
     event = placed(restaurant)
     reply = await _publish(channels, [event])
@@ -128,18 +159,31 @@ async def test_one_trace_crosses_kafka_to_the_redis_write(
 
     def journey(spans: list[dict[str, Any]]) -> dict[str, dict[str, Any]] | None:
         by_id = {s["span_id"]: s for s in spans}
-        producers = [s for s in spans if s["kind"] == "PRODUCER"
-                     and s["attributes"].get("messaging.message.id") == event_id]
-        consumers = [s for s in spans if s["kind"] == "CONSUMER"
-                     and s["attributes"].get("messaging.message.id") == event_id]
+        producers = [
+            s
+            for s in spans
+            if s["kind"] == "PRODUCER" and s["attributes"].get("messaging.message.id") == event_id
+        ]
+        consumers = [
+            s
+            for s in spans
+            if s["kind"] == "CONSUMER" and s["attributes"].get("messaging.message.id") == event_id
+        ]
         if not producers or not consumers:
             return None
-        redis_writes = [s for s in spans if s["name"] == "redis apply features"
-                        and s["parent_span_id"] == consumers[0]["span_id"]]
+        redis_writes = [
+            s
+            for s in spans
+            if s["name"] == "redis apply features" and s["parent_span_id"] == consumers[0]["span_id"]
+        ]
         if not redis_writes:
             return None
-        return {"server": by_id.get(producers[0]["parent_span_id"] or "", {}), "produce": producers[0],
-                "process": consumers[0], "redis": redis_writes[0]}
+        return {
+            "server": by_id.get(producers[0]["parent_span_id"] or "", {}),
+            "produce": producers[0],
+            "process": consumers[0],
+            "redis": redis_writes[0],
+        }
 
     hops = await poll_until(lambda: journey(spans_of()), lambda j: j is not None and bool(j["server"]))
     assert hops["server"]["name"] == "eta.v1.IngestionService/PublishEvents"
@@ -156,11 +200,16 @@ async def test_one_trace_crosses_kafka_to_the_redis_write(
 
 
 async def test_prediction_trace_has_redis_read_and_inference(
-        channels: dict[str, grpc.aio.Channel], spans_of: Callable[[], list[dict[str, Any]]]) -> None:
+    channels: dict[str, grpc.aio.Channel], spans_of: Callable[[], list[dict[str, Any]]]
+) -> None:
     restaurant = new_id("rest")
     eta = eta_pb2_grpc.EtaServiceStub(channels["prediction"])
-    await eta.PredictEta(eta_pb2.PredictEtaRequest(
-        restaurant_id=restaurant, restaurant_location=BERLIN, customer_location=NEARBY), timeout=5)
+    await eta.PredictEta(
+        eta_pb2.PredictEtaRequest(
+            restaurant_id=restaurant, restaurant_location=BERLIN, customer_location=NEARBY
+        ),
+        timeout=5,
+    )
 
     def find(spans: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
         servers = [s for s in spans if s["name"] == "eta.v1.EtaService/PredictEta" and s["kind"] == "SERVER"]

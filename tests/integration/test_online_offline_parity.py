@@ -21,8 +21,10 @@ CENTRE = (52.52, 13.405)
 
 def _random_timeline(rng: random.Random, start: int, minutes: int, prefix: str) -> list[HistoryEvent]:
     events: list[HistoryEvent] = []
-    restaurants = {f"{prefix}-r{i}": (CENTRE[0] + rng.uniform(-0.03, 0.03), CENTRE[1] + rng.uniform(-0.05, 0.05))
-                   for i in range(3)}
+    restaurants = {
+        f"{prefix}-r{i}": (CENTRE[0] + rng.uniform(-0.03, 0.03), CENTRE[1] + rng.uniform(-0.05, 0.05))
+        for i in range(3)
+    }
     for minute in range(minutes):
         t = start + minute * MIN
         for rid, (lat, lng) in restaurants.items():
@@ -35,22 +37,51 @@ def _random_timeline(rng: random.Random, start: int, minutes: int, prefix: str) 
                 if rng.random() < 0.1:
                     events.append(HistoryEvent("order", "CANCELLED", accepted + MIN, 0, rid, None, oid))
                 else:
-                    events.append(HistoryEvent("kitchen", "ORDER_READY", accepted + rng.randrange(5, 25) * MIN, 0,
-                                               rid, None, oid, lat, lng))
+                    events.append(
+                        HistoryEvent(
+                            "kitchen",
+                            "ORDER_READY",
+                            accepted + rng.randrange(5, 25) * MIN,
+                            0,
+                            rid,
+                            None,
+                            oid,
+                            lat,
+                            lng,
+                        )
+                    )
             if rng.random() < 0.05:
-                events.append(HistoryEvent("kitchen", rng.choice(["BUSY", "OPENED"]), t + rng.randrange(MIN), 0, rid))
+                events.append(
+                    HistoryEvent("kitchen", rng.choice(["BUSY", "OPENED"]), t + rng.randrange(MIN), 0, rid)
+                )
         for d in range(10):
             if rng.random() < 0.3:
-                events.append(HistoryEvent(
-                    "driver", rng.choice(["ONLINE", "OFFLINE", "LOCATION", "ASSIGNED", "DELIVERED"]),
-                    t + rng.randrange(MIN), 0, driver_id=f"par-d{d}",
-                    lat=CENTRE[0] + rng.uniform(-0.04, 0.04), lng=CENTRE[1] + rng.uniform(-0.06, 0.06)))
+                events.append(
+                    HistoryEvent(
+                        "driver",
+                        rng.choice(["ONLINE", "OFFLINE", "LOCATION", "ASSIGNED", "DELIVERED"]),
+                        t + rng.randrange(MIN),
+                        0,
+                        driver_id=f"par-d{d}",
+                        lat=CENTRE[0] + rng.uniform(-0.04, 0.04),
+                        lng=CENTRE[1] + rng.uniform(-0.06, 0.06),
+                    )
+                )
     # arrival: mostly in order with jitter, some late beyond the allowed lateness, some duplicated
     out = []
     for ev in events:
         delay = rng.choice([rng.randrange(50, 3_000)] * 8 + [rng.randrange(3 * MIN, 4 * MIN), 7 * MIN])
-        arrived = HistoryEvent(ev.kind, ev.type, ev.event_ms, ev.event_ms + delay, ev.restaurant_id, ev.driver_id,
-                               ev.order_id, ev.lat, ev.lng)
+        arrived = HistoryEvent(
+            ev.kind,
+            ev.type,
+            ev.event_ms,
+            ev.event_ms + delay,
+            ev.restaurant_id,
+            ev.driver_id,
+            ev.order_id,
+            ev.lat,
+            ev.lng,
+        )
         out.append(arrived)
         if rng.random() < 0.05:
             out.append(arrived)
@@ -60,7 +91,9 @@ def _random_timeline(rng: random.Random, start: int, minutes: int, prefix: str) 
 
 def _update(ev: HistoryEvent) -> RestaurantUpdate | DriverUpdate:
     if ev.kind == "driver":
-        assert ev.driver_id is not None and ev.lat is not None and ev.lng is not None
+        assert ev.driver_id is not None
+        assert ev.lat is not None
+        assert ev.lng is not None
         return DriverUpdate(ev.driver_id, ev.type, ev.event_ms, ev.lat, ev.lng)
     assert ev.restaurant_id is not None
     return RestaurantUpdate(ev.restaurant_id, ev.type, ev.order_id or "", ev.event_ms, ev.lat, ev.lng)

@@ -21,8 +21,23 @@ _COLUMNS = (
 )  # fmt: skip
 
 Row = tuple[
-    str, str, str, datetime, datetime, str | None, str | None, str | None, str | None, float | None,
-    float | None, float | None, float | None, bytes, str | None, int | None, int | None,
+    str,
+    str,
+    str,
+    datetime,
+    datetime,
+    str | None,
+    str | None,
+    str | None,
+    str | None,
+    float | None,
+    float | None,
+    float | None,
+    float | None,
+    bytes,
+    str | None,
+    int | None,
+    int | None,
 ]
 
 
@@ -46,18 +61,30 @@ def event_row(item: ArchivedEvent) -> Row:
     lat = lng = clat = clng = None
     if kind == "driver":
         d = event.driver
-        event_id, ms, etype = d.event_id, ms_from_timestamp(d.event_time), events_pb2.DriverEvent.Type.Name(d.type)
+        event_id, ms, etype = (
+            d.event_id,
+            ms_from_timestamp(d.event_time),
+            events_pb2.DriverEvent.Type.Name(d.type),
+        )
         driver_id, order_id = d.driver_id, _none_if_empty(d.order_id)
         lat, lng = d.location.lat, d.location.lng
     elif kind == "kitchen":
         k = event.kitchen
-        event_id, ms, etype = k.event_id, ms_from_timestamp(k.event_time), events_pb2.KitchenEvent.Type.Name(k.type)
+        event_id, ms, etype = (
+            k.event_id,
+            ms_from_timestamp(k.event_time),
+            events_pb2.KitchenEvent.Type.Name(k.type),
+        )
         restaurant_id, order_id = k.restaurant_id, _none_if_empty(k.order_id)
         if k.HasField("restaurant_location"):
             lat, lng = k.restaurant_location.lat, k.restaurant_location.lng
     elif kind == "order":
         o = event.order
-        event_id, ms, etype = o.event_id, ms_from_timestamp(o.event_time), events_pb2.OrderEvent.Type.Name(o.type)
+        event_id, ms, etype = (
+            o.event_id,
+            ms_from_timestamp(o.event_time),
+            events_pb2.OrderEvent.Type.Name(o.type),
+        )
         restaurant_id, order_id = o.restaurant_id, o.order_id
         customer_id, driver_id = _none_if_empty(o.customer_id), _none_if_empty(o.driver_id)
         if o.HasField("restaurant_location"):
@@ -67,9 +94,9 @@ def event_row(item: ArchivedEvent) -> Row:
     else:
         raise ValueError("event has no payload")
     return (
-        event_id, kind, etype, datetime_from_ms(ms), datetime_from_ms(item.ingest_ms), restaurant_id, driver_id,
-        order_id, customer_id, lat, lng, clat, clng, event.SerializeToString(), item.topic, item.partition,
-        item.offset,
+        event_id, kind, etype, datetime_from_ms(ms), datetime_from_ms(item.ingest_ms), restaurant_id,
+        driver_id, order_id, customer_id, lat, lng, clat, clng, event.SerializeToString(), item.topic,
+        item.partition, item.offset,
     )  # fmt: skip
 
 
@@ -79,15 +106,15 @@ async def archive_events(conn: asyncpg.Connection | asyncpg.Pool, items: Sequenc
         return 0
     rows = [event_row(item) for item in items]
     columns = ", ".join(_COLUMNS)
-    async with conn.acquire() if isinstance(conn, asyncpg.Pool) else contextlib.nullcontext(conn) as c:
-        async with c.transaction():
-            await c.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS events_incoming (LIKE events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-            )
-            await c.copy_records_to_table("events_incoming", records=rows, columns=list(_COLUMNS))
-            status = await c.execute(
-                f"INSERT INTO events ({columns}) SELECT DISTINCT ON (event_id) {columns} FROM events_incoming "
-                "ORDER BY event_id ON CONFLICT (event_id) DO NOTHING"
-            )
+    acquire = conn.acquire() if isinstance(conn, asyncpg.Pool) else contextlib.nullcontext(conn)
+    async with acquire as c, c.transaction():
+        await c.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS events_incoming (LIKE events INCLUDING DEFAULTS) "
+            "ON COMMIT DELETE ROWS"
+        )
+        await c.copy_records_to_table("events_incoming", records=rows, columns=list(_COLUMNS))
+        status = await c.execute(
+            f"INSERT INTO events ({columns}) SELECT DISTINCT ON (event_id) {columns} "
+            "FROM events_incoming ORDER BY event_id ON CONFLICT (event_id) DO NOTHING"
+        )
     return int(status.rsplit(" ", 1)[-1])
-

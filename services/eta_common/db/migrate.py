@@ -26,8 +26,9 @@ _LOCK_ID = 0x45_54_41_4D  # "ETAM"
 
 def _migration_files() -> list[tuple[str, str]]:
     folder = resources.files("eta_common.db") / "migrations"
-    files = sorted((entry.name, entry.read_text()) for entry in folder.iterdir() if entry.name.endswith(".sql"))
-    return files
+    return sorted(
+        (entry.name, entry.read_text()) for entry in folder.iterdir() if entry.name.endswith(".sql")
+    )
 
 
 async def apply_migrations(database_url: str) -> list[str]:
@@ -56,10 +57,12 @@ async def apply_migrations(database_url: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="eta-migrate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--database-url", default=None, help="default: $DATABASE_URL or "
-                        f"{DatabaseSettings.url}")
+    parser = argparse.ArgumentParser(
+        prog="eta-migrate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--database-url", default=None, help=f"default: $DATABASE_URL or {DatabaseSettings.url}"
+    )
     args = parser.parse_args(argv)
     configure_logging("eta-migrate")
     url = args.database_url or DatabaseSettings.from_env().url

@@ -20,12 +20,23 @@ class RegisteredModel:
     blob: bytes
 
 
-async def register_model(conn: asyncpg.Connection, *, version: str, feature_names: Sequence[str],
-                         metrics: Mapping[str, Any], blob: bytes, promote_now: bool) -> None:
+async def register_model(
+    conn: asyncpg.Connection,
+    *,
+    version: str,
+    feature_names: Sequence[str],
+    metrics: Mapping[str, Any],
+    blob: bytes,
+    promote_now: bool,
+) -> None:
     async with conn.transaction():
         await conn.execute(
-            "INSERT INTO models (version, feature_names, metrics, model_blob) VALUES ($1, $2::jsonb, $3::jsonb, $4)",
-            version, json.dumps(list(feature_names)), json.dumps(metrics), blob,
+            "INSERT INTO models (version, feature_names, metrics, model_blob) "
+            "VALUES ($1, $2::jsonb, $3::jsonb, $4)",
+            version,
+            json.dumps(list(feature_names)),
+            json.dumps(metrics),
+            blob,
         )
         if promote_now:
             await _promote(conn, version)
@@ -33,7 +44,9 @@ async def register_model(conn: asyncpg.Connection, *, version: str, feature_name
 
 async def _promote(conn: asyncpg.Connection, version: str) -> None:
     await conn.execute("UPDATE models SET is_promoted = false WHERE is_promoted")
-    await conn.execute("UPDATE models SET is_promoted = true, promoted_at = now() WHERE version = $1", version)
+    await conn.execute(
+        "UPDATE models SET is_promoted = true, promoted_at = now() WHERE version = $1", version
+    )
 
 
 async def promote(conn: asyncpg.Connection, version: str) -> None:
@@ -55,8 +68,14 @@ async def promoted_metrics(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str,
 
 
 async def load_promoted(conn: asyncpg.Connection | asyncpg.Pool) -> RegisteredModel | None:
-    row = await conn.fetchrow("SELECT version, feature_names, metrics, model_blob FROM models WHERE is_promoted")
+    row = await conn.fetchrow(
+        "SELECT version, feature_names, metrics, model_blob FROM models WHERE is_promoted"
+    )
     if row is None:
         return None
-    return RegisteredModel(str(row["version"]), list(json.loads(row["feature_names"])),
-                           dict(json.loads(row["metrics"])), bytes(row["model_blob"]))
+    return RegisteredModel(
+        str(row["version"]),
+        list(json.loads(row["feature_names"])),
+        dict(json.loads(row["metrics"])),
+        bytes(row["model_blob"]),
+    )

@@ -15,8 +15,16 @@ MIN = 60_000
 
 
 def placed(order_id: str, event_ms: int, ingest_ms: int | None = None, restaurant: str = "r") -> HistoryEvent:
-    return HistoryEvent("order", "PLACED", event_ms, event_ms + 100 if ingest_ms is None else ingest_ms,
-                        restaurant_id=restaurant, order_id=order_id, lat=52.5, lng=13.4)
+    return HistoryEvent(
+        "order",
+        "PLACED",
+        event_ms,
+        event_ms + 100 if ingest_ms is None else ingest_ms,
+        restaurant_id=restaurant,
+        order_id=order_id,
+        lat=52.5,
+        lng=13.4,
+    )
 
 
 def query(at_ms: int, restaurant: str = "r") -> FeatureQuery:
@@ -70,8 +78,14 @@ def test_kitchen_and_prep_handle_out_of_order_events() -> None:
     b = OfflineFeatureBuilder()
     b.apply(HistoryEvent("kitchen", "ORDER_READY", T0 - MIN, T0 - MIN, restaurant_id="r", order_id="o1"))
     # the ACCEPTED event arrives after READY but within the allowed lateness
-    b.apply(HistoryEvent("kitchen", "ORDER_ACCEPTED", T0 - 5 * MIN, T0 - MIN, restaurant_id="r", order_id="o1"))
-    b.apply(HistoryEvent("kitchen", "ORDER_ACCEPTED", T0 - 2 * MIN, T0 - 2 * MIN, restaurant_id="r", order_id="o2"))
+    b.apply(
+        HistoryEvent("kitchen", "ORDER_ACCEPTED", T0 - 5 * MIN, T0 - MIN, restaurant_id="r", order_id="o1")
+    )
+    b.apply(
+        HistoryEvent(
+            "kitchen", "ORDER_ACCEPTED", T0 - 2 * MIN, T0 - 2 * MIN, restaurant_id="r", order_id="o2"
+        )
+    )
     values = b.features_at(query(T0))
     assert values[F.ORDERS_IN_KITCHEN] == 1  # o1 was ready before its accept arrived
     assert values[F.MEAN_PREP_MINUTES_60.name] == pytest.approx(4.0)

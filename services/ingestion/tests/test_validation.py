@@ -15,8 +15,13 @@ HERE = events_pb2.GeoPoint(lat=52.52, lng=13.405)
 
 def order(**overrides: object) -> events_pb2.Event:
     fields: dict[str, object] = {
-        "event_id": "e1", "event_time": timestamp_from_ms(NOW - 1000), "order_id": "o1", "restaurant_id": "r1",
-        "customer_id": "c1", "type": events_pb2.OrderEvent.PLACED, "restaurant_location": HERE,
+        "event_id": "e1",
+        "event_time": timestamp_from_ms(NOW - 1000),
+        "order_id": "o1",
+        "restaurant_id": "r1",
+        "customer_id": "c1",
+        "type": events_pb2.OrderEvent.PLACED,
+        "restaurant_location": HERE,
         "customer_location": events_pb2.GeoPoint(lat=52.5, lng=13.4),
     }
     fields.update(overrides)
@@ -29,13 +34,25 @@ def violations(event: events_pb2.Event) -> list[tuple[str, str]]:
 
 def test_valid_events_of_every_kind_pass() -> None:
     assert violations(order()) == []
-    driver = events_pb2.Event(driver=events_pb2.DriverEvent(
-        event_id="e2", event_time=timestamp_from_ms(NOW), driver_id="d1", type=events_pb2.DriverEvent.LOCATION,
-        location=HERE))
+    driver = events_pb2.Event(
+        driver=events_pb2.DriverEvent(
+            event_id="e2",
+            event_time=timestamp_from_ms(NOW),
+            driver_id="d1",
+            type=events_pb2.DriverEvent.LOCATION,
+            location=HERE,
+        )
+    )
     assert violations(driver) == []
-    kitchen = events_pb2.Event(kitchen=events_pb2.KitchenEvent(
-        event_id="e3", event_time=timestamp_from_ms(NOW), restaurant_id="r1",
-        type=events_pb2.KitchenEvent.ORDER_READY, order_id="o1"))
+    kitchen = events_pb2.Event(
+        kitchen=events_pb2.KitchenEvent(
+            event_id="e3",
+            event_time=timestamp_from_ms(NOW),
+            restaurant_id="r1",
+            type=events_pb2.KitchenEvent.ORDER_READY,
+            order_id="o1",
+        )
+    )
     assert violations(kitchen) == []
 
 
@@ -79,10 +96,22 @@ def test_type_specific_requirements() -> None:
     picked = order(type=events_pb2.OrderEvent.PICKED_UP, customer_id="")
     picked.order.ClearField("customer_location")
     assert violations(picked) == [("order.driver_id", "required")]
-    assigned = events_pb2.Event(driver=events_pb2.DriverEvent(
-        event_id="e", event_time=timestamp_from_ms(NOW), driver_id="d", type=events_pb2.DriverEvent.ASSIGNED,
-        location=HERE))
+    assigned = events_pb2.Event(
+        driver=events_pb2.DriverEvent(
+            event_id="e",
+            event_time=timestamp_from_ms(NOW),
+            driver_id="d",
+            type=events_pb2.DriverEvent.ASSIGNED,
+            location=HERE,
+        )
+    )
     assert violations(assigned) == [("driver.order_id", "required")]
-    accepted = events_pb2.Event(kitchen=events_pb2.KitchenEvent(
-        event_id="e", event_time=timestamp_from_ms(NOW), restaurant_id="r", type=events_pb2.KitchenEvent.ORDER_ACCEPTED))
+    accepted = events_pb2.Event(
+        kitchen=events_pb2.KitchenEvent(
+            event_id="e",
+            event_time=timestamp_from_ms(NOW),
+            restaurant_id="r",
+            type=events_pb2.KitchenEvent.ORDER_ACCEPTED,
+        )
+    )
     assert violations(accepted) == [("kitchen.order_id", "required")]
