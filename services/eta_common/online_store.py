@@ -24,11 +24,12 @@ for strictly newer event times), so at-least-once delivery and crash replays can
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from eta_common import features as F
 
@@ -212,7 +213,12 @@ def _int_or_none(raw: Any) -> int | None:
 
 
 class OnlineStore:
-    """Async access to the online features. One instance per process (it holds the connection pool)."""
+    """Async access to the online features. One instance per process (it holds the connection pool).
+
+    Scripts are loaded once (``SCRIPT LOAD``) and called by SHA inside plain pipelines, so an update
+    batch or a feature read is exactly one round trip; if Redis lost its script cache (restart,
+    ``SCRIPT FLUSH``) the scripts are reloaded and the pipeline retried once.
+    """
 
     def __init__(
         self,
@@ -224,9 +230,12 @@ class OnlineStore:
         self.client = client
         self.retention_ms = F.MAX_WINDOW_MS + allowed_lateness_ms
         self.city = city
-        self._apply_restaurant = client.register_script(_APPLY_RESTAURANT)
-        self._apply_driver = client.register_script(_APPLY_DRIVER)
-        self._read_restaurant = client.register_script(_READ_RESTAURANT)
+        self._sources = {
+            "apply_restaurant": _APPLY_RESTAURANT,
+            "apply_driver": _APPLY_DRIVER,
+            "read_restaurant": _READ_RESTAURANT,
+        }
+        self._sha: dict[str, str] = {}
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> OnlineStore:
@@ -235,94 +244,112 @@ class OnlineStore:
     async def close(self) -> None:
         await self.client.aclose()
 
+    async def _load_scripts(self) -> None:
+        for name, source in self._sources.items():
+            self._sha[name] = str(await self.client.script_load(source))
+
+    async def _run(self, build: Callable[[Any], None]) -> list[Any]:
+        """Build a pipeline with ``build(pipe)`` and execute it (one round trip)."""
+        if not self._sha:
+            await self._load_scripts()
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            build(pipe)
+            try:
+                return list(await pipe.execute())
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                await self._load_scripts()
+        raise AssertionError("unreachable")
+
     async def apply(self, updates: Sequence[RestaurantUpdate | DriverUpdate], *, now_ms: int) -> list[int]:
         """Apply updates in one pipeline (one round trip); returns 1 per update that changed state."""
         if not updates:
             return []
-        pipe = self.client.pipeline(transaction=False)
         dkeys = driver_keys(self.city)
-        for update in updates:
-            if isinstance(update, DriverUpdate):
-                await self._apply_driver(
-                    keys=[dkeys["free"], dkeys["state"], dkeys["meta"]],
-                    args=[
+
+        def build(pipe: Any) -> None:
+            for update in updates:
+                if isinstance(update, DriverUpdate):
+                    pipe.evalsha(
+                        self._sha["apply_driver"],
+                        3,
+                        dkeys["free"],
+                        dkeys["state"],
+                        dkeys["meta"],
                         update.driver_id,
                         update.event_type,
                         update.event_ms,
                         now_ms,
                         update.lat,
                         update.lng,
-                    ],
-                    client=pipe,
-                )
-            else:
-                keys = restaurant_keys(update.restaurant_id)
-                await self._apply_restaurant(
-                    keys=[
-                        keys["placed"],
-                        keys["kitchen"],
-                        keys["prep"],
-                        keys["meta"],
-                        keys["order_prefix"] + update.order_id,
-                    ],
-                    args=[
-                        "restaurant",
-                        update.event_type,
-                        update.order_id,
-                        update.event_ms,
-                        now_ms,
+                    )
+                else:
+                    keys = restaurant_keys(update.restaurant_id)
+                    pipe.evalsha(
+                        self._sha["apply_restaurant"], 5, keys["placed"], keys["kitchen"], keys["prep"],
+                        keys["meta"], keys["order_prefix"] + update.order_id,
+                        "restaurant", update.event_type, update.order_id, update.event_ms, now_ms,
                         self.retention_ms,
                         "" if update.lat is None else repr(update.lat),
                         "" if update.lng is None else repr(update.lng),
-                        ORDER_STATE_TTL_S,
-                        F.KITCHEN_ORDER_TTL_MS,
-                    ],
-                    client=pipe,
-                )
-        return [int(x) for x in await pipe.execute()]
+                        ORDER_STATE_TTL_S, F.KITCHEN_ORDER_TTL_MS,
+                    )  # fmt: skip
+
+        return [int(x) for x in await self._run(build)]
+
+    def _queue_read(self, pipe: Any, restaurant_id: str, now_ms: int) -> None:
+        keys = restaurant_keys(restaurant_id)
+        pipe.evalsha(
+            self._sha["read_restaurant"], 4, keys["placed"], keys["kitchen"], keys["prep"], keys["meta"],
+            now_ms, len(F.WINDOW_COUNTS), *(w.window_ms for w in F.WINDOW_COUNTS), F.KITCHEN_ORDER_TTL_MS,
+            F.MEAN_PREP_MINUTES_60.window_ms,
+        )  # fmt: skip
+
+    def _queue_nearby(self, pipe: Any, location: tuple[float, float]) -> None:
+        pipe.geosearch(driver_keys(self.city)["free"], longitude=location[1], latitude=location[0],
+                       radius=F.SUPPLY_RADIUS_KM, unit="km")  # fmt: skip
+
+    async def read_restaurants(
+        self, requests: Sequence[tuple[str, tuple[float, float]]], *, now_ms: int
+    ) -> list[RestaurantFeatures]:
+        """Features of many restaurants (id, location) in one round trip, e.g. for a home feed."""
+        if not requests:
+            return []
+        dmeta = driver_keys(self.city)["meta"]
+
+        def build(pipe: Any) -> None:
+            pipe.hmget(dmeta, "u:drivers", "e:drivers")
+            for restaurant_id, location in requests:
+                self._queue_read(pipe, restaurant_id, now_ms)
+                self._queue_nearby(pipe, location)
+
+        results = await self._run(build)
+        driver_meta = results[0]
+        return [
+            self._assemble(rid, now_ms, results[1 + 2 * i], driver_meta, results[2 + 2 * i], location)
+            for i, (rid, location) in enumerate(requests)
+        ]
 
     async def read_restaurant(
         self, restaurant_id: str, *, now_ms: int, location: tuple[float, float] | None = None
     ) -> RestaurantFeatures:
-        """All online features of one restaurant in one round trip (when ``location`` is given)."""
-        keys = restaurant_keys(restaurant_id)
-        dkeys = driver_keys(self.city)
-        pipe = self.client.pipeline(transaction=False)
-        await self._read_restaurant(
-            keys=[keys["placed"], keys["kitchen"], keys["prep"], keys["meta"]],
-            args=[
-                now_ms,
-                len(F.WINDOW_COUNTS),
-                *(w.window_ms for w in F.WINDOW_COUNTS),
-                F.KITCHEN_ORDER_TTL_MS,
-                F.MEAN_PREP_MINUTES_60.window_ms,
-            ],
-            client=pipe,
-        )
-        pipe.hmget(dkeys["meta"], "u:drivers", "e:drivers")
+        """All online features of one restaurant: one round trip when ``location`` is given, else two
+        (the restaurant's stored location is read first)."""
         if location is not None:
-            pipe.geosearch(
-                dkeys["free"],
-                longitude=location[1],
-                latitude=location[0],
-                radius=F.SUPPLY_RADIUS_KM,
-                unit="km",
-            )
-        results = await pipe.execute()
-        raw, driver_meta = results[0], results[1]
-        if location is None and raw[-8] not in (False, None):
+            return (await self.read_restaurants([(restaurant_id, location)], now_ms=now_ms))[0]
+        dmeta = driver_keys(self.city)["meta"]
+
+        def build(pipe: Any) -> None:
+            pipe.hmget(dmeta, "u:drivers", "e:drivers")
+            self._queue_read(pipe, restaurant_id, now_ms)
+
+        driver_meta, raw = await self._run(build)
+        nearby = None
+        if raw[-8] not in (False, None):
             location = (float(raw[-8]), float(raw[-7]))
-            nearby = await self.client.geosearch(
-                dkeys["free"],
-                longitude=location[1],
-                latitude=location[0],
-                radius=F.SUPPLY_RADIUS_KM,
-                unit="km",
-            )
-        elif location is not None:
-            nearby = results[2]
-        else:
-            nearby = None
+            (nearby,) = await self._run(lambda pipe: self._queue_nearby(pipe, location))
         return self._assemble(restaurant_id, now_ms, raw, driver_meta, nearby, location)
 
     def _assemble(
