@@ -4,8 +4,9 @@
 ``AGGREGATOR_GROUP_ID`` [eta-aggregator] Kafka consumer group (run more replicas to scale out, up to the
 partition count), ``AGGREGATOR_ALLOWED_LATENESS_SECONDS`` [300] events that reach the aggregator's
 input later than this after their event_time do not change online features (still archived),
-``AGGREGATOR_MAX_BATCH`` [500] records per processing batch. Plus ``KAFKA_*``, ``REDIS_URL``,
-``DATABASE_URL`` and ``OTEL_*``.
+``AGGREGATOR_MAX_BATCH`` [500] records per processing batch, ``AGGREGATOR_REBUILD_HOURS`` [168] how much
+archived history an automatic or ``eta-aggregator rebuild`` replays into an empty online store.
+Plus ``KAFKA_*``, ``REDIS_URL``, ``DATABASE_URL`` and ``OTEL_*``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class AggregatorSettings:
     group_id: str = "eta-aggregator"
     allowed_lateness_seconds: float = 300.0
     max_batch: int = 500
+    rebuild_hours: float = 168.0
 
     @classmethod
     def from_env(cls) -> AggregatorSettings:
@@ -50,4 +52,5 @@ class AggregatorSettings:
                 "AGGREGATOR_ALLOWED_LATENESS_SECONDS", cls.allowed_lateness_seconds, minimum=0
             ),
             max_batch=env_int("AGGREGATOR_MAX_BATCH", cls.max_batch, minimum=1),
+            rebuild_hours=env_float("AGGREGATOR_REBUILD_HOURS", cls.rebuild_hours, minimum=0.01),
         )

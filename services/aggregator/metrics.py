@@ -1,6 +1,6 @@
 """Prometheus metrics of the aggregator."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 _LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
@@ -19,3 +19,6 @@ BATCH_SECONDS = Histogram(
     "eta_aggregator_batch_seconds", "Processing time of one consumed batch", ["stage"], buckets=_LAG_BUCKETS
 )
 ARCHIVE_RETRIES = Counter("eta_aggregator_archive_retries_total", "PostgreSQL archive attempts that failed")
+ARCHIVED = Counter("eta_aggregator_archived_events_total", "Events newly written to the PostgreSQL archive")
+ARCHIVE_PENDING = Gauge("eta_aggregator_archive_pending_batches", "Processed batches waiting to be archived")
+REBUILDS = Counter("eta_aggregator_rebuilds_total", "Online-store rebuilds from the archive", ["trigger"])

@@ -1,19 +1,18 @@
-"""Batch processing: decode records, apply online updates (Redis), archive (PostgreSQL).
+"""Decode consumed records and apply their online effects to Redis (one pipeline per batch).
 
-Both sinks are idempotent by event_id / entity state, so the consumer commits offsets only after a batch
-is fully stored and a crash simply replays the uncommitted tail.
+The Redis updates are idempotent (see :mod:`eta_common.online_store`), so applying a record twice —
+after a crash, a rebalance or a broker retry duplicate — changes nothing. The archive rows for the batch
+are returned to the caller, which hands them to the :class:`~aggregator.archiver.ArchiveWriter`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind
@@ -21,10 +20,12 @@ from opentelemetry.trace import Link, Span, SpanKind
 from aggregator import metrics
 from eta.v1 import events_pb2
 from eta_common import features as F
-from eta_common.db.archive import ArchivedEvent, archive_events
+from eta_common.db.archive import ArchivedEvent
 from eta_common.online_store import DriverUpdate, OnlineStore, RestaurantUpdate, update_from_event
 from eta_common.telemetry import extract_from_headers
 from eta_common.timeutil import ms_from_timestamp, now_ms
+
+__all__ = ["BatchProcessor"]
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("eta.aggregator")
@@ -36,25 +37,22 @@ class _Item:
     envelope: events_pb2.EventEnvelope
     span: Span
     update: RestaurantUpdate | DriverUpdate | None
+    applied_ms: int | None = None
 
 
 class BatchProcessor:
     def __init__(
-        self, store: OnlineStore, pool: asyncpg.Pool, *, allowed_lateness_ms: int, retry_seconds: float = 1.0
+        self, store: OnlineStore, *, allowed_lateness_ms: int, group_id: str = "eta-aggregator"
     ) -> None:
         self._store = store
-        self._pool = pool
         self._allowed_lateness_ms = allowed_lateness_ms
-        self._retry_seconds = retry_seconds
+        self._group_id = group_id
 
-    async def process(self, records: Sequence[Any]) -> None:
-        items: list[_Item] = []
-        for record in records:
-            item = self._decode(record)
-            if item is not None:
-                items.append(item)
+    async def apply(self, records: Sequence[Any]) -> list[ArchivedEvent]:
+        """Apply the batch's online effects; returns the rows to archive (one per decodable record)."""
+        items = [item for item in (self._decode(record) for record in records) if item is not None]
         if not items:
-            return
+            return []
         with tracer.start_as_current_span(
             "aggregator batch",
             links=[Link(item.span.get_span_context()) for item in items],
@@ -62,10 +60,20 @@ class BatchProcessor:
         ):
             try:
                 await self._apply_online(items)
-                await self._archive(items)
             finally:
                 for item in items:
                     item.span.end()
+        return [
+            ArchivedEvent(
+                item.envelope.event,
+                ms_from_timestamp(item.envelope.ingest_time),
+                item.record.topic,
+                item.record.partition,
+                item.record.offset,
+                item.applied_ms,
+            )
+            for item in items
+        ]
 
     def _decode(self, record: Any) -> _Item | None:
         envelope = events_pb2.EventEnvelope()
@@ -94,7 +102,7 @@ class BatchProcessor:
                 "messaging.destination.partition.id": str(record.partition),
                 "messaging.kafka.offset": record.offset,
                 "messaging.message.id": event.event_id,
-                "messaging.consumer.group.name": "eta-aggregator",
+                "messaging.consumer.group.name": self._group_id,
                 # Time the record waited in Kafka, from the broker's append timestamp.
                 "eta.kafka.queued_ms": max(0, now_ms() - int(record.timestamp)),
             },
@@ -109,14 +117,18 @@ class BatchProcessor:
 
     async def _apply_online(self, items: list[_Item]) -> None:
         updates = [(item, item.update) for item in items if item.update is not None]
+        for item in items:
+            if item.update is None:
+                metrics.RECORDS.labels(item.record.topic, "no_online_effect").inc()
         if not updates:
             return
         start_ns = time.time_ns()
         changed = await self._store.apply([u for _, u in updates], now_ms=start_ns // 1_000_000)
         end_ns = time.time_ns()
         metrics.BATCH_SECONDS.labels("redis").observe((end_ns - start_ns) / 1e9)
-        now = end_ns // 1_000_000
+        applied = end_ns // 1_000_000
         for (item, update), did_change in zip(updates, changed, strict=True):
+            item.applied_ms = applied
             # One pipeline served the whole batch: each record's Redis span shows that shared round trip.
             redis_span = tracer.start_span(
                 "redis apply features",
@@ -132,44 +144,8 @@ class BatchProcessor:
                 },
             )
             redis_span.end(end_time=end_ns)
-            ingest_ms = ms_from_timestamp(item.envelope.ingest_time)
-            metrics.INGEST_TO_VISIBLE.observe(max(0, now - ingest_ms) / 1000)
-            item.span.set_attribute("eta.freshness.event_to_visible_ms", now - update.event_ms)
-            metrics.RECORDS.labels(item.record.topic, "applied" if did_change else "no_change").inc()
-
-    async def _archive(self, items: list[_Item]) -> None:
-        rows = [
-            ArchivedEvent(
-                item.envelope.event,
-                ms_from_timestamp(item.envelope.ingest_time),
-                item.record.topic,
-                item.record.partition,
-                item.record.offset,
+            metrics.INGEST_TO_VISIBLE.observe(
+                max(0, applied - ms_from_timestamp(item.envelope.ingest_time)) / 1000
             )
-            for item in items
-        ]
-        attempt = 0
-        while True:
-            started = time.perf_counter()
-            try:
-                with tracer.start_as_current_span(
-                    "postgres archive events",
-                    kind=SpanKind.CLIENT,
-                    attributes={
-                        "db.system": "postgresql",
-                        "db.operation.name": "INSERT",
-                        "db.collection.name": "events",
-                        "db.operation.batch.size": len(rows),
-                    },
-                ):
-                    await archive_events(self._pool, rows)
-                metrics.BATCH_SECONDS.labels("postgres").observe(time.perf_counter() - started)
-                return
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-                attempt += 1
-                metrics.ARCHIVE_RETRIES.inc()
-                log.warning(
-                    "archive failed; will retry (offsets not committed)",
-                    extra={"attempt": attempt, "error": str(exc)},
-                )
-                await asyncio.sleep(min(self._retry_seconds * attempt, 10.0))
+            item.span.set_attribute("eta.freshness.event_to_visible_ms", applied - update.event_ms)
+            metrics.RECORDS.labels(item.record.topic, "applied" if did_change else "no_change").inc()

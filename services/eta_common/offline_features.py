@@ -1,9 +1,9 @@
 """Point-in-time feature values from event history (the offline path).
 
-Replays archived events in the order the online path saw them (ingest time) through an in-memory
-model of exactly the semantics the Redis scripts in :mod:`eta_common.online_store` implement, and
-evaluates features at query times. A query at time t sees only events ingested at or before t, so no
-value from the future — including late-arriving events — can leak into a training row; late events
+Replays archived events in the order the online path saw them (ingest time, or apply time when known)
+through an in-memory model of exactly the semantics the Redis scripts in :mod:`eta_common.online_store`
+implement, and evaluates features at query times. A query at time t sees only events seen at or before
+t, so no value from the future — including late-arriving events — can leak into a training row; late events
 (beyond the allowed lateness) are ignored exactly as online.
 """
 
@@ -32,6 +32,13 @@ class HistoryEvent:
     order_id: str | None = None
     lat: float | None = None
     lng: float | None = None
+    # When the online store could first have seen it (default: ingest time). The consistency check uses
+    # the recorded Redis apply time here; lateness is always judged by ingest time.
+    visible_ms: int | None = None
+
+    @property
+    def seen_ms(self) -> int:
+        return self.ingest_ms if self.visible_ms is None else self.visible_ms
 
 
 @dataclass(frozen=True)
@@ -165,13 +172,13 @@ class OfflineFeatureBuilder:
     def run(
         self, events: Iterable[HistoryEvent], queries: Sequence[FeatureQuery]
     ) -> Iterator[tuple[FeatureQuery, dict[str, float]]]:
-        """Replay ``events`` (sorted by ingest time) and answer each query (any order) at its time."""
+        """Replay ``events`` (sorted by ``seen_ms``) and answer each query (any order) at its time."""
         ordered = sorted(queries, key=lambda q: q.at_ms)
         times = [q.at_ms for q in ordered]
         qi = 0
         for ev in events:
             # every query strictly before this event's ingestion sees the state without it
-            end = bisect.bisect_left(times, ev.ingest_ms, lo=qi)
+            end = bisect.bisect_left(times, ev.seen_ms, lo=qi)
             while qi < end:
                 yield ordered[qi], self.features_at(ordered[qi])
                 qi += 1

@@ -36,6 +36,8 @@ from eta_common import features as F
 __all__ = ["FeatureReading", "OnlineStore", "RestaurantFeatures", "driver_keys", "restaurant_keys"]
 
 CITY = "city"
+# Present once the online state was built; its absence means Redis lost the state (rebuild needed).
+INITIALIZED_KEY = "eta:online:initialized"
 ORDER_STATE_TTL_S = 6 * 3600
 
 _APPLY_RESTAURANT = """
@@ -298,6 +300,13 @@ class OnlineStore:
                     )  # fmt: skip
 
         return [int(x) for x in await self._run(build)]
+
+    async def is_initialized(self) -> bool:
+        """False when the online store was never built or was lost (flushed, new Redis)."""
+        return bool(await self.client.exists(INITIALIZED_KEY))
+
+    async def mark_initialized(self, now_ms: int) -> None:
+        await self.client.set(INITIALIZED_KEY, str(now_ms))
 
     def _queue_read(self, pipe: Any, restaurant_id: str, now_ms: int) -> None:
         keys = restaurant_keys(restaurant_id)

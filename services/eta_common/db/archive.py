@@ -17,7 +17,7 @@ __all__ = ["ArchivedEvent", "archive_events", "event_row"]
 _COLUMNS = (
     "event_id", "kind", "type", "event_time", "ingest_time", "restaurant_id", "driver_id", "order_id",
     "customer_id", "lat", "lng", "customer_lat", "customer_lng", "payload", "kafka_topic", "kafka_partition",
-    "kafka_offset",
+    "kafka_offset", "applied_at",
 )  # fmt: skip
 
 Row = tuple[
@@ -38,6 +38,7 @@ Row = tuple[
     str | None,
     int | None,
     int | None,
+    datetime | None,
 ]
 
 
@@ -48,6 +49,8 @@ class ArchivedEvent:
     topic: str | None = None
     partition: int | None = None
     offset: int | None = None
+    # When its online update became visible in Redis (None: no online effect).
+    applied_ms: int | None = None
 
 
 def _none_if_empty(value: str) -> str | None:
@@ -96,7 +99,7 @@ def event_row(item: ArchivedEvent) -> Row:
     return (
         event_id, kind, etype, datetime_from_ms(ms), datetime_from_ms(item.ingest_ms), restaurant_id,
         driver_id, order_id, customer_id, lat, lng, clat, clng, event.SerializeToString(), item.topic,
-        item.partition, item.offset,
+        item.partition, item.offset, None if item.applied_ms is None else datetime_from_ms(item.applied_ms),
     )  # fmt: skip
 
 

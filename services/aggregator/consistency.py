@@ -1,0 +1,259 @@
+"""Online = offline: recompute served features from the PostgreSQL history and compare.
+
+Every served prediction is logged with the feature values it used (table ``predictions``). For each one,
+this check replays the archived events the online store could have seen at serving time through the
+offline builder (the same feature definitions the trainer uses) and compares feature by feature.
+
+Visibility: by default an event counts as visible from the moment its Redis update was applied
+(``events.applied_at``, recorded by the aggregator); ``--visibility ingest`` uses the ingest time instead
+(exact when serving happens after the stream is quiescent, as in replays). A mismatch where an event of
+the same restaurant (or a driver event, for supply) became visible within ``--in-flight-ms`` of serving
+is reported as *in flight* (the read raced the update) rather than as a mismatch, unless ``--strict``.
+
+Usage against a live system::
+
+    eta-aggregator check-consistency --since-minutes 60 [--limit 2000] [--strict]
+
+Exit code 0 when there is no mismatch, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import math
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from eta_common import features as F
+from eta_common.offline_features import FeatureQuery, HistoryEvent, OfflineFeatureBuilder
+from eta_common.timeutil import datetime_from_ms, now_ms
+
+__all__ = ["ConsistencyReport", "ServedRow", "add_arguments", "check_consistency", "run_check"]
+
+ONLINE_FEATURES: tuple[str, ...] = tuple(name for name in F.FEATURE_NAMES if name in F.DEFAULTS)
+_SUPPLY = F.FREE_DRIVERS_NEARBY
+
+
+@dataclass(frozen=True)
+class ServedRow:
+    served_ms: int
+    restaurant_id: str
+    features: dict[str, float | None]
+    key: str = ""
+
+
+@dataclass
+class FeatureTally:
+    compared: int = 0
+    mismatches: int = 0
+    in_flight: int = 0
+
+
+@dataclass
+class ConsistencyReport:
+    predictions: int = 0
+    per_feature: dict[str, FeatureTally] = field(default_factory=lambda: defaultdict(FeatureTally))
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def mismatches(self) -> int:
+        return sum(t.mismatches for t in self.per_feature.values())
+
+    def render(self) -> str:
+        lines = [
+            f"predictions checked: {self.predictions}",
+            f"{'feature':<32} {'compared':>9} {'mismatch':>9} {'in flight':>9}",
+        ]
+        for name in ONLINE_FEATURES:
+            t = self.per_feature[name]
+            lines.append(f"{name:<32} {t.compared:>9} {t.mismatches:>9} {t.in_flight:>9}")
+        for sample in self.samples[:10]:
+            lines.append(f"  mismatch: {json.dumps(sample)}")
+        return "\n".join(lines)
+
+
+def _equal(online: float | None, offline: float) -> bool:
+    if online is None or (isinstance(online, float) and math.isnan(online)):
+        return math.isnan(offline)
+    if math.isnan(offline):
+        return False
+    return abs(float(online) - offline) <= 1e-6 * max(1.0, abs(offline))
+
+
+def check_consistency(
+    events: Sequence[HistoryEvent],
+    served: Sequence[ServedRow],
+    *,
+    allowed_lateness_ms: int = F.DEFAULT_ALLOWED_LATENESS_MS,
+    in_flight_ms: int = 1000,
+    strict: bool = False,
+) -> ConsistencyReport:
+    """Compare served rows with offline values; ``events`` must be sorted by ``seen_ms``."""
+    report = ConsistencyReport()
+    locations: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    seen_by_restaurant: dict[str, list[int]] = defaultdict(list)
+    driver_seen: list[int] = []
+    for ev in events:
+        if ev.restaurant_id and ev.lat is not None and ev.lng is not None:
+            locations[ev.restaurant_id].append((ev.seen_ms, ev.lat, ev.lng))
+        if ev.restaurant_id:
+            seen_by_restaurant[ev.restaurant_id].append(ev.seen_ms)
+        if ev.kind == "driver":
+            driver_seen.append(ev.seen_ms)
+    queries: list[FeatureQuery] = []
+    rows: dict[str, ServedRow] = {}
+    for i, row in enumerate(served):
+        known = [loc for loc in locations.get(row.restaurant_id, []) if loc[0] <= row.served_ms]
+        if not known:
+            continue
+        _, lat, lng = known[-1]
+        key = row.key or str(i)
+        rows[key] = row
+        queries.append(FeatureQuery(key, row.restaurant_id, row.served_ms, lat, lng))
+
+    def racing(times: list[int], at: int) -> bool:
+        lo = bisect.bisect_left(times, at - in_flight_ms)
+        return lo < len(times) and times[lo] <= at + in_flight_ms
+
+    builder = OfflineFeatureBuilder(allowed_lateness_ms=allowed_lateness_ms)
+    for query, offline in builder.run(events, queries):
+        row = rows[query.key]
+        report.predictions += 1
+        for name in ONLINE_FEATURES:
+            if name not in row.features:
+                continue
+            tally = report.per_feature[name]
+            tally.compared += 1
+            if _equal(row.features[name], offline[name]):
+                continue
+            times = driver_seen if name == _SUPPLY else seen_by_restaurant[row.restaurant_id]
+            if not strict and racing(times, row.served_ms):
+                tally.in_flight += 1
+                continue
+            tally.mismatches += 1
+            report.samples.append(
+                {
+                    "restaurant_id": row.restaurant_id,
+                    "served_ms": row.served_ms,
+                    "feature": name,
+                    "online": row.features[name],
+                    "offline": offline[name],
+                }
+            )
+    return report
+
+
+_EVENTS_SQL = """
+SELECT kind, type, (extract(epoch FROM event_time) * 1000)::bigint AS event_ms,
+       (extract(epoch FROM ingest_time) * 1000)::bigint AS ingest_ms,
+       (extract(epoch FROM applied_at) * 1000)::bigint AS applied_ms,
+       restaurant_id, driver_id, order_id, lat, lng
+FROM events WHERE ingest_time >= $1 AND ingest_time <= $2
+"""
+_SERVED_SQL = """
+SELECT id, (extract(epoch FROM served_at) * 1000)::bigint AS served_ms, restaurant_id, features
+FROM predictions WHERE served_at >= $1 AND served_at <= $2 ORDER BY served_at LIMIT $3
+"""
+
+
+def served_features(raw: Any) -> dict[str, float | None]:
+    """The logged feature map: ``{name: value}`` (None for missing)."""
+    data = json.loads(raw) if isinstance(raw, str | bytes) else dict(raw)
+    return {str(k): (None if v is None else float(v)) for k, v in data.items()}
+
+
+async def load_and_check(
+    pool: asyncpg.Pool | asyncpg.Connection,
+    *,
+    since_ms: int,
+    until_ms: int,
+    limit: int,
+    lookback_ms: int,
+    visibility: str = "applied",
+    allowed_lateness_ms: int = F.DEFAULT_ALLOWED_LATENESS_MS,
+    in_flight_ms: int = 1000,
+    strict: bool = False,
+) -> ConsistencyReport:
+    served_rows = await pool.fetch(_SERVED_SQL, datetime_from_ms(since_ms), datetime_from_ms(until_ms), limit)
+    served = [
+        ServedRow(int(r["served_ms"]), r["restaurant_id"], served_features(r["features"]), str(r["id"]))
+        for r in served_rows
+    ]
+    last_served = max((s.served_ms for s in served), default=until_ms)
+    rows = await pool.fetch(
+        _EVENTS_SQL, datetime_from_ms(since_ms - lookback_ms), datetime_from_ms(last_served)
+    )
+    events = [
+        HistoryEvent(
+            r["kind"],
+            r["type"],
+            int(r["event_ms"]),
+            int(r["ingest_ms"]),
+            r["restaurant_id"],
+            r["driver_id"],
+            r["order_id"],
+            r["lat"],
+            r["lng"],
+            int(r["applied_ms"]) if visibility == "applied" and r["applied_ms"] is not None else None,
+        )
+        for r in rows
+    ]
+    events.sort(key=lambda e: (e.seen_ms, e.ingest_ms))
+    return check_consistency(
+        events, served, allowed_lateness_ms=allowed_lateness_ms, in_flight_ms=in_flight_ms, strict=strict
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "--since-minutes", type=float, default=60.0, help="served predictions of the last N minutes"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=5000, help="at most this many predictions (default 5000)"
+    )
+    parser.add_argument(
+        "--lookback-hours",
+        type=float,
+        default=24.0,
+        help="history replayed before the first prediction, for state features (default 24)",
+    )
+    parser.add_argument(
+        "--visibility",
+        choices=["applied", "ingest"],
+        default="applied",
+        help="when an event counts as visible online (default: applied)",
+    )
+    parser.add_argument(
+        "--in-flight-ms", type=int, default=1000, help="race window for 'in flight' (default 1000)"
+    )
+    parser.add_argument("--strict", action="store_true", help="count in-flight differences as mismatches")
+
+
+async def run_check(settings: Any, args: argparse.Namespace) -> int:
+    until = now_ms()
+    conn = await asyncpg.connect(settings.database.url)
+    try:
+        report = await load_and_check(
+            conn,
+            since_ms=until - int(args.since_minutes * 60_000),
+            until_ms=until,
+            limit=args.limit,
+            lookback_ms=int(args.lookback_hours * 3_600_000),
+            visibility=args.visibility,
+            allowed_lateness_ms=int(settings.allowed_lateness_seconds * 1000),
+            in_flight_ms=args.in_flight_ms,
+            strict=args.strict,
+        )
+    finally:
+        await conn.close()
+    sys.stdout.write(report.render() + "\n")
+    return 0 if report.mismatches == 0 else 1
