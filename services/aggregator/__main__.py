@@ -47,6 +47,7 @@ def build(settings: config.AggregatorSettings) -> GrpcService:
         group_id=settings.group_id,
         client_id=f"eta-aggregator-{socket.gethostname()}",
         topics=Topics.from_settings(settings.kafka),
+        session_timeout_ms=settings.session_timeout_ms,
     )
     state: dict[str, asyncpg.Pool] = {}
 

@@ -5,7 +5,9 @@
 partition count), ``AGGREGATOR_ALLOWED_LATENESS_SECONDS`` [300] events that reach the aggregator's
 input later than this after their event_time do not change online features (still archived),
 ``AGGREGATOR_MAX_BATCH`` [500] records per processing batch, ``AGGREGATOR_REBUILD_HOURS`` [168] how much
-archived history an automatic or ``eta-aggregator rebuild`` replays into an empty online store.
+archived history an automatic or ``eta-aggregator rebuild`` replays into an empty online store,
+``AGGREGATOR_SESSION_TIMEOUT_MS`` [10000] consumer-group session timeout: how soon the partitions of a
+crashed replica move to the others.
 Plus ``KAFKA_*``, ``REDIS_URL``, ``DATABASE_URL`` and ``OTEL_*``.
 """
 
@@ -37,6 +39,7 @@ class AggregatorSettings:
     allowed_lateness_seconds: float = 300.0
     max_batch: int = 500
     rebuild_hours: float = 168.0
+    session_timeout_ms: int = 10_000
 
     @classmethod
     def from_env(cls) -> AggregatorSettings:
@@ -53,4 +56,5 @@ class AggregatorSettings:
             ),
             max_batch=env_int("AGGREGATOR_MAX_BATCH", cls.max_batch, minimum=1),
             rebuild_hours=env_float("AGGREGATOR_REBUILD_HOURS", cls.rebuild_hours, minimum=0.01),
+            session_timeout_ms=env_int("AGGREGATOR_SESSION_TIMEOUT_MS", cls.session_timeout_ms, minimum=1000),
         )

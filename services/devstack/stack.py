@@ -97,32 +97,46 @@ class LocalStack:
     def target(self, service: str) -> str:
         return f"127.0.0.1:{self.ports.grpc[service]}"
 
-    def start_service(self, name: str, *, extra_env: dict[str, str] | None = None) -> ChildProcess:
+    def start_service(
+        self,
+        name: str,
+        *,
+        extra_env: dict[str, str] | None = None,
+        instance: str | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+    ) -> ChildProcess:
+        """Start one service process and wait for its gRPC port. ``instance`` names a second replica
+        (with its own ports), e.g. a second aggregator in the same consumer group."""
         module, _, _ = SERVICES[name]
+        grpc_port = grpc_port or (free_port() if instance else self.ports.grpc[name])
+        metrics_port = metrics_port or (free_port() if instance else self.ports.metrics[name])
+        label = f"{name}-{instance}" if instance else name
         env = self.env()
         env.update(
             {
-                "GRPC_PORT": str(self.ports.grpc[name]),
-                "METRICS_PORT": str(self.ports.metrics[name]),
+                "GRPC_PORT": str(grpc_port),
+                "METRICS_PORT": str(metrics_port),
                 "OTEL_SERVICE_NAME": f"eta-{name}",
             }
         )
         env.update(extra_env or {})
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_dir / f"{name}.log"
-        out = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        log_path = self.log_dir / f"{label}.log"
+        with open(log_path, "ab") as out:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        child = ChildProcess(
+            label, proc, f"127.0.0.1:{grpc_port}", grpc_port, log_path, {"metrics_port": str(metrics_port)}
         )
-        out.close()
-        child = ChildProcess(name, proc, self.target(name), self.ports.grpc[name], log_path)
         self.processes.append(child)
         try:
-            wait_for_port(self.ports.grpc[name], timeout=60, proc=proc, what=f"eta-{name}")
+            wait_for_port(grpc_port, timeout=60, proc=proc, what=f"eta-{label}")
         except (RuntimeError, TimeoutError) as exc:
             raise RuntimeError(f"{exc}; see {log_path}:\n{log_path.read_text()[-3000:]}") from exc
         return child

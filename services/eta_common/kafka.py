@@ -90,7 +90,12 @@ def make_producer(settings: KafkaSettings, *, client_id: str) -> AIOKafkaProduce
 
 
 def make_consumer(
-    settings: KafkaSettings, *, group_id: str, client_id: str, topics: Topics
+    settings: KafkaSettings,
+    *,
+    group_id: str,
+    client_id: str,
+    topics: Topics,
+    session_timeout_ms: int = 10_000,
 ) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         *topics.all(),
@@ -101,6 +106,8 @@ def make_consumer(
         auto_offset_reset="earliest",
         isolation_level="read_uncommitted",
         max_partition_fetch_bytes=4 * 1024 * 1024,
+        session_timeout_ms=session_timeout_ms,
+        heartbeat_interval_ms=max(1000, session_timeout_ms // 3),
     )
 
 
