@@ -48,6 +48,7 @@ def build(settings: config.AggregatorSettings) -> GrpcService:
         client_id=f"eta-aggregator-{socket.gethostname()}",
         topics=Topics.from_settings(settings.kafka),
         session_timeout_ms=settings.session_timeout_ms,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
     )
     state: dict[str, asyncpg.Pool] = {}
 

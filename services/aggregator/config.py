@@ -7,7 +7,8 @@ input later than this after their event_time do not change online features (stil
 ``AGGREGATOR_MAX_BATCH`` [500] records per processing batch, ``AGGREGATOR_REBUILD_HOURS`` [168] how much
 archived history an automatic or ``eta-aggregator rebuild`` replays into an empty online store,
 ``AGGREGATOR_SESSION_TIMEOUT_MS`` [10000] consumer-group session timeout: how soon the partitions of a
-crashed replica move to the others.
+crashed replica move to the others, ``AGGREGATOR_FETCH_MAX_WAIT_MS`` [20] longest a fetch may wait for
+data: lower = fresher features, more idle fetch requests.
 Plus ``KAFKA_*``, ``REDIS_URL``, ``DATABASE_URL`` and ``OTEL_*``.
 """
 
@@ -40,6 +41,7 @@ class AggregatorSettings:
     max_batch: int = 500
     rebuild_hours: float = 168.0
     session_timeout_ms: int = 10_000
+    fetch_max_wait_ms: int = 20
 
     @classmethod
     def from_env(cls) -> AggregatorSettings:
@@ -57,4 +59,5 @@ class AggregatorSettings:
             max_batch=env_int("AGGREGATOR_MAX_BATCH", cls.max_batch, minimum=1),
             rebuild_hours=env_float("AGGREGATOR_REBUILD_HOURS", cls.rebuild_hours, minimum=0.01),
             session_timeout_ms=env_int("AGGREGATOR_SESSION_TIMEOUT_MS", cls.session_timeout_ms, minimum=1000),
+            fetch_max_wait_ms=env_int("AGGREGATOR_FETCH_MAX_WAIT_MS", cls.fetch_max_wait_ms, minimum=1),
         )

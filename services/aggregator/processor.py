@@ -129,23 +129,25 @@ class BatchProcessor:
         applied = end_ns // 1_000_000
         for (item, update), did_change in zip(updates, changed, strict=True):
             item.applied_ms = applied
-            # One pipeline served the whole batch: each record's Redis span shows that shared round trip.
-            redis_span = tracer.start_span(
-                "redis apply features",
-                context=trace.set_span_in_context(item.span),
-                kind=SpanKind.CLIENT,
-                start_time=start_ns,
-                attributes={
-                    "db.system": "redis",
-                    "db.operation.name": "EVALSHA",
-                    "eta.changed": bool(did_change),
-                    "eta.entity": getattr(update, "restaurant_id", None) or getattr(update, "driver_id", ""),
-                    "db.operation.batch.size": len(updates),
-                },
-            )
-            redis_span.end(end_time=end_ns)
+            if item.span.is_recording():
+                # One pipeline served the whole batch: each record's Redis span shows that shared round trip.
+                redis_span = tracer.start_span(
+                    "redis apply features",
+                    context=trace.set_span_in_context(item.span),
+                    kind=SpanKind.CLIENT,
+                    start_time=start_ns,
+                    attributes={
+                        "db.system": "redis",
+                        "db.operation.name": "EVALSHA",
+                        "eta.changed": bool(did_change),
+                        "eta.entity": getattr(update, "restaurant_id", None)
+                        or getattr(update, "driver_id", ""),
+                        "db.operation.batch.size": len(updates),
+                    },
+                )
+                redis_span.end(end_time=end_ns)
+                item.span.set_attribute("eta.freshness.event_to_visible_ms", applied - update.event_ms)
             metrics.INGEST_TO_VISIBLE.observe(
                 max(0, applied - ms_from_timestamp(item.envelope.ingest_time)) / 1000
             )
-            item.span.set_attribute("eta.freshness.event_to_visible_ms", applied - update.event_ms)
             metrics.RECORDS.labels(item.record.topic, "applied" if did_change else "no_change").inc()

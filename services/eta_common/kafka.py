@@ -96,7 +96,11 @@ def make_consumer(
     client_id: str,
     topics: Topics,
     session_timeout_ms: int = 10_000,
+    fetch_max_wait_ms: int = 20,
 ) -> AIOKafkaConsumer:
+    """A consumer for the event topics. ``fetch_max_wait_ms`` bounds how long the broker may hold a fetch
+    when there is little data: the freshness/efficiency dial (Tansu answers a held fetch only when this
+    expires, so it adds directly to event → feature latency; 20 ms costs ~50 idle fetches/s)."""
     return AIOKafkaConsumer(
         *topics.all(),
         bootstrap_servers=settings.bootstrap_servers,
@@ -108,6 +112,7 @@ def make_consumer(
         max_partition_fetch_bytes=4 * 1024 * 1024,
         session_timeout_ms=session_timeout_ms,
         heartbeat_interval_ms=max(1000, session_timeout_ms // 3),
+        fetch_max_wait_ms=fetch_max_wait_ms,
     )
 
 

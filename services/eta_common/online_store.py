@@ -40,86 +40,109 @@ CITY = "city"
 INITIALIZED_KEY = "eta:online:initialized"
 ORDER_STATE_TTL_S = 6 * 3600
 
+# Applies a batch of one restaurant's updates in order. KEYS: placed, kitchen, prep, meta.
+# ARGV: now, retention_ms, order_ttl_s, kitchen_ttl_ms, order_key_prefix, then 5 per update:
+# type, order_id, event_ms, lat ('' if none), lng. Returns one 0/1 "changed" flag per update.
 _APPLY_RESTAURANT = """
 local placed, kitchen, prep, meta = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local okey = KEYS[5]
-local kind, etype, oid = ARGV[1], ARGV[2], ARGV[3]
-local ems, now, retention = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
-local lat, lng, ttl, kitchen_ttl = ARGV[7], ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10])
-local function touch(group)
-  redis.call('HSET', meta, 'u:' .. group, now)
+local now, retention, ttl, kitchen_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local prefix = ARGV[5]
+local out = {}
+local touched = {}
+local function touch(group, ems, raw)
+  touched[group] = true
   local prev = tonumber(redis.call('HGET', meta, 'e:' .. group) or '0')
-  if ems > prev then redis.call('HSET', meta, 'e:' .. group, ARGV[4]) end
+  if ems > prev then redis.call('HSET', meta, 'e:' .. group, raw) end
 end
-if lat ~= '' then redis.call('HSET', meta, 'lat', lat, 'lng', lng) end
-local changed = 0
-if etype == 'PLACED' then
-  changed = redis.call('ZADD', placed, 'NX', ems, oid)
-  redis.call('ZREMRANGEBYSCORE', placed, '-inf', '(' .. (ems - retention))
-  touch('orders')
-elseif etype == 'ORDER_ACCEPTED' then
-  if redis.call('HSETNX', okey, 'accepted', ARGV[4]) == 1 then
-    changed = 1
-    redis.call('EXPIRE', okey, ttl)
-    local ready = redis.call('HGET', okey, 'ready')
-    if ready then
-      redis.call('ZADD', prep, ready, oid .. ':' .. (tonumber(ready) - ems))
-    elseif not redis.call('HGET', okey, 'cancelled') then
-      redis.call('ZADD', kitchen, ems, oid)
+for i = 6, #ARGV, 5 do
+  local etype, oid, raw, lat, lng = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local ems = tonumber(raw)
+  local okey = prefix .. oid
+  local changed = 0
+  if lat ~= '' then redis.call('HSET', meta, 'lat', lat, 'lng', lng) end
+  if etype == 'PLACED' then
+    changed = redis.call('ZADD', placed, 'NX', ems, oid)
+    redis.call('ZREMRANGEBYSCORE', placed, '-inf', '(' .. (ems - retention))
+    touch('orders', ems, raw)
+  elseif etype == 'ORDER_ACCEPTED' then
+    if redis.call('HSETNX', okey, 'accepted', raw) == 1 then
+      changed = 1
+      redis.call('EXPIRE', okey, ttl)
+      local ready = redis.call('HGET', okey, 'ready')
+      if ready then
+        redis.call('ZADD', prep, ready, oid .. ':' .. (tonumber(ready) - ems))
+      elseif not redis.call('HGET', okey, 'cancelled') then
+        redis.call('ZADD', kitchen, ems, oid)
+      end
     end
-  end
-  redis.call('ZREMRANGEBYSCORE', kitchen, '-inf', '(' .. (ems - kitchen_ttl))
-  touch('kitchen')
-elseif etype == 'ORDER_READY' then
-  if redis.call('HSETNX', okey, 'ready', ARGV[4]) == 1 then
-    changed = 1
-    redis.call('EXPIRE', okey, ttl)
-    redis.call('ZREM', kitchen, oid)
-    local accepted = redis.call('HGET', okey, 'accepted')
-    if accepted then
-      redis.call('ZADD', prep, ems, oid .. ':' .. (ems - tonumber(accepted)))
+    redis.call('ZREMRANGEBYSCORE', kitchen, '-inf', '(' .. (ems - kitchen_ttl))
+    touch('kitchen', ems, raw)
+  elseif etype == 'ORDER_READY' then
+    if redis.call('HSETNX', okey, 'ready', raw) == 1 then
+      changed = 1
+      redis.call('EXPIRE', okey, ttl)
+      redis.call('ZREM', kitchen, oid)
+      local accepted = redis.call('HGET', okey, 'accepted')
+      if accepted then
+        redis.call('ZADD', prep, ems, oid .. ':' .. (ems - tonumber(accepted)))
+      end
     end
+    redis.call('ZREMRANGEBYSCORE', prep, '-inf', '(' .. (ems - retention))
+    touch('kitchen', ems, raw)
+  elseif etype == 'CANCELLED' then
+    if redis.call('HSETNX', okey, 'cancelled', raw) == 1 then
+      changed = 1
+      redis.call('EXPIRE', okey, ttl)
+      redis.call('ZREM', kitchen, oid)
+    end
+    touch('kitchen', ems, raw)
+  elseif etype == 'OPENED' or etype == 'CLOSED' or etype == 'BUSY' then
+    local prev = tonumber(redis.call('HGET', meta, 'status_ms') or '-1')
+    if ems > prev then
+      redis.call('HSET', meta, 'status', etype, 'status_ms', raw)
+      changed = 1
+    end
+    touch('status', ems, raw)
   end
-  redis.call('ZREMRANGEBYSCORE', prep, '-inf', '(' .. (ems - retention))
-  touch('kitchen')
-elseif etype == 'CANCELLED' then
-  if redis.call('HSETNX', okey, 'cancelled', ARGV[4]) == 1 then
-    changed = 1
-    redis.call('EXPIRE', okey, ttl)
-    redis.call('ZREM', kitchen, oid)
-  end
-  touch('kitchen')
-elseif etype == 'OPENED' or etype == 'CLOSED' or etype == 'BUSY' then
-  local prev = tonumber(redis.call('HGET', meta, 'status_ms') or '-1')
-  if ems > prev then
-    redis.call('HSET', meta, 'status', etype, 'status_ms', ARGV[4])
-    changed = 1
-  end
-  touch('status')
+  out[#out + 1] = changed
 end
-return changed
+for group, _ in pairs(touched) do redis.call('HSET', meta, 'u:' .. group, now) end
+return out
 """
 
+# Applies a batch of driver updates in order. KEYS: free (geo), state, meta.
+# ARGV: now, then 5 per update: driver_id, type, event_ms, lat, lng. Returns 0/1 flags.
 _APPLY_DRIVER = """
 local free, state, meta = KEYS[1], KEYS[2], KEYS[3]
-local did, etype, ems, now, lat, lng = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
-local status, last = 'offline', -1
-local cur = redis.call('HGET', state, did)
-if cur then
-  local sep = string.find(cur, '|', 1, true)
-  status = string.sub(cur, 1, sep - 1)
-  last = tonumber(string.sub(cur, sep + 1))
+local now = ARGV[1]
+local out = {}
+local max_ems = tonumber(redis.call('HGET', meta, 'e:drivers') or '0')
+local max_raw = nil
+for i = 2, #ARGV, 5 do
+  local did, etype, raw, lat, lng = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local ems = tonumber(raw)
+  local status, last = 'offline', -1
+  local cur = redis.call('HGET', state, did)
+  if cur then
+    local sep = string.find(cur, '|', 1, true)
+    status = string.sub(cur, 1, sep - 1)
+    last = tonumber(string.sub(cur, sep + 1))
+  end
+  if ems <= last then
+    out[#out + 1] = 0
+  else
+    if etype == 'ONLINE' or etype == 'DELIVERED' then status = 'free'
+    elseif etype == 'OFFLINE' then status = 'offline'
+    elseif etype == 'ASSIGNED' then status = 'busy' end
+    redis.call('HSET', state, did, status .. '|' .. raw)
+    if status == 'free' then redis.call('GEOADD', free, lng, lat, did) else redis.call('ZREM', free, did) end
+    if ems > max_ems then max_ems = ems; max_raw = raw end
+    out[#out + 1] = 1
+  end
 end
-if ems <= last then return 0 end
-if etype == 'ONLINE' or etype == 'DELIVERED' then status = 'free'
-elseif etype == 'OFFLINE' then status = 'offline'
-elseif etype == 'ASSIGNED' then status = 'busy' end
-redis.call('HSET', state, did, status .. '|' .. ARGV[3])
-if status == 'free' then redis.call('GEOADD', free, lng, lat, did) else redis.call('ZREM', free, did) end
 redis.call('HSET', meta, 'u:drivers', now)
-local prev = tonumber(redis.call('HGET', meta, 'e:drivers') or '0')
-if ems > prev then redis.call('HSET', meta, 'e:drivers', ARGV[3]) end
-return 1
+if max_raw then redis.call('HSET', meta, 'e:drivers', max_raw) end
+return out
 """
 
 _READ_RESTAURANT = """
@@ -266,40 +289,68 @@ class OnlineStore:
         raise AssertionError("unreachable")
 
     async def apply(self, updates: Sequence[RestaurantUpdate | DriverUpdate], *, now_ms: int) -> list[int]:
-        """Apply updates in one pipeline (one round trip); returns 1 per update that changed state."""
+        """Apply updates in one pipeline (one round trip): one script call per restaurant and one for all
+        drivers, each applying its updates in order. Returns 1 per update that changed state."""
         if not updates:
             return []
+        by_restaurant: dict[str, list[int]] = {}
+        drivers: list[int] = []
+        for index, update in enumerate(updates):
+            if isinstance(update, DriverUpdate):
+                drivers.append(index)
+            else:
+                by_restaurant.setdefault(update.restaurant_id, []).append(index)
         dkeys = driver_keys(self.city)
+        groups = list(by_restaurant.items())
 
         def build(pipe: Any) -> None:
-            for update in updates:
-                if isinstance(update, DriverUpdate):
-                    pipe.evalsha(
-                        self._sha["apply_driver"],
-                        3,
-                        dkeys["free"],
-                        dkeys["state"],
-                        dkeys["meta"],
-                        update.driver_id,
-                        update.event_type,
-                        update.event_ms,
-                        now_ms,
-                        update.lat,
-                        update.lng,
-                    )
-                else:
-                    keys = restaurant_keys(update.restaurant_id)
-                    pipe.evalsha(
-                        self._sha["apply_restaurant"], 5, keys["placed"], keys["kitchen"], keys["prep"],
-                        keys["meta"], keys["order_prefix"] + update.order_id,
-                        "restaurant", update.event_type, update.order_id, update.event_ms, now_ms,
-                        self.retention_ms,
-                        "" if update.lat is None else repr(update.lat),
-                        "" if update.lng is None else repr(update.lng),
-                        ORDER_STATE_TTL_S, F.KITCHEN_ORDER_TTL_MS,
-                    )  # fmt: skip
+            for restaurant_id, indices in groups:
+                keys = restaurant_keys(restaurant_id)
+                args: list[Any] = [
+                    now_ms,
+                    self.retention_ms,
+                    ORDER_STATE_TTL_S,
+                    F.KITCHEN_ORDER_TTL_MS,
+                    keys["order_prefix"],
+                ]
+                for index in indices:
+                    u = updates[index]
+                    assert isinstance(u, RestaurantUpdate)
+                    args += [
+                        u.event_type,
+                        u.order_id,
+                        u.event_ms,
+                        "" if u.lat is None else repr(u.lat),
+                        "" if u.lng is None else repr(u.lng),
+                    ]
+                pipe.evalsha(
+                    self._sha["apply_restaurant"],
+                    4,
+                    keys["placed"],
+                    keys["kitchen"],
+                    keys["prep"],
+                    keys["meta"],
+                    *args,
+                )
+            if drivers:
+                args = [now_ms]
+                for index in drivers:
+                    d = updates[index]
+                    assert isinstance(d, DriverUpdate)
+                    args += [d.driver_id, d.event_type, d.event_ms, d.lat, d.lng]
+                pipe.evalsha(
+                    self._sha["apply_driver"], 3, dkeys["free"], dkeys["state"], dkeys["meta"], *args
+                )
 
-        return [int(x) for x in await self._run(build)]
+        results = await self._run(build)
+        changed = [0] * len(updates)
+        for (_, indices), flags in zip(groups, results, strict=False):
+            for index, flag in zip(indices, flags, strict=True):
+                changed[index] = int(flag)
+        if drivers:
+            for index, flag in zip(drivers, results[-1], strict=True):
+                changed[index] = int(flag)
+        return changed
 
     async def is_initialized(self) -> bool:
         """False when the online store was never built or was lost (flushed, new Redis)."""
@@ -311,14 +362,27 @@ class OnlineStore:
     def _queue_read(self, pipe: Any, restaurant_id: str, now_ms: int) -> None:
         keys = restaurant_keys(restaurant_id)
         pipe.evalsha(
-            self._sha["read_restaurant"], 4, keys["placed"], keys["kitchen"], keys["prep"], keys["meta"],
-            now_ms, len(F.WINDOW_COUNTS), *(w.window_ms for w in F.WINDOW_COUNTS), F.KITCHEN_ORDER_TTL_MS,
+            self._sha["read_restaurant"],
+            4,
+            keys["placed"],
+            keys["kitchen"],
+            keys["prep"],
+            keys["meta"],
+            now_ms,
+            len(F.WINDOW_COUNTS),
+            *(w.window_ms for w in F.WINDOW_COUNTS),
+            F.KITCHEN_ORDER_TTL_MS,
             F.MEAN_PREP_MINUTES_60.window_ms,
-        )  # fmt: skip
+        )
 
     def _queue_nearby(self, pipe: Any, location: tuple[float, float]) -> None:
-        pipe.geosearch(driver_keys(self.city)["free"], longitude=location[1], latitude=location[0],
-                       radius=F.SUPPLY_RADIUS_KM, unit="km")  # fmt: skip
+        pipe.geosearch(
+            driver_keys(self.city)["free"],
+            longitude=location[1],
+            latitude=location[0],
+            radius=F.SUPPLY_RADIUS_KM,
+            unit="km",
+        )
 
     async def read_restaurants(
         self, requests: Sequence[tuple[str, tuple[float, float]]], *, now_ms: int

@@ -28,7 +28,7 @@ from eta_common.config import KafkaSettings
 from eta_common.offline_features import FeatureQuery, OfflineFeatureBuilder
 from eta_common.online_store import OnlineStore
 from eta_common.timeutil import now_ms, timestamp_from_ms
-from tests.integration.streams import (
+from devstack.synthetic import (
     MIN,
     City,
     Sent,

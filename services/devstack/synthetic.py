@@ -1,5 +1,5 @@
-"""Synthetic event streams for the feature-guarantee tests, produced straight to Kafka (as ingestion
-would, with an EventEnvelope and an ingest time), plus the offline view of the same stream."""
+"""Synthetic event streams for benchmarks and tests: produced straight to Kafka as ingestion would (an
+EventEnvelope with an ingest time), plus the offline view of the same stream."""
 
 from __future__ import annotations
 
