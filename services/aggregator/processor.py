@@ -7,6 +7,7 @@ are returned to the caller, which hands them to the :class:`~aggregator.archiver
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
-from opentelemetry.trace import Link, Span, SpanKind
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind
 
 from aggregator import metrics
 from eta.v1 import events_pb2
@@ -37,6 +38,7 @@ class _Item:
     envelope: events_pb2.EventEnvelope
     span: Span
     update: RestaurantUpdate | DriverUpdate | None
+    producer: SpanContext | None = None
     applied_ms: int | None = None
 
 
@@ -55,7 +57,10 @@ class BatchProcessor:
             return []
         with tracer.start_as_current_span(
             "aggregator batch",
-            links=[Link(item.span.get_span_context()) for item in items],
+            # one batch serves many producers: link each (their own traces continue in the process spans)
+            links=[
+                Link(item.producer) for item in items if item.producer is not None and item.producer.is_valid
+            ],
             attributes={"messaging.system": "kafka", "messaging.batch.message_count": len(items)},
         ):
             try:
@@ -91,9 +96,10 @@ class BatchProcessor:
             metrics.RECORDS.labels(record.topic, "empty").inc()
             return None
         event = getattr(envelope.event, kind)
+        parent = extract_from_headers(record.headers)
         span = tracer.start_span(
             f"{record.topic} process",
-            context=extract_from_headers(record.headers),
+            context=parent,
             kind=SpanKind.CONSUMER,
             attributes={
                 "messaging.system": "kafka",
@@ -113,7 +119,10 @@ class BatchProcessor:
             metrics.LATE_EVENTS.labels(kind).inc()
             span.set_attribute("eta.late", True)
             update = None
-        return _Item(record, envelope, span, update)
+        if update is not None and span.is_recording():
+            ctx = span.get_span_context()
+            update = dataclasses.replace(update, writer=f"{ctx.trace_id:032x}-{ctx.span_id:016x}")
+        return _Item(record, envelope, span, update, trace.get_current_span(parent).get_span_context())
 
     async def _apply_online(self, items: list[_Item]) -> None:
         updates = [(item, item.update) for item in items if item.update is not None]

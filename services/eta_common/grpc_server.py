@@ -48,6 +48,8 @@ class GrpcService:
     on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=tuple)
     interceptors: Iterable[grpc.aio.ServerInterceptor] = field(default_factory=tuple)
     bind_host: str = "[::]"
+    # TLS for the gRPC port (e.g. ``eta_common.auth.TlsFiles.server_credentials()``); None = plaintext.
+    server_credentials: grpc.ServerCredentials | None = None
 
 
 async def serve(service: GrpcService, *, ready: asyncio.Event | None = None) -> None:
@@ -70,13 +72,24 @@ async def serve(service: GrpcService, *, ready: asyncio.Event | None = None) -> 
         ),
         server,
     )
-    port = server.add_insecure_port(f"{service.bind_host}:{service.settings.grpc_port}")
+    address = f"{service.bind_host}:{service.settings.grpc_port}"
+    if service.server_credentials is not None:
+        port = server.add_secure_port(address, service.server_credentials)
+    else:
+        port = server.add_insecure_port(address)
     if service.settings.metrics_port:
         start_http_server(service.settings.metrics_port)
     await server.start()
     for name in ("", *service.service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", extra={"grpc_port": port, "metrics_port": service.settings.metrics_port})
+    log.info(
+        "serving",
+        extra={
+            "grpc_port": port,
+            "metrics_port": service.settings.metrics_port,
+            "tls": service.server_credentials is not None,
+        },
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

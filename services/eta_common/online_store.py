@@ -41,21 +41,25 @@ INITIALIZED_KEY = "eta:online:initialized"
 ORDER_STATE_TTL_S = 6 * 3600
 
 # Applies a batch of one restaurant's updates in order. KEYS: placed, kitchen, prep, meta.
-# ARGV: now, retention_ms, order_ttl_s, kitchen_ttl_ms, order_key_prefix, then 5 per update:
-# type, order_id, event_ms, lat ('' if none), lng. Returns one 0/1 "changed" flag per update.
+# ARGV: now, retention_ms, order_ttl_s, kitchen_ttl_ms, order_key_prefix, then 6 per update:
+# type, order_id, event_ms, lat ('' if none), lng, writer span ('' if not sampled).
+# Returns one 0/1 "changed" flag per update.
 _APPLY_RESTAURANT = """
 local placed, kitchen, prep, meta = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now, retention, ttl, kitchen_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local prefix = ARGV[5]
 local out = {}
 local touched = {}
+local ref = ''
 local function touch(group, ems, raw)
   touched[group] = true
+  if ref ~= '' then redis.call('HSET', meta, 't:' .. group, ref) end
   local prev = tonumber(redis.call('HGET', meta, 'e:' .. group) or '0')
   if ems > prev then redis.call('HSET', meta, 'e:' .. group, raw) end
 end
-for i = 6, #ARGV, 5 do
+for i = 6, #ARGV, 6 do
   local etype, oid, raw, lat, lng = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  ref = ARGV[i + 5]
   local ems = tonumber(raw)
   local okey = prefix .. oid
   local changed = 0
@@ -111,15 +115,18 @@ return out
 """
 
 # Applies a batch of driver updates in order. KEYS: free (geo), state, meta.
-# ARGV: now, then 5 per update: driver_id, type, event_ms, lat, lng. Returns 0/1 flags.
+# ARGV: now, then 6 per update: driver_id, type, event_ms, lat, lng, writer span ('' if not sampled).
+# Returns 0/1 flags.
 _APPLY_DRIVER = """
 local free, state, meta = KEYS[1], KEYS[2], KEYS[3]
 local now = ARGV[1]
 local out = {}
 local max_ems = tonumber(redis.call('HGET', meta, 'e:drivers') or '0')
 local max_raw = nil
-for i = 2, #ARGV, 5 do
+local last_ref = ''
+for i = 2, #ARGV, 6 do
   local did, etype, raw, lat, lng = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  if ARGV[i + 5] ~= '' then last_ref = ARGV[i + 5] end
   local ems = tonumber(raw)
   local status, last = 'offline', -1
   local cur = redis.call('HGET', state, did)
@@ -142,6 +149,7 @@ for i = 2, #ARGV, 5 do
 end
 redis.call('HSET', meta, 'u:drivers', now)
 if max_raw then redis.call('HSET', meta, 'e:drivers', max_raw) end
+if last_ref ~= '' then redis.call('HSET', meta, 't:drivers', last_ref) end
 return out
 """
 
@@ -164,8 +172,8 @@ for _, m in ipairs(members) do
   sum = sum + tonumber(string.sub(m, sep + 1)); n = n + 1
 end
 out[i] = tostring(sum); out[i + 1] = n; i = i + 2
-local fields = redis.call('HMGET', meta, 'status', 'lat', 'lng', 'u:orders', 'e:orders', 'u:kitchen',
-  'e:kitchen', 'u:status', 'e:status')
+local fields = redis.call('HMGET', meta, 'status', 'lat', 'lng', 'u:orders', 'e:orders', 't:orders',
+  'u:kitchen', 'e:kitchen', 't:kitchen', 'u:status', 'e:status', 't:status')
 for _, v in ipairs(fields) do out[i] = v or false; i = i + 1 end
 return out
 """
@@ -196,6 +204,8 @@ class FeatureReading:
     present: bool
     updated_ms: int | None = None
     event_ms: int | None = None
+    # (trace_id, span_id) of the aggregator span that last changed it, when that span was sampled.
+    writer: tuple[int, int] | None = None
 
     def age_seconds(self, now_ms: int) -> float | None:
         return None if self.updated_ms is None else max(0.0, (now_ms - self.updated_ms) / 1000.0)
@@ -222,6 +232,8 @@ class RestaurantUpdate:
     event_ms: int
     lat: float | None = None
     lng: float | None = None
+    # "<trace_id>-<span_id>" of the (sampled) span that applied it, stored as the feature's provenance.
+    writer: str = ""
 
 
 @dataclass(frozen=True)
@@ -231,6 +243,7 @@ class DriverUpdate:
     event_ms: int
     lat: float
     lng: float
+    writer: str = ""
 
 
 def _int_or_none(raw: Any) -> int | None:
@@ -322,6 +335,7 @@ class OnlineStore:
                         u.event_ms,
                         "" if u.lat is None else repr(u.lat),
                         "" if u.lng is None else repr(u.lng),
+                        u.writer,
                     ]
                 pipe.evalsha(
                     self._sha["apply_restaurant"],
@@ -337,7 +351,7 @@ class OnlineStore:
                 for index in drivers:
                     d = updates[index]
                     assert isinstance(d, DriverUpdate)
-                    args += [d.driver_id, d.event_type, d.event_ms, d.lat, d.lng]
+                    args += [d.driver_id, d.event_type, d.event_ms, d.lat, d.lng, d.writer]
                 pipe.evalsha(
                     self._sha["apply_driver"], 3, dkeys["free"], dkeys["state"], dkeys["meta"], *args
                 )
@@ -393,7 +407,7 @@ class OnlineStore:
         dmeta = driver_keys(self.city)["meta"]
 
         def build(pipe: Any) -> None:
-            pipe.hmget(dmeta, "u:drivers", "e:drivers")
+            pipe.hmget(dmeta, "u:drivers", "e:drivers", "t:drivers")
             for restaurant_id, location in requests:
                 self._queue_read(pipe, restaurant_id, now_ms)
                 self._queue_nearby(pipe, location)
@@ -415,13 +429,14 @@ class OnlineStore:
         dmeta = driver_keys(self.city)["meta"]
 
         def build(pipe: Any) -> None:
-            pipe.hmget(dmeta, "u:drivers", "e:drivers")
+            pipe.hmget(dmeta, "u:drivers", "e:drivers", "t:drivers")
             self._queue_read(pipe, restaurant_id, now_ms)
 
         driver_meta, raw = await self._run(build)
         nearby = None
-        if raw[-8] not in (False, None):
-            location = (float(raw[-8]), float(raw[-7]))
+        lat, lng = raw[len(F.WINDOW_COUNTS) + 4], raw[len(F.WINDOW_COUNTS) + 5]
+        if lat not in (False, None):
+            location = (float(lat), float(lng))
             (nearby,) = await self._run(lambda pipe: self._queue_nearby(pipe, location))
         return self._assemble(restaurant_id, now_ms, raw, driver_meta, nearby, location)
 
@@ -438,47 +453,45 @@ class OnlineStore:
         counts = [int(x) for x in raw[:nwin]]
         in_kitchen = int(raw[nwin])
         prep_sum_ms, prep_n = float(raw[nwin + 1]), int(raw[nwin + 2])
-        status, _lat, _lng, u_orders, e_orders, u_kitchen, e_kitchen, u_status, e_status = raw[nwin + 3 :]
-        u_orders_i, u_kitchen_i, u_status_i = (
-            _int_or_none(u_orders),
-            _int_or_none(u_kitchen),
-            _int_or_none(u_status),
-        )
-        e_orders_i, e_kitchen_i, e_status_i = (
-            _int_or_none(e_orders),
-            _int_or_none(e_kitchen),
-            _int_or_none(e_status),
-        )
+        status, _lat, _lng, *groups = raw[nwin + 3 :]
+        orders, kitchen, status_meta = (_Provenance.of(groups[i : i + 3]) for i in (0, 3, 6))
+        drivers = _Provenance.of(driver_meta)
         out = RestaurantFeatures(restaurant_id=restaurant_id, as_of_ms=now_ms, location=location)
         for window, count in zip(F.WINDOW_COUNTS, counts, strict=True):
-            out.readings[window.name] = FeatureReading(
-                window.name, float(count), u_orders_i is not None, u_orders_i, e_orders_i
-            )
-        out.readings[F.ORDERS_IN_KITCHEN] = FeatureReading(
-            F.ORDERS_IN_KITCHEN, float(in_kitchen), u_kitchen_i is not None, u_kitchen_i, e_kitchen_i
+            out.readings[window.name] = orders.reading(window.name, float(count), orders.updated is not None)
+        out.readings[F.ORDERS_IN_KITCHEN] = kitchen.reading(
+            F.ORDERS_IN_KITCHEN, float(in_kitchen), kitchen.updated is not None
         )
         prep_name = F.MEAN_PREP_MINUTES_60.name
-        out.readings[prep_name] = FeatureReading(
-            prep_name,
-            prep_sum_ms / prep_n / 60_000.0 if prep_n else F.DEFAULTS[prep_name],
-            prep_n > 0,
-            u_kitchen_i,
-            e_kitchen_i,
-        )
+        prep = prep_sum_ms / prep_n / 60_000.0 if prep_n else F.DEFAULTS[prep_name]
+        out.readings[prep_name] = kitchen.reading(prep_name, prep, prep_n > 0)
         busy = 1.0 if status in (b"BUSY", "BUSY") else 0.0
-        out.readings[F.KITCHEN_BUSY] = FeatureReading(
-            F.KITCHEN_BUSY, busy, status not in (None, False), u_status_i, e_status_i
-        )
-        u_drv, e_drv = _int_or_none(driver_meta[0]), _int_or_none(driver_meta[1])
-        free = (
-            float(len(nearby))
-            if nearby is not None and u_drv is not None
-            else F.DEFAULTS[F.FREE_DRIVERS_NEARBY]
-        )
-        out.readings[F.FREE_DRIVERS_NEARBY] = FeatureReading(
-            F.FREE_DRIVERS_NEARBY, free, nearby is not None and u_drv is not None, u_drv, e_drv
-        )
+        out.readings[F.KITCHEN_BUSY] = status_meta.reading(F.KITCHEN_BUSY, busy, status not in (None, False))
+        known = nearby is not None and drivers.updated is not None
+        free = float(len(nearby)) if nearby is not None and known else F.DEFAULTS[F.FREE_DRIVERS_NEARBY]
+        out.readings[F.FREE_DRIVERS_NEARBY] = drivers.reading(F.FREE_DRIVERS_NEARBY, free, known)
         return out
+
+
+@dataclass(frozen=True)
+class _Provenance:
+    """The u:/e:/t: fields of one feature group."""
+
+    updated: int | None
+    event: int | None
+    writer: tuple[int, int] | None
+
+    @classmethod
+    def of(cls, fields: Sequence[Any]) -> _Provenance:
+        writer = None
+        if len(fields) > 2 and fields[2] not in (None, False, b"", ""):
+            ref = fields[2].decode() if isinstance(fields[2], bytes) else str(fields[2])
+            trace_hex, _, span_hex = ref.partition("-")
+            writer = (int(trace_hex, 16), int(span_hex, 16))
+        return cls(_int_or_none(fields[0]), _int_or_none(fields[1]), writer)
+
+    def reading(self, name: str, value: float, present: bool) -> FeatureReading:
+        return FeatureReading(name, value, present, self.updated, self.event, self.writer)
 
 
 def nan_to_none(value: float) -> float | None:

@@ -22,12 +22,6 @@ import pytest
 
 from devstack.infra import start_postgres
 from devstack.stack import LocalStack, ServicePorts
-from eta.v1 import events_pb2
-from eta_common import features as F
-from eta_common.config import KafkaSettings
-from eta_common.offline_features import FeatureQuery, OfflineFeatureBuilder
-from eta_common.online_store import OnlineStore
-from eta_common.timeutil import now_ms, timestamp_from_ms
 from devstack.synthetic import (
     MIN,
     City,
@@ -38,6 +32,12 @@ from devstack.synthetic import (
     random_stream,
     unique_count,
 )
+from eta.v1 import events_pb2
+from eta_common import features as F
+from eta_common.config import KafkaSettings
+from eta_common.offline_features import FeatureQuery, OfflineFeatureBuilder
+from eta_common.online_store import OnlineStore
+from eta_common.timeutil import now_ms, timestamp_from_ms
 
 pytestmark = pytest.mark.integration
 
