@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import shutil
 import signal
@@ -72,9 +73,7 @@ def run(options: RunOptions) -> int:
 
 
 async def _run_async(stack: LocalStack, options: RunOptions, started: float) -> int:
-    from simulator.city import CityConfig
-    from simulator.live import run_live
-    from simulator.seed import seed_history
+    from simulator import LIVE_DEMAND_MULTIPLIER, CityConfig, run_live, seed_history
     from trainer.__main__ import train_and_register
 
     stop = asyncio.Event()
@@ -85,6 +84,7 @@ async def _run_async(stack: LocalStack, options: RunOptions, started: float) -> 
     applied = await apply_migrations(stack.database_url)
     _step(f"migrations applied: {applied or 'already up to date'}", started)
     city = CityConfig(restaurants=options.restaurants, drivers=options.drivers)
+    live_city = dataclasses.replace(city, demand_multiplier=LIVE_DEMAND_MULTIPLIER)
     has_history = False
     if options.keep_data:
         import asyncpg
@@ -97,7 +97,11 @@ async def _run_async(stack: LocalStack, options: RunOptions, started: float) -> 
         stats = await seed_history(
             stack.database_url, city, days=options.seed_days, end_ms=now_ms(), progress=True
         )
-        _step(f"seeded: {stats}", started)
+        _step(
+            f"seeded {stats.events_written} events ({stats.orders_delivered} delivered orders) in "
+            f"{stats.seconds:.1f}s",
+            started,
+        )
     _step("training the first model (LightGBM p10/p50/p90) …", started)
     summary = await train_and_register(stack.database_url, history_days=options.seed_days + 1, rounds=200)
     metrics = summary["metrics"]
@@ -115,10 +119,11 @@ async def _run_async(stack: LocalStack, options: RunOptions, started: float) -> 
     live = asyncio.create_task(
         run_live(
             stack.target("ingestion"),
-            city,
+            live_city,
             speed=options.speed,
             stop=stop,
             duration_seconds=options.duration_seconds,
+            warmup_minutes=3.0,  # starts 3 min back (within the allowed lateness): orders already in flight
         )
     )
     live.add_done_callback(lambda _t: stop.set())

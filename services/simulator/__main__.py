@@ -1,0 +1,252 @@
+"""``eta-simulator``: a simulated city of restaurants, drivers and customers.
+
+  eta-simulator seed --days 3                  write 3 days of history ending now into PostgreSQL
+  eta-simulator live --target localhost:50051  send the live city's events to the ingestion API
+
+The same seed gives the same city (restaurants rst-000…, drivers drv-000…) in both modes, so a model
+trained on the seeded history serves the live city. Logging: LOG_LEVEL, LOG_FORMAT (json|text);
+tracing: OTEL_* / ETA_TRACES_FILE (see eta_common.telemetry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from eta_common.config import DatabaseSettings, env_str
+from eta_common.logs import configure_logging
+from eta_common.telemetry import setup_tracing
+from eta_common.timeutil import now_ms
+from simulator.city import CityConfig
+from simulator.live import LIVE_DEMAND_MULTIPLIER, run_live
+from simulator.seed import seed_history
+
+__all__ = ["build_parser", "city_config", "main"]
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows "(default: …)" for every option with a real default (None / off defaults say it in words)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = (
+            action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        )
+        if action.option_strings and shown and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _speed(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"must be in (0, 100], got {text}")
+    return value
+
+
+def parse_time_ms(text: str) -> int:
+    """ISO 8601 date/time → epoch ms; a time without offset is UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def _add_city_options(parser: argparse.ArgumentParser, *, demand_multiplier: float) -> None:
+    group = parser.add_argument_group("city")
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=CityConfig.seed,
+        help="random seed: the same seed gives the same city and the same events",
+    )
+    group.add_argument(
+        "--restaurants", type=_positive_int, default=CityConfig.restaurants, help="number of restaurants"
+    )
+    group.add_argument("--drivers", type=_positive_int, default=CityConfig.drivers, help="number of drivers")
+    group.add_argument(
+        "--demand-multiplier",
+        type=_non_negative_float,
+        default=demand_multiplier,
+        help="scales the order rate (orders per restaurant-hour × daily profile)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eta-simulator", description=__doc__, formatter_class=_HelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{seed,live}")
+
+    seed = sub.add_parser(
+        "seed", formatter_class=_HelpFormatter,
+        help="simulate history into PostgreSQL (as fast as possible)",
+        description="Simulate DAYS of city history ending at END and write its events into PostgreSQL's\n"
+        "events table (migrations are applied first). Progress goes to stderr.",
+    )  # fmt: skip
+    seed.add_argument("--days", type=_positive_float, default=3.0, help="length of the history in days")
+    seed.add_argument(
+        "--end",
+        type=parse_time_ms,
+        default=None,
+        metavar="ISO_TIME",
+        help="end of the history, ISO 8601 (no offset = UTC); default: now",
+    )
+    seed.add_argument(
+        "--database-url",
+        default=None,
+        help=f"PostgreSQL URL; default: $DATABASE_URL or {DatabaseSettings.url}",
+    )
+    seed.add_argument("--batch-size", type=_positive_int, default=5000, help="events per database write")
+    seed.add_argument("--no-progress", action="store_true", help="do not show the progress line")
+    _add_city_options(seed, demand_multiplier=CityConfig.demand_multiplier)
+
+    live = sub.add_parser(
+        "live", formatter_class=_HelpFormatter,
+        help="run the city in real time against the ingestion API",
+        description="Run the city from now in real time (or SPEED times faster) and send its events to\n"
+        "eta.v1.IngestionService/PublishEvents. Stops on Ctrl-C / SIGTERM or after the duration.\n"
+        "By default the city is open around the clock so there is traffic at any hour.",
+    )  # fmt: skip
+    live.add_argument("--target", default="localhost:50051", help="ingestion gRPC endpoint host:port")
+    live.add_argument(
+        "--token",
+        default=env_str("ETA_INGESTION_TOKEN", "") or None,
+        help="bearer token, when ingestion requires authentication; default: $ETA_INGESTION_TOKEN or none",
+    )
+    live.add_argument(
+        "--speed",
+        type=_speed,
+        default=1.0,
+        help="simulated seconds per wall-clock second (event times stay wall-clock)",
+    )
+    live.add_argument(
+        "--duration-seconds",
+        type=_positive_float,
+        default=None,
+        help="stop after this many seconds; default: run until interrupted",
+    )
+    live.add_argument(
+        "--warmup-minutes",
+        type=_non_negative_float,
+        default=0.0,
+        help="start the city this many simulated minutes in the past and send those events first",
+    )
+    live.add_argument(
+        "--opening-hours",
+        action="store_true",
+        help="keep the kitchens' opening hours and drivers' shifts instead of running around the clock",
+    )
+    live.add_argument(
+        "--max-batch", type=_positive_int, default=200, help="events per PublishEvents call at most"
+    )
+    live.add_argument(
+        "--flush-ms", type=_positive_float, default=150.0, help="send a partial batch after this long"
+    )
+    live.add_argument(
+        "--summary-seconds", type=_positive_float, default=10.0, help="interval of the summary log line"
+    )
+    _add_city_options(live, demand_multiplier=LIVE_DEMAND_MULTIPLIER)
+    return parser
+
+
+def city_config(args: argparse.Namespace) -> CityConfig:
+    return replace(
+        CityConfig(),
+        seed=args.seed,
+        restaurants=args.restaurants,
+        drivers=args.drivers,
+        demand_multiplier=args.demand_multiplier,
+    )
+
+
+async def _seed(args: argparse.Namespace) -> int:
+    url = args.database_url or DatabaseSettings.from_env().url
+    end = args.end if args.end is not None else now_ms()
+    stats = await seed_history(
+        url,
+        city_config(args),
+        days=args.days,
+        end_ms=end,
+        progress=not args.no_progress,
+        batch_size=args.batch_size,
+    )
+    sys.stdout.write(
+        f"seeded {args.days:g} days: {stats.events_generated:,} events ({stats.events_written:,} new), "
+        f"{stats.orders_delivered:,} orders delivered, in {stats.seconds:.1f} s "
+        f"({stats.events_per_second:,.0f} events/s)\n"
+    )
+    return 0
+
+
+async def _live(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    stats = await run_live(
+        args.target,
+        city_config(args),
+        speed=args.speed,
+        stop=stop,
+        duration_seconds=args.duration_seconds,
+        warmup_minutes=args.warmup_minutes,
+        around_the_clock=not args.opening_hours,
+        max_batch=args.max_batch,
+        flush_interval_s=args.flush_ms / 1000.0,
+        summary_interval_s=args.summary_seconds,
+        token=args.token,
+    )
+    lost = stats.dropped + stats.failed
+    sys.stdout.write(
+        f"live: {stats.elapsed_seconds:.1f} s, {stats.generated:,} events generated, "
+        f"{stats.accepted:,} accepted ({stats.accepted_per_second:.1f}/s), {stats.duplicates:,} duplicates, "
+        f"{stats.rejected:,} rejected, {stats.unavailable:,} unavailable (retried), {lost:,} lost; "
+        f"{stats.orders_placed:,} orders placed, {stats.orders_delivered:,} delivered\n"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    configure_logging("eta-simulator")
+    provider = setup_tracing("eta-simulator")
+    try:
+        code = asyncio.run(_seed(args) if args.command == "seed" else _live(args))
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        provider.shutdown()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
