@@ -96,7 +96,7 @@ async def wait_archived(stack: LocalStack, prefix: str, expected: int, timeout: 
             conn = await asyncpg.connect(stack.database_url, timeout=2)
             try:
                 count = await conn.fetchval(
-                    "SELECT count(*) FROM events WHERE event_id LIKE $1", prefix + "-%"
+                    "SELECT count(*) FROM events WHERE event_id LIKE $1", f"{prefix}-%" if prefix else "%"
                 )
             finally:
                 await conn.close()
