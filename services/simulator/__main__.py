@@ -2,6 +2,7 @@
 
   eta-simulator seed --days 3                  write 3 days of history ending now into PostgreSQL
   eta-simulator live --target localhost:50051  send the live city's events to the ingestion API
+                                               (and ask localhost:50053 for each order's ETA first)
 
 The same seed gives the same city (restaurants rst-000…, drivers drv-000…) in both modes, so a model
 trained on the seeded history serves the live city. Logging: LOG_LEVEL, LOG_FORMAT (json|text);
@@ -166,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the kitchens' opening hours and drivers' shifts instead of running around the clock",
     )
     live.add_argument(
+        "--eta-target",
+        default="localhost:50053",
+        help="ETA service host:port asked for every order's ETA right before it is placed (request_id ="
+        " order id, for live accuracy); '' disables",
+    )
+    live.add_argument(
+        "--database-url",
+        default=env_str("DATABASE_URL", "") or None,
+        help="PostgreSQL URL where each delivered order's oracle is stored (simulation_oracle);"
+        " default: $DATABASE_URL, or not stored; '' disables",
+    )
+    live.add_argument(
         "--max-batch", type=_positive_int, default=200, help="events per PublishEvents call at most"
     )
     live.add_argument(
@@ -201,8 +214,8 @@ async def _seed(args: argparse.Namespace) -> int:
     )
     sys.stdout.write(
         f"seeded {args.days:g} days: {stats.events_generated:,} events ({stats.events_written:,} new), "
-        f"{stats.orders_delivered:,} orders delivered, in {stats.seconds:.1f} s "
-        f"({stats.events_per_second:,.0f} events/s)\n"
+        f"{stats.orders_delivered:,} orders delivered ({stats.oracle_written:,} new oracle rows), "
+        f"in {stats.seconds:.1f} s ({stats.events_per_second:,.0f} events/s)\n"
     )
     return 0
 
@@ -224,13 +237,17 @@ async def _live(args: argparse.Namespace) -> int:
         flush_interval_s=args.flush_ms / 1000.0,
         summary_interval_s=args.summary_seconds,
         token=args.token,
+        eta_target=args.eta_target or None,
+        oracle_database_url=args.database_url or None,
     )
     lost = stats.dropped + stats.failed
     sys.stdout.write(
         f"live: {stats.elapsed_seconds:.1f} s, {stats.generated:,} events generated, "
         f"{stats.accepted:,} accepted ({stats.accepted_per_second:.1f}/s), {stats.duplicates:,} duplicates, "
         f"{stats.rejected:,} rejected, {stats.unavailable:,} unavailable (retried), {lost:,} lost; "
-        f"{stats.orders_placed:,} orders placed, {stats.orders_delivered:,} delivered\n"
+        f"{stats.orders_placed:,} orders placed, {stats.orders_delivered:,} delivered; "
+        f"{stats.eta_calls:,} checkout ETAs ({stats.eta_errors:,} failed), "
+        f"{stats.oracle_written:,} oracle rows stored\n"
     )
     return 0
 

@@ -12,6 +12,11 @@ The order rate is the config's; :data:`LIVE_DEMAND_MULTIPLIER` (what the CLI use
 ``warmup_minutes`` starts the city that many simulated minutes in the past and sends those events first
 (with their past event times), so orders are already in flight; keep it within the aggregator's allowed
 lateness (``AGGREGATOR_ALLOWED_LATENESS_SECONDS``, 5 min by default) for them to count online.
+
+With ``eta_target`` the city asks ``EtaService/PredictEta`` for every order right before placing it
+(``request_id`` = order id, see :mod:`simulator.checkout`), so the served predictions can be joined to
+the deliveries (live accuracy). With ``oracle_database_url`` each delivered order's oracle is stored in
+``simulation_oracle`` (source ``live``).
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from dataclasses import dataclass, replace
 
 import grpc
 
-from eta.v1 import ingestion_pb2_grpc
+from eta.v1 import eta_pb2_grpc, ingestion_pb2_grpc
 from eta_common.telemetry import TracingClientInterceptor
 from eta_common.timeutil import now_ms
+from simulator.checkout import CheckoutEta, is_placed
 from simulator.city import CityConfig
 from simulator.engine import CitySimulation, OrderOutcome
+from simulator.oracle_store import OracleWriter
 from simulator.publisher import EventPublisher, PublishStats
 
 __all__ = ["LIVE_DEMAND_MULTIPLIER", "LiveStats", "run_live"]
@@ -62,13 +69,22 @@ class LiveStats:
     orders_delivered: int
     orders_cancelled: int
     orders_waiting_for_driver: int
+    eta_calls: int = 0  # checkout PredictEta calls (with eta_target)
+    eta_errors: int = 0  # of which failed (the order was placed anyway)
+    oracle_written: int = 0  # simulation_oracle rows stored (with oracle_database_url)
 
     @property
     def accepted_per_second(self) -> float:
         return self.accepted / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
 
 
-def _live_stats(sim: CitySimulation, pub: PublishStats, elapsed: float) -> LiveStats:
+def _live_stats(
+    sim: CitySimulation,
+    pub: PublishStats,
+    elapsed: float,
+    checkout: CheckoutEta | None = None,
+    oracle: OracleWriter | None = None,
+) -> LiveStats:
     c = sim.counters
     return LiveStats(
         elapsed_seconds=elapsed, generated=c.events, sent=pub.sent, accepted=pub.accepted,
@@ -76,6 +92,9 @@ def _live_stats(sim: CitySimulation, pub: PublishStats, elapsed: float) -> LiveS
         dropped=pub.dropped, calls=pub.calls, call_errors=pub.call_errors, orders_placed=c.orders_placed,
         orders_delivered=c.orders_delivered, orders_cancelled=c.orders_cancelled,
         orders_waiting_for_driver=sim.orders_waiting_for_driver,
+        eta_calls=checkout.stats.calls if checkout else 0,
+        eta_errors=checkout.stats.errors if checkout else 0,
+        oracle_written=oracle.written if oracle else 0,
     )  # fmt: skip
 
 
@@ -95,25 +114,38 @@ async def run_live(
     summary_interval_s: float = 10.0,
     drain_timeout_s: float = 10.0,
     token: str | None = None,
+    eta_target: str | None = None,
+    oracle_database_url: str | None = None,
 ) -> LiveStats:
     """Run the live city against the ingestion service at ``target`` until ``stop`` is set or
     ``duration_seconds`` have passed; returns the totals. ``stats_callback`` gets the running totals after
     every PublishEvents call; ``on_outcome`` every delivered order with its oracle (event-time minutes);
-    ``token`` is sent as ``authorization: Bearer <token>`` when ingestion requires authentication."""
+    ``token`` is sent as ``authorization: Bearer <token>`` when ingestion requires authentication;
+    ``eta_target`` (host:port of the ETA service) makes every order ask for its ETA right before it is
+    placed; ``oracle_database_url`` stores each delivered order's oracle in PostgreSQL."""
     if not 0 < speed <= 100:
         raise ValueError("speed must be in (0, 100]")
     if not 0 <= warmup_minutes <= 24 * 60:
         raise ValueError("warmup_minutes must be in [0, 1440]")
     if around_the_clock and not config.always_open:
         config = replace(config, always_open=True)
+    oracle = OracleWriter(oracle_database_url) if oracle_database_url else None
+
+    def outcome_sinks(outcome: OrderOutcome) -> None:
+        if oracle is not None:
+            oracle.add(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
+
     origin = now_ms()
     sim = CitySimulation(
         config,
         start_ms=origin - round(warmup_minutes * 60_000),
         time_origin_ms=origin,
         time_scale=speed,
-        on_outcome=on_outcome,
+        on_outcome=outcome_sinks if oracle is not None or on_outcome is not None else None,
     )
+    checkout: CheckoutEta | None = None
     started = time.monotonic()
 
     def elapsed() -> float:
@@ -121,7 +153,7 @@ async def run_live(
 
     def on_call(pub: PublishStats) -> None:
         if stats_callback is not None:
-            stats_callback(_live_stats(sim, pub, elapsed()))
+            stats_callback(_live_stats(sim, pub, elapsed(), checkout, oracle))
 
     log.info(
         "live city starting",
@@ -135,8 +167,19 @@ async def run_live(
             "around_the_clock": config.always_open,
             "warmup_minutes": warmup_minutes,
             "duration_seconds": duration_seconds,
+            "eta_target": eta_target or None,
+            "store_oracle": oracle is not None,
         },
     )
+    eta_channel = (
+        grpc.aio.insecure_channel(eta_target, interceptors=[TracingClientInterceptor()])
+        if eta_target
+        else None
+    )
+    if eta_channel is not None:
+        checkout = CheckoutEta(eta_pb2_grpc.EtaServiceStub(eta_channel))
+    if oracle is not None:
+        oracle.start()
     async with grpc.aio.insecure_channel(target, interceptors=[TracingClientInterceptor()]) as channel:
         publisher = EventPublisher(
             ingestion_pb2_grpc.IngestionServiceStub(channel),
@@ -152,10 +195,12 @@ async def run_live(
             while not stop.is_set():
                 wall = now_ms()
                 for event in sim.run_until(sim.sim_time_ms(wall)):
+                    if checkout is not None and is_placed(event):
+                        await checkout.ask(event)  # the customer sees the ETA, then orders
                     publisher.add(event)
                 now = elapsed()
                 if now >= next_summary:
-                    stats = _live_stats(sim, publisher.stats, now)
+                    stats = _live_stats(sim, publisher.stats, now, checkout, oracle)
                     rate = (stats.accepted - last_accepted) / max(now - last_summary_at, 1e-9)
                     log.info(
                         "live traffic",
@@ -169,6 +214,8 @@ async def run_live(
                             "orders_placed": stats.orders_placed,
                             "orders_delivered": stats.orders_delivered,
                             "orders_waiting_for_driver": stats.orders_waiting_for_driver,
+                            "eta_calls": stats.eta_calls,
+                            "eta_errors": stats.eta_errors,
                         },
                     )
                     last_accepted, last_summary_at = stats.accepted, now
@@ -185,7 +232,11 @@ async def run_live(
                     await asyncio.wait_for(stop.wait(), max(wait, 0.005))
         finally:
             pub_stats = await publisher.close(drain_timeout_s)
-    final = _live_stats(sim, pub_stats, elapsed())
+            if eta_channel is not None:
+                await eta_channel.close()
+            if oracle is not None:
+                await oracle.close()
+    final = _live_stats(sim, pub_stats, elapsed(), checkout, oracle)
     if stats_callback is not None:
         stats_callback(final)
     log.info(
@@ -202,6 +253,9 @@ async def run_live(
             "accepted_per_s": round(final.accepted_per_second, 1),
             "orders_placed": final.orders_placed,
             "orders_delivered": final.orders_delivered,
+            "eta_calls": final.eta_calls,
+            "eta_errors": final.eta_errors,
+            "oracle_written": final.oracle_written,
         },
     )
     return final

@@ -1,6 +1,7 @@
 """Seed mode: simulate the history that ends at ``end_ms`` as fast as possible and archive it in
 PostgreSQL's ``events`` table (the offline store the trainer reads), exactly as the aggregator would
-have archived it: one row per event, ``ingest_time`` = event time + 50–500 ms.
+have archived it: one row per event, ``ingest_time`` = event time + 50–500 ms. Every delivered order's
+oracle goes into ``simulation_oracle`` (see :mod:`simulator.oracle_store`).
 
 Generation runs in a worker thread while the previous batch is written, so the CPU-bound simulation and
 PostgreSQL's COPY overlap. Re-running with the same seed and end time writes nothing new (the event ids
@@ -27,6 +28,7 @@ from eta_common.db.migrate import apply_migrations
 from simulator.city import DAY_MS, CityConfig
 from simulator.engine import CitySimulation, OrderOutcome
 from simulator.messages import event_ms
+from simulator.oracle_store import store_oracle
 from simulator.progress import ProgressLine
 
 __all__ = ["SeedStats", "seed_history", "write_history"]
@@ -34,6 +36,7 @@ __all__ = ["SeedStats", "seed_history", "write_history"]
 log = logging.getLogger(__name__)
 
 Sink = Callable[[Sequence[ArchivedEvent]], Coroutine[Any, Any, int]]
+OracleSink = Callable[[Sequence[OrderOutcome]], Coroutine[Any, Any, int]]
 INGEST_DELAY_MS = (50, 500)
 
 
@@ -48,6 +51,7 @@ class SeedStats:
     orders_cancelled: int
     seconds: float
     outcomes: list[OrderOutcome] = field(default_factory=list, repr=False)
+    oracle_written: int = 0  # new simulation_oracle rows
 
     @property
     def events_per_second(self) -> float:
@@ -64,7 +68,8 @@ async def seed_history(
     batch_size: int = 5000,
     on_outcome: Callable[[OrderOutcome], None] | None = None,
 ) -> SeedStats:
-    """Apply the migrations, then simulate ``days`` of history ending at ``end_ms`` into ``events``."""
+    """Apply the migrations, then simulate ``days`` of history ending at ``end_ms`` into ``events`` (and
+    each delivered order's oracle into ``simulation_oracle``)."""
     applied = await apply_migrations(database_url)
     if applied:
         log.info("migrations applied", extra={"applied": applied})
@@ -74,6 +79,9 @@ async def seed_history(
         async def sink(items: Sequence[ArchivedEvent]) -> int:
             return await archive_events(pool, items)
 
+        async def oracle_sink(outcomes: Sequence[OrderOutcome]) -> int:
+            return await store_oracle(pool, outcomes, source="seed")
+
         return await write_history(
             sink,
             config,
@@ -82,6 +90,7 @@ async def seed_history(
             progress=progress,
             batch_size=batch_size,
             on_outcome=on_outcome,
+            oracle_sink=oracle_sink,
         )
     finally:
         await pool.close()
@@ -96,8 +105,10 @@ async def write_history(
     progress: bool = True,
     batch_size: int = 5000,
     on_outcome: Callable[[OrderOutcome], None] | None = None,
+    oracle_sink: OracleSink | None = None,
 ) -> SeedStats:
-    """The storage-independent part of :func:`seed_history`: batches of archived events go to ``sink``."""
+    """The storage-independent part of :func:`seed_history`: batches of archived events go to ``sink``,
+    the outcomes (with their oracle) of the orders delivered meanwhile to ``oracle_sink``."""
     if days <= 0:
         raise ValueError("days must be > 0")
     if batch_size < 1:
@@ -108,7 +119,7 @@ async def write_history(
     delay_rng = random.Random(f"eta-ingest-delay:{config.seed}")
     display = ProgressLine(enabled=progress)
     started = time.perf_counter()
-    generated = written = 0
+    generated = written = oracle_written = 0
     outcomes_seen = 0
     last_ms = sim.start_ms
 
@@ -147,10 +158,13 @@ async def write_history(
             if writing is not None:
                 written += await writing
                 writing = None
+            fresh = sim.outcomes[outcomes_seen:]
+            outcomes_seen = len(sim.outcomes)
             if on_outcome is not None:
-                for outcome in sim.outcomes[outcomes_seen:]:
+                for outcome in fresh:
                     on_outcome(outcome)
-                outcomes_seen = len(sim.outcomes)
+            if oracle_sink is not None and fresh:
+                oracle_written += await oracle_sink(fresh)
             if not batch:
                 break
             generated += len(batch)
@@ -172,6 +186,7 @@ async def write_history(
         orders_cancelled=c.orders_cancelled,
         seconds=seconds,
         outcomes=list(sim.outcomes),
+        oracle_written=oracle_written,
     )
     log.info(
         "history seeded",

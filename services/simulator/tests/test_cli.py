@@ -24,6 +24,8 @@ from simulator.tests.helpers import MONDAY
                 "--max-batch",
                 "--flush-ms",
                 "--summary-seconds",
+                "--eta-target",
+                "--database-url",
             ],
         ),
     ],
@@ -43,6 +45,8 @@ def test_help_documents_every_option_with_its_default(
         "seed": ["(default: 3.0)", "(default: 5000)", "default: $DATABASE_URL", "default: now"],
         "live": [
             "(default: localhost:50051)",
+            "(default: localhost:50053)",
+            "'' disables",
             "(default: 1.0)",
             "(default: 200)",
             "(default: 150.0)",
@@ -62,6 +66,8 @@ def test_subcommands_share_the_city_options() -> None:
     assert live.target == "localhost:50051"
     assert live.speed == 1.0
     assert live.duration_seconds is None
+    assert live.eta_target == "localhost:50053"
+    assert build_parser().parse_args(["live", "--eta-target", ""]).eta_target == ""
 
 
 def test_bad_values_are_refused(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import grpc
 import pytest
 
-from eta.v1 import events_pb2, ingestion_pb2, ingestion_pb2_grpc
+from eta.v1 import eta_pb2, events_pb2, ingestion_pb2, ingestion_pb2_grpc
 from eta_common.timeutil import now_ms
 from ingestion.validation import ValidationLimits, event_id_of, validate_event
 from simulator.city import CityConfig
@@ -216,3 +216,77 @@ async def test_run_live_warmup_sends_the_recent_past_first(ingestion: tuple[Fake
     assert stats.rejected == 0
     assert stats.orders_placed > 0
     assert min(event_ms(e) for e in servicer.accepted) < started - 3 * 60_000
+
+
+class FakeEta:
+    """Answers PredictEta and records, per request, how many PLACED events ingestion had already got."""
+
+    def __init__(self, ingestion: FakeIngestion, *, fail: bool = False) -> None:
+        self.ingestion = ingestion
+        self.fail = fail
+        self.requests: list[tuple[eta_pb2.PredictEtaRequest, set[str]]] = []
+
+    async def PredictEta(self, request: Any, context: Any) -> eta_pb2.PredictEtaResponse:
+        placed = {
+            e.order.order_id
+            for e in self.ingestion.accepted
+            if e.WhichOneof("payload") == "order" and e.order.type == events_pb2.OrderEvent.PLACED
+        }
+        self.requests.append((request, placed))
+        if self.fail:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no model")
+        return eta_pb2.PredictEtaResponse(
+            restaurant_id=request.restaurant_id, eta_minutes=30, eta_low_minutes=20, eta_high_minutes=40,
+            model_version="v-test", request_id=request.request_id,
+        )  # fmt: skip
+
+
+async def _eta_server(servicer: FakeEta) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(
+        servicer.PredictEta,
+        request_deserializer=eta_pb2.PredictEtaRequest.FromString,
+        response_serializer=eta_pb2.PredictEtaResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("eta.v1.EtaService", {"PredictEta": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("fail", [False, True])
+async def test_run_live_asks_for_the_eta_of_each_order_before_placing_it(
+    ingestion: tuple[FakeIngestion, str], fail: bool
+) -> None:
+    servicer, target = ingestion
+    eta = FakeEta(servicer, fail=fail)
+    server, eta_target = await _eta_server(eta)
+    try:
+        stats = await run_live(
+            target,
+            CityConfig(demand_multiplier=3.0),
+            speed=50.0,
+            stop=asyncio.Event(),
+            duration_seconds=2.0,
+            flush_interval_s=0.02,
+            eta_target=eta_target,
+        )
+    finally:
+        await server.stop(0)
+    placed = [
+        e.order
+        for e in servicer.accepted
+        if e.WhichOneof("payload") == "order" and e.order.type == events_pb2.OrderEvent.PLACED
+    ]
+    assert stats.orders_placed == len(placed) > 3
+    assert stats.eta_calls == len(eta.requests) == len(placed)
+    assert stats.eta_errors == (len(placed) if fail else 0)  # a failed ETA never blocks the order
+    by_order = {request.request_id: (request, seen) for request, seen in eta.requests}
+    for order in placed:
+        request, seen_before = by_order[order.order_id]
+        assert order.order_id not in seen_before  # asked before the order reached ingestion
+        assert request.restaurant_id == order.restaurant_id
+        assert request.restaurant_location == order.restaurant_location
+        assert request.customer_location == order.customer_location

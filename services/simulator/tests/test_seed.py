@@ -75,3 +75,28 @@ async def test_progress_line_goes_to_stderr(capsys: pytest.CaptureFixture[str]) 
 async def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="days"):
         await write_history(FakeArchive(), CityConfig(), days=0, end_ms=MONDAY)
+
+
+async def test_the_oracle_of_every_delivered_order_goes_to_the_oracle_sink() -> None:
+    archive = FakeArchive()
+    stored: list[OrderOutcome] = []
+    written_at: list[int] = []
+
+    async def oracle_sink(outcomes: Sequence[OrderOutcome]) -> int:
+        stored.extend(outcomes)
+        written_at.append(len(archive.batches))
+        return len(outcomes)
+
+    stats = await write_history(
+        archive,
+        CityConfig(),
+        days=0.5,
+        end_ms=MONDAY + 20 * 3_600_000,
+        progress=False,
+        batch_size=2000,
+        oracle_sink=oracle_sink,
+    )
+    assert stored == stats.outcomes
+    assert stats.oracle_written == len(stored) == stats.orders_delivered > 100
+    assert len(written_at) > 1  # written as the history goes, not all at the end
+    assert all(o.oracle_minutes > 0 for o in stored)
