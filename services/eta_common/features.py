@@ -27,6 +27,7 @@ __all__ = [
     "FREE_DRIVERS_NEARBY",
     "HOUR_OF_WEEK",
     "KITCHEN_BUSY",
+    "MEAN_PREP_MINUTES_24H",
     "MEAN_PREP_MINUTES_60",
     "NUM_ORDERS_10",
     "NUM_ORDERS_30",
@@ -59,6 +60,10 @@ class WindowMean:
 NUM_ORDERS_10 = WindowCount("num_orders_last_10_min", 10 * 60_000)
 NUM_ORDERS_30 = WindowCount("num_orders_last_30_min", 30 * 60_000)
 MEAN_PREP_MINUTES_60 = WindowMean("mean_prep_minutes_last_60_min", 60 * 60_000)
+# The restaurant's typical prep time: the same mean over the last day (its persistent speed, which the
+# 60-minute window misses whenever the restaurant had no order ready in the last hour).
+MEAN_PREP_MINUTES_24H = WindowMean("mean_prep_minutes_last_24_hours", 24 * 60 * 60_000)
+WINDOW_MEANS: tuple[WindowMean, ...] = (MEAN_PREP_MINUTES_60, MEAN_PREP_MINUTES_24H)
 # Orders the kitchen accepted and has not finished (READY or CANCELLED). An accepted order older than
 # KITCHEN_ORDER_TTL_MS with no outcome is considered abandoned and no longer counted.
 ORDERS_IN_KITCHEN = "orders_in_kitchen"
@@ -75,7 +80,8 @@ HOUR_OF_WEEK = "hour_of_week"
 
 WINDOW_COUNTS: tuple[WindowCount, ...] = (NUM_ORDERS_10, NUM_ORDERS_30)
 # How long window members are kept: the longest window plus the allowed lateness (set at runtime).
-MAX_WINDOW_MS = max(NUM_ORDERS_30.window_ms, MEAN_PREP_MINUTES_60.window_ms)
+MAX_WINDOW_MS = max(w.window_ms for w in WINDOW_COUNTS)
+MAX_PREP_WINDOW_MS = max(w.window_ms for w in WINDOW_MEANS)
 DEFAULT_ALLOWED_LATENESS_MS = 300_000
 
 # Model input order. Append only; the registry stores the names each model was trained with.
@@ -88,6 +94,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     FREE_DRIVERS_NEARBY,
     DISTANCE_KM,
     HOUR_OF_WEEK,
+    MEAN_PREP_MINUTES_24H.name,
 )
 
 # Value used when the online store has nothing for a feature (documented fallback). NaN lets LightGBM
@@ -97,6 +104,7 @@ DEFAULTS: dict[str, float] = {
     NUM_ORDERS_30.name: 0.0,
     ORDERS_IN_KITCHEN: 0.0,
     MEAN_PREP_MINUTES_60.name: math.nan,
+    MEAN_PREP_MINUTES_24H.name: math.nan,
     KITCHEN_BUSY: 0.0,
     FREE_DRIVERS_NEARBY: math.nan,
 }

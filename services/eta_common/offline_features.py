@@ -76,6 +76,7 @@ class OfflineFeatureBuilder:
     def __init__(self, *, allowed_lateness_ms: int = F.DEFAULT_ALLOWED_LATENESS_MS) -> None:
         self.allowed_lateness_ms = allowed_lateness_ms
         self.retention_ms = F.MAX_WINDOW_MS + allowed_lateness_ms
+        self.prep_retention_ms = F.MAX_PREP_WINDOW_MS + allowed_lateness_ms
         self._restaurants: dict[str, _Restaurant] = {}
         self._drivers: dict[str, _Driver] = {}
         self._free: set[str] = set()
@@ -129,6 +130,9 @@ class OfflineFeatureBuilder:
                 r.kitchen.pop(oid, None)
                 if "accepted" in state:
                     r.prep[f"{oid}:{ems - state['accepted']}"] = ems
+            if len(r.prep) > 256:  # same trimming as the Redis script; keeps the replay linear
+                cutoff = ems - self.prep_retention_ms
+                r.prep = {k: v for k, v in r.prep.items() if v >= cutoff}
         elif ev.type == "CANCELLED":
             state = r.orders.setdefault(oid, {})
             if "cancelled" not in state:
@@ -148,11 +152,10 @@ class OfflineFeatureBuilder:
         out[F.ORDERS_IN_KITCHEN] = float(
             sum(1 for ms in r.kitchen.values() if ms > t - F.KITCHEN_ORDER_TTL_MS)
         )
-        lo = t - F.MEAN_PREP_MINUTES_60.window_ms
-        preps = [int(member.rsplit(":", 1)[1]) for member, ready in r.prep.items() if lo < ready <= t]
-        out[F.MEAN_PREP_MINUTES_60.name] = (
-            (sum(preps) / len(preps) / 60_000.0) if preps else F.DEFAULTS[F.MEAN_PREP_MINUTES_60.name]
-        )
+        for mean in F.WINDOW_MEANS:
+            lo = t - mean.window_ms
+            preps = [int(member.rsplit(":", 1)[1]) for member, ready in r.prep.items() if lo < ready <= t]
+            out[mean.name] = (sum(preps) / len(preps) / 60_000.0) if preps else F.DEFAULTS[mean.name]
         out[F.KITCHEN_BUSY] = 1.0 if r.status == "BUSY" else 0.0
         if self._drivers:
             out[F.FREE_DRIVERS_NEARBY] = float(

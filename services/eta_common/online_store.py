@@ -41,13 +41,14 @@ INITIALIZED_KEY = "eta:online:initialized"
 ORDER_STATE_TTL_S = 6 * 3600
 
 # Applies a batch of one restaurant's updates in order. KEYS: placed, kitchen, prep, meta.
-# ARGV: now, retention_ms, order_ttl_s, kitchen_ttl_ms, order_key_prefix, then 6 per update:
+# ARGV: now, retention_ms (placements), order_ttl_s, kitchen_ttl_ms, order_key_prefix,
+# prep_retention_ms, then 6 per update:
 # type, order_id, event_ms, lat ('' if none), lng, writer span ('' if not sampled).
 # Returns one 0/1 "changed" flag per update.
 _APPLY_RESTAURANT = """
 local placed, kitchen, prep, meta = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now, retention, ttl, kitchen_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local prefix = ARGV[5]
+local prefix, prep_retention = ARGV[5], tonumber(ARGV[6])
 local out = {}
 local touched = {}
 local ref = ''
@@ -57,7 +58,7 @@ local function touch(group, ems, raw)
   local prev = tonumber(redis.call('HGET', meta, 'e:' .. group) or '0')
   if ems > prev then redis.call('HSET', meta, 'e:' .. group, raw) end
 end
-for i = 6, #ARGV, 6 do
+for i = 7, #ARGV, 6 do
   local etype, oid, raw, lat, lng = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   ref = ARGV[i + 5]
   local ems = tonumber(raw)
@@ -91,7 +92,7 @@ for i = 6, #ARGV, 6 do
         redis.call('ZADD', prep, ems, oid .. ':' .. (ems - tonumber(accepted)))
       end
     end
-    redis.call('ZREMRANGEBYSCORE', prep, '-inf', '(' .. (ems - retention))
+    redis.call('ZREMRANGEBYSCORE', prep, '-inf', '(' .. (ems - prep_retention))
     touch('kitchen', ems, raw)
   elseif etype == 'CANCELLED' then
     if redis.call('HSETNX', okey, 'cancelled', raw) == 1 then
@@ -165,13 +166,16 @@ for w = 1, nwin do
 end
 local base = 2 + nwin
 out[i] = redis.call('ZCOUNT', kitchen, '(' .. (t - tonumber(ARGV[base + 1])), '+inf'); i = i + 1
-local members = redis.call('ZRANGEBYSCORE', prep, '(' .. (t - tonumber(ARGV[base + 2])), t)
-local sum, n = 0, 0
-for _, m in ipairs(members) do
-  local sep = string.find(m, ':[^:]*$')
-  sum = sum + tonumber(string.sub(m, sep + 1)); n = n + 1
+local nmean = tonumber(ARGV[base + 2])
+for w = 1, nmean do
+  local members = redis.call('ZRANGEBYSCORE', prep, '(' .. (t - tonumber(ARGV[base + 2 + w])), t)
+  local sum, n = 0, 0
+  for _, m in ipairs(members) do
+    local sep = string.find(m, ':[^:]*$')
+    sum = sum + tonumber(string.sub(m, sep + 1)); n = n + 1
+  end
+  out[i] = tostring(sum); out[i + 1] = n; i = i + 2
 end
-out[i] = tostring(sum); out[i + 1] = n; i = i + 2
 local fields = redis.call('HMGET', meta, 'status', 'lat', 'lng', 'u:orders', 'e:orders', 't:orders',
   'u:kitchen', 'e:kitchen', 't:kitchen', 'u:status', 'e:status', 't:status')
 for _, v in ipairs(fields) do out[i] = v or false; i = i + 1 end
@@ -267,6 +271,7 @@ class OnlineStore:
     ) -> None:
         self.client = client
         self.retention_ms = F.MAX_WINDOW_MS + allowed_lateness_ms
+        self.prep_retention_ms = F.MAX_PREP_WINDOW_MS + allowed_lateness_ms
         self.city = city
         self._sources = {
             "apply_restaurant": _APPLY_RESTAURANT,
@@ -325,6 +330,7 @@ class OnlineStore:
                     ORDER_STATE_TTL_S,
                     F.KITCHEN_ORDER_TTL_MS,
                     keys["order_prefix"],
+                    self.prep_retention_ms,
                 ]
                 for index in indices:
                     u = updates[index]
@@ -386,7 +392,8 @@ class OnlineStore:
             len(F.WINDOW_COUNTS),
             *(w.window_ms for w in F.WINDOW_COUNTS),
             F.KITCHEN_ORDER_TTL_MS,
-            F.MEAN_PREP_MINUTES_60.window_ms,
+            len(F.WINDOW_MEANS),
+            *(m.window_ms for m in F.WINDOW_MEANS),
         )
 
     def _queue_nearby(self, pipe: Any, location: tuple[float, float]) -> None:
@@ -434,7 +441,8 @@ class OnlineStore:
 
         driver_meta, raw = await self._run(build)
         nearby = None
-        lat, lng = raw[len(F.WINDOW_COUNTS) + 4], raw[len(F.WINDOW_COUNTS) + 5]
+        fields = len(F.WINDOW_COUNTS) + 1 + 2 * len(F.WINDOW_MEANS)  # status, lat, lng follow the values
+        lat, lng = raw[fields + 1], raw[fields + 2]
         if lat not in (False, None):
             location = (float(lat), float(lng))
             (nearby,) = await self._run(lambda pipe: self._queue_nearby(pipe, location))
@@ -452,8 +460,9 @@ class OnlineStore:
         nwin = len(F.WINDOW_COUNTS)
         counts = [int(x) for x in raw[:nwin]]
         in_kitchen = int(raw[nwin])
-        prep_sum_ms, prep_n = float(raw[nwin + 1]), int(raw[nwin + 2])
-        status, _lat, _lng, *groups = raw[nwin + 3 :]
+        nmean = len(F.WINDOW_MEANS)
+        preps = [(float(raw[nwin + 1 + 2 * k]), int(raw[nwin + 2 + 2 * k])) for k in range(nmean)]
+        status, _lat, _lng, *groups = raw[nwin + 1 + 2 * nmean :]
         orders, kitchen, status_meta = (_Provenance.of(groups[i : i + 3]) for i in (0, 3, 6))
         drivers = _Provenance.of(driver_meta)
         out = RestaurantFeatures(restaurant_id=restaurant_id, as_of_ms=now_ms, location=location)
@@ -462,9 +471,9 @@ class OnlineStore:
         out.readings[F.ORDERS_IN_KITCHEN] = kitchen.reading(
             F.ORDERS_IN_KITCHEN, float(in_kitchen), kitchen.updated is not None
         )
-        prep_name = F.MEAN_PREP_MINUTES_60.name
-        prep = prep_sum_ms / prep_n / 60_000.0 if prep_n else F.DEFAULTS[prep_name]
-        out.readings[prep_name] = kitchen.reading(prep_name, prep, prep_n > 0)
+        for mean, (prep_sum_ms, prep_n) in zip(F.WINDOW_MEANS, preps, strict=True):
+            prep = prep_sum_ms / prep_n / 60_000.0 if prep_n else F.DEFAULTS[mean.name]
+            out.readings[mean.name] = kitchen.reading(mean.name, prep, prep_n > 0)
         busy = 1.0 if status in (b"BUSY", "BUSY") else 0.0
         out.readings[F.KITCHEN_BUSY] = status_meta.reading(F.KITCHEN_BUSY, busy, status not in (None, False))
         known = nearby is not None and drivers.updated is not None
