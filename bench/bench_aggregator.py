@@ -83,7 +83,9 @@ async def _aggregator_rate(stack: LocalStack, total_records: int, unique: int) -
     online_rate = (done - started[1]) / max(time.perf_counter() - started[0], 1e-9)
     conn = await asyncpg.connect(stack.database_url)
     try:
-        while await conn.fetchval("SELECT count(*) FROM events") < unique:
+        archived = 0
+        while archived < unique:  # polling PostgreSQL: there is no event to wait on
+            archived = await conn.fetchval("SELECT count(*) FROM events")
             await asyncio.sleep(0.05)
     finally:
         await conn.close()

@@ -123,9 +123,9 @@ async def _run_async(stack: LocalStack, options: RunOptions, started: float) -> 
             speed=options.speed,
             stop=stop,
             duration_seconds=options.duration_seconds,
-            warmup_minutes=3.0,
+            warmup_minutes=3.0,  # starts 3 min back (within the allowed lateness): orders already in flight
             eta_target=stack.target("prediction"),  # checkout ETAs, joined to deliveries for live accuracy
-            oracle_database_url=stack.database_url,  # starts 3 min back (within the allowed lateness): orders already in flight
+            oracle_database_url=stack.database_url,
         )
     )
     live.add_done_callback(lambda _t: stop.set())

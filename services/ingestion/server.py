@@ -1,187 +1,280 @@
-"""IngestionService servicer: validate → dedup → publish to Kafka → per-event status."""
+"""IngestionService: the gRPC surface (decoding, limits, admission, deadlines, the stream protocol).
+
+The work on each batch of events is :class:`ingestion.pipeline.Ingestor`'s. The methods take the raw
+request bytes and decode them here, so that bytes that are not a ``PublishEventsRequest`` are answered
+INVALID_ARGUMENT with ``google.rpc.BadRequest`` details (the stock deserializer would answer UNKNOWN).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import socket
-import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from aiokafka import AIOKafkaProducer
-from opentelemetry import trace
+from google.protobuf.message import DecodeError
+from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from eta.v1 import events_pb2, ingestion_pb2, ingestion_pb2_grpc
+from eta.v1 import ingestion_pb2
+from eta_common.auth import current_client
 from eta_common.grpc_errors import abort_bad_request
-from eta_common.kafka import Topics, event_kind, record_key
-from eta_common.telemetry import headers_with_context
-from eta_common.timeutil import now_ms, timestamp_from_ms
 from ingestion import metrics
-from ingestion.dedup import DedupStore
-from ingestion.validation import ValidationLimits, event_id_of, validate_event
+from ingestion.budget import InFlightBudget
+from ingestion.pipeline import Ingestor, Prepared
+
+__all__ = ["SERVICE_NAME", "IngestionServicer"]
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("eta.ingestion")
-Result = ingestion_pb2.EventResult
+
+SERVICE_NAME: str = ingestion_pb2.DESCRIPTOR.services_by_name["IngestionService"].full_name
+# Answer this long before the client's deadline, so the answer (not DEADLINE_EXCEEDED) reaches it.
+DEADLINE_MARGIN_SECONDS = 0.05
+# Suggested client back-off after RESOURCE_EXHAUSTED (the trailer gRPC retry policies honour).
+RETRY_PUSHBACK_MS = 200
+
+Violations = list[tuple[str, str]]
 
 
-class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
+@dataclass
+class _Chunk:
+    prepared: Prepared
+    task: asyncio.Task[ingestion_pb2.PublishEventsResponse]
+    events: int
+
+
+class IngestionServicer:
     def __init__(
         self,
         *,
-        producer: AIOKafkaProducer,
-        dedup: DedupStore,
-        topics: Topics,
-        limits: ValidationLimits,
+        ingestor: Ingestor,
+        budget: InFlightBudget,
         max_batch: int,
         publish_timeout_seconds: float,
+        stream_window: int,
     ) -> None:
-        self._producer = producer
-        self._dedup = dedup
-        self._topics = topics
-        self._limits = limits
+        self._ingestor = ingestor
+        self._budget = budget
         self._max_batch = max_batch
         self._publish_timeout = publish_timeout_seconds
-        self._replica = socket.gethostname()
+        self._window = stream_window
+
+    def register(self, server: grpc.aio.Server) -> None:
+        serialize = ingestion_pb2.PublishEventsResponse.SerializeToString
+        handlers = {  # no request_deserializer: the methods get the raw bytes
+            "PublishEvents": grpc.unary_unary_rpc_method_handler(
+                self.PublishEvents, response_serializer=serialize
+            ),
+            "StreamEvents": grpc.stream_stream_rpc_method_handler(
+                self.StreamEvents, response_serializer=serialize
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+    # ------------------------------------------------------------------------------------- unary ---
 
     async def PublishEvents(
-        self, request: ingestion_pb2.PublishEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ingestion_pb2.PublishEventsResponse:
-        events = request.events
-        if len(events) > self._max_batch:
-            await abort_bad_request(
-                context, [("events", f"at most {self._max_batch} events per call, got {len(events)}")]
-            )
-        now = now_ms()
-        results = [Result(index=i, event_id=event_id_of(ev)) for i, ev in enumerate(events)]
-        valid: list[int] = []
-        for i, event in enumerate(events):
-            violations = validate_event(event, now_ms=now, limits=self._limits)
-            if violations:
-                results[i].status = Result.REJECTED
-                results[i].violations.extend(
-                    ingestion_pb2.FieldViolation(field=f, description=d) for f, d in violations
-                )
-            else:
-                valid.append(i)
-        claimed = await self._dedup.claim([results[i].event_id for i in valid])
-        to_publish = []
-        for i, is_new in zip(valid, claimed, strict=True):
-            if is_new:
-                to_publish.append(i)
-            else:
-                results[i].status = Result.DUPLICATE
-        failed = await self._publish(events, to_publish, now, context)
-        for i in to_publish:
-            results[i].status = Result.UNAVAILABLE if i in failed else Result.ACCEPTED
-        if failed:
-            await self._dedup.release([results[i].event_id for i in failed])
-        response = ingestion_pb2.PublishEventsResponse(results=results)
-        for r, ev in zip(results, events, strict=True):
-            metrics.EVENTS.labels(event_kind(ev) or "none", Result.Status.Name(r.status).lower()).inc()
-        response.accepted = sum(r.status == Result.ACCEPTED for r in results)
-        response.duplicates = sum(r.status == Result.DUPLICATE for r in results)
-        response.rejected = sum(r.status == Result.REJECTED for r in results)
-        response.unavailable = len(failed)
-        span = trace.get_current_span()
-        span.set_attributes(
-            {
-                "eta.events.count": len(events),
-                "eta.events.accepted": response.accepted,
-                "eta.events.rejected": response.rejected,
-                "eta.events.duplicates": response.duplicates,
-                "eta.events.unavailable": response.unavailable,
-            }
-        )
+        request, violations = self._decode(raw)
+        if request is None or violations:
+            metrics.CALLS_REFUSED.labels("invalid_argument").inc()
+            await abort_bad_request(context, violations)
+        events = len(request.events)
+        if not self._budget.try_acquire(events):
+            await self._abort_busy(context, events)
+        try:
+            prepared = await self._ingestor.prepare(request, deadline=self._deadline(context))
+            response = await self._ingestor.complete(prepared)
+        finally:
+            self._budget.release(events)
+        _annotate(trace.get_current_span(), Counter({"chunks": 1, **_counts(response)}))
         return response
 
-    async def _publish(
-        self, events: Any, indices: list[int], ingest_ms: int, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> set[int]:
-        """Send the events; returns the indices that were not acknowledged in time."""
-        if not indices:
-            return set()
+    # ------------------------------------------------------------------------------------ stream ---
+
+    async def StreamEvents(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        carrier = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        with tracer.start_as_current_span(
+            f"{SERVICE_NAME}/StreamEvents",
+            context=propagate.extract(carrier),
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": "StreamEvents"},
+        ) as span:
+            metrics.STREAMS.inc()
+            try:
+                await self._stream(requests, context, span)
+            finally:
+                metrics.STREAMS.dec()
+
+    async def _stream(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any], span: Span
+    ) -> None:
+        """Read chunks in order and hand them to Kafka in order; a writer task answers them in order.
+
+        At most ``stream_window`` chunks are outstanding (read, not yet answered): then reading pauses.
+        """
+        parent = trace.set_span_in_context(span)
+        outstanding: deque[_Chunk] = deque()
+        ready: asyncio.Queue[_Chunk | None] = asyncio.Queue()
+        window = asyncio.Semaphore(self._window)
+        totals: Counter[str] = Counter()
+        writer = asyncio.create_task(self._answer(ready, outstanding, window, context, totals))
+        refusal: tuple[grpc.StatusCode, Violations | str] | None = None
+        try:
+            reader = aiter(requests)
+            number = 0
+            while True:
+                # Take a window slot before reading: with `stream_window` chunks outstanding the next
+                # message stays unread (HTTP/2 flow control then holds the client back).
+                if window.locked():
+                    await _wait_or_fail(window.acquire(), writer)
+                else:
+                    await window.acquire()
+                try:
+                    raw = await anext(reader)
+                except StopAsyncIteration:
+                    break
+                request, violations = self._decode(raw, number)
+                if request is None or violations:
+                    refusal = (grpc.StatusCode.INVALID_ARGUMENT, violations)
+                    break
+                events = len(request.events)
+                if not self._budget.try_acquire(events):
+                    refusal = (
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"chunk {number} (sequence {request.sequence}): {self._busy_message(events)}",
+                    )
+                    break
+                try:
+                    prepared = await self._ingestor.prepare(
+                        request, deadline=self._deadline(context), parent=parent
+                    )
+                except BaseException:
+                    self._budget.release(events)
+                    raise
+                chunk = _Chunk(prepared, asyncio.create_task(self._ingestor.complete(prepared)), events)
+                outstanding.append(chunk)
+                ready.put_nowait(chunk)
+                number += 1
+            ready.put_nowait(None)
+            await writer
+        except BaseException:
+            writer.cancel()
+            with contextlib.suppress(BaseException):
+                await writer
+            for chunk in outstanding:  # read but never answered: nothing was confirmed to the client
+                chunk.task.cancel()
+                self._ingestor.abandon(chunk.prepared)
+                self._budget.release(chunk.events)
+            outstanding.clear()
+            raise
+        finally:
+            _annotate(span, totals)
+        if refusal is None:
+            span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
+            return
+        code, problem = refusal
+        metrics.CALLS_REFUSED.labels(code.name.lower()).inc()
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        span.set_status(Status(StatusCode.ERROR, code.name))
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),))
+            await context.abort(code, str(problem))
+        assert isinstance(problem, list)
+        await abort_bad_request(context, problem)
+
+    async def _answer(
+        self,
+        ready: asyncio.Queue[_Chunk | None],
+        outstanding: deque[_Chunk],
+        window: asyncio.Semaphore,
+        context: grpc.aio.ServicerContext[Any, Any],
+        totals: Counter[str],
+    ) -> None:
+        """Write each chunk's answer, in order, as soon as it is complete."""
+        while (chunk := await ready.get()) is not None:
+            response = await chunk.task
+            await context.write(response)
+            outstanding.popleft()
+            self._budget.release(chunk.events)
+            window.release()
+            totals.update(_counts(response))
+            totals["chunks"] += 1
+
+    # ----------------------------------------------------------------------------------- helpers ---
+
+    def _decode(
+        self, raw: bytes, chunk: int | None = None
+    ) -> tuple[ingestion_pb2.PublishEventsRequest | None, Violations]:
+        where = "" if chunk is None else f"chunk {chunk}: "
+        try:
+            request = ingestion_pb2.PublishEventsRequest.FromString(raw)
+        except (DecodeError, ValueError, RecursionError) as exc:
+            return None, [("request", f"{where}not a valid eta.v1.PublishEventsRequest ({exc})")]
+        if len(request.events) > self._max_batch:
+            return request, [
+                ("events", f"{where}at most {self._max_batch} events per call, got {len(request.events)}")
+            ]
+        request.DiscardUnknownFields()  # nothing unvalidated goes to the topic
+        return request, []
+
+    def _deadline(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
+        """When the events of this call or chunk must be acknowledged (event-loop time)."""
         timeout = self._publish_timeout
         remaining = context.time_remaining()
         if remaining is not None:
-            timeout = max(0.0, min(timeout, remaining - 0.05))
-        ingest_ts = timestamp_from_ms(ingest_ms)
-        pending: dict[asyncio.Future[Any], tuple[int, Span]] = {}
-        failed: set[int] = set()
-        started = time.perf_counter()
-        for i in indices:
-            event: events_pb2.Event = events[i]
-            kind = event_kind(event)
-            assert kind is not None
-            topic = self._topics.for_kind(kind)
-            span = tracer.start_span(
-                f"{topic} publish",
-                kind=SpanKind.PRODUCER,
-                attributes={
-                    "messaging.system": "kafka",
-                    "messaging.operation.type": "publish",
-                    "messaging.destination.name": topic,
-                    "messaging.message.id": event_id_of(event),
-                    "messaging.kafka.message.key": record_key(event).decode(errors="replace"),
-                },
-            )
-            envelope = events_pb2.EventEnvelope(event=event, ingest_time=ingest_ts, ingested_by=self._replica)
-            try:
-                future = await asyncio.wait_for(
-                    self._producer.send(
-                        topic,
-                        envelope.SerializeToString(),
-                        key=record_key(event),
-                        headers=headers_with_context(trace.set_span_in_context(span)),
-                    ),
-                    timeout=max(timeout - (time.perf_counter() - started), 0.001),
-                )
-            except Exception as exc:  # broker unreachable / buffer full / timeout: retryable for the client
-                _end_failed(span, exc)
-                failed.add(i)
-                metrics.BROKER_ERRORS.labels(type(exc).__name__).inc()
-                continue
-            pending[future] = (i, span)
-        metrics.IN_FLIGHT.inc(len(pending))
-        try:
-            if pending:
-                left = max(timeout - (time.perf_counter() - started), 0.001)
-                done, not_done = await asyncio.wait(pending.keys(), timeout=left)
-                for future in not_done:
-                    future.cancel()
-                    i, span = pending[future]
-                    _end_failed(span, TimeoutError("no broker ack within the deadline"))
-                    failed.add(i)
-                    metrics.BROKER_ERRORS.labels("timeout").inc()
-                for future in done:
-                    i, span = pending[future]
-                    error = future.exception()
-                    if error is not None:
-                        _end_failed(span, error)
-                        failed.add(i)
-                        metrics.BROKER_ERRORS.labels(type(error).__name__).inc()
-                    else:
-                        meta = future.result()
-                        span.set_attributes(
-                            {
-                                "messaging.destination.partition.id": str(meta.partition),
-                                "messaging.kafka.offset": meta.offset,
-                            }
-                        )
-                        span.end()
-        finally:
-            metrics.IN_FLIGHT.dec(len(pending))
-            metrics.PUBLISH_LATENCY.observe(time.perf_counter() - started)
-        if failed:
-            log.warning(
-                "events not acknowledged by the broker", extra={"failed": len(failed), "sent": len(indices)}
-            )
-        return failed
+            timeout = min(timeout, remaining - DEADLINE_MARGIN_SECONDS)
+        return asyncio.get_running_loop().time() + timeout
+
+    def _busy_message(self, events: int) -> str:
+        return (
+            f"in-flight budget exhausted: {self._budget.in_use} of {self._budget.limit} events in flight, "
+            f"this request needs {events}; retry with backoff"
+        )
+
+    async def _abort_busy(self, context: grpc.aio.ServicerContext[Any, Any], events: int) -> None:
+        metrics.CALLS_REFUSED.labels("resource_exhausted").inc()
+        context.set_trailing_metadata((("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),))
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._busy_message(events))
 
 
-def _end_failed(span: Span, exc: BaseException) -> None:
-    span.record_exception(exc)
-    span.set_status(Status(StatusCode.ERROR, str(exc) or type(exc).__name__))
-    span.end()
+async def _wait_or_fail(awaitable: Any, writer: asyncio.Task[None]) -> None:
+    """Await ``awaitable`` unless the writer task ends first (then raise its error, or stop)."""
+    waiter = asyncio.ensure_future(awaitable)
+    if not waiter.done():
+        await asyncio.wait((waiter, writer), return_when=asyncio.FIRST_COMPLETED)
+    if not waiter.done():
+        waiter.cancel()
+        writer.result()  # raises the writer's exception
+        raise RuntimeError("the answer writer stopped unexpectedly")
+    waiter.result()
+
+
+def _counts(response: ingestion_pb2.PublishEventsResponse) -> Counter[str]:
+    return Counter(
+        {
+            "count": len(response.results),
+            "accepted": response.accepted,
+            "duplicates": response.duplicates,
+            "rejected": response.rejected,
+            "unavailable": response.unavailable,
+        }
+    )
+
+
+def _annotate(span: Span, totals: Counter[str]) -> None:
+    span.set_attributes(
+        {f"eta.{key}" if key == "chunks" else f"eta.events.{key}": n for key, n in totals.items()}
+    )
+    client = current_client()
+    if client is not None:
+        span.set_attribute("enduser.id", client)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -10,7 +11,7 @@ from eta.v1 import events_pb2
 from eta_common.geo import check_point
 from eta_common.timeutil import ms_from_timestamp
 
-__all__ = ["ValidationLimits", "Violation", "validate_event"]
+__all__ = ["ValidationLimits", "Violation", "event_id_of", "event_type_of", "validate_event"]
 
 MAX_ID_LENGTH = 128
 Violation = tuple[str, str]  # (field path, reason)
@@ -31,6 +32,11 @@ def _check_id(out: list[Violation], path: str, value: str) -> None:
         out.append((path, "must be printable with no leading/trailing whitespace"))
 
 
+def _check_optional_id(out: list[Violation], path: str, value: str) -> None:
+    if value:
+        _check_id(out, path, value)
+
+
 def _check_time(
     out: list[Violation], path: str, has: bool, ts: Timestamp, now_ms: int, limits: ValidationLimits
 ) -> None:
@@ -47,15 +53,21 @@ def _check_time(
         out.append((path, f"older than {limits.max_age_ms // 1000}s"))
 
 
-def _check_type(out: list[Violation], path: str, value: int, enum: type) -> str | None:
-    names = enum.DESCRIPTOR.values_by_number  # type: ignore[attr-defined]
+_ENUM_NAMES: dict[Any, dict[int, str]] = {
+    enum: {number: value.name for number, value in enum.DESCRIPTOR.values_by_number.items()}
+    for enum in (events_pb2.DriverEvent.Type, events_pb2.KitchenEvent.Type, events_pb2.OrderEvent.Type)
+}
+
+
+def _check_type(out: list[Violation], path: str, value: int, enum: Any) -> str | None:
+    names = _ENUM_NAMES[enum]
     if value not in names:
         out.append((path, f"unknown value {value}"))
         return None
     if value == 0:
         out.append((path, "required"))
         return None
-    return str(names[value].name)
+    return names[value]
 
 
 def validate_event(event: events_pb2.Event, *, now_ms: int, limits: ValidationLimits) -> list[Violation]:
@@ -71,6 +83,8 @@ def validate_event(event: events_pb2.Event, *, now_ms: int, limits: ValidationLi
         check_point(out, "driver.location", d.HasField("location"), d.location, required=True)
         if etype in ("ASSIGNED", "DELIVERED"):
             _check_id(out, "driver.order_id", d.order_id)
+        else:
+            _check_optional_id(out, "driver.order_id", d.order_id)
     elif kind == "kitchen":
         k = event.kitchen
         _check_id(out, "kitchen.event_id", k.event_id)
@@ -79,6 +93,8 @@ def validate_event(event: events_pb2.Event, *, now_ms: int, limits: ValidationLi
         etype = _check_type(out, "kitchen.type", k.type, events_pb2.KitchenEvent.Type)
         if etype in ("ORDER_ACCEPTED", "ORDER_READY"):
             _check_id(out, "kitchen.order_id", k.order_id)
+        else:
+            _check_optional_id(out, "kitchen.order_id", k.order_id)
         check_point(
             out,
             "kitchen.restaurant_location",
@@ -96,6 +112,8 @@ def validate_event(event: events_pb2.Event, *, now_ms: int, limits: ValidationLi
         placed = etype == "PLACED"
         if placed:
             _check_id(out, "order.customer_id", o.customer_id)
+        else:
+            _check_optional_id(out, "order.customer_id", o.customer_id)
         check_point(
             out,
             "order.restaurant_location",
@@ -112,6 +130,8 @@ def validate_event(event: events_pb2.Event, *, now_ms: int, limits: ValidationLi
         )
         if etype in ("PICKED_UP", "DELIVERED"):
             _check_id(out, "order.driver_id", o.driver_id)
+        else:
+            _check_optional_id(out, "order.driver_id", o.driver_id)
     else:
         out.append(("payload", "one of driver, kitchen, order is required"))
     return out
@@ -120,3 +140,20 @@ def validate_event(event: events_pb2.Event, *, now_ms: int, limits: ValidationLi
 def event_id_of(event: events_pb2.Event) -> str:
     kind = event.WhichOneof("payload")
     return str(getattr(event, kind).event_id) if kind else ""
+
+
+_TYPE_ENUMS = {
+    "driver": events_pb2.DriverEvent.Type,
+    "kitchen": events_pb2.KitchenEvent.Type,
+    "order": events_pb2.OrderEvent.Type,
+}
+
+
+def event_type_of(event: events_pb2.Event) -> str:
+    """The event's type name (e.g. ``PLACED``), ``invalid`` for unknown values, ``none`` without payload."""
+    kind = event.WhichOneof("payload")
+    if kind is None:
+        return "none"
+    value = getattr(event, kind).type
+    names = _TYPE_ENUMS[kind].DESCRIPTOR.values_by_number
+    return str(names[value].name) if value in names else "invalid"

@@ -134,8 +134,11 @@ def test_servers_have_probes_and_batch_pods_do_not_need_them(
             if "grpc" in ports:
                 servers += 1
                 assert w["kind"] == "Deployment", where
+                # With TLS on the gRPC port the probes use the plaintext, health-only port (kubelet gRPC
+                # probes cannot do TLS).
+                probe_port = ports.get("health", ports["grpc"])
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                    assert c[probe]["grpc"]["port"] == ports["grpc"], f"{where} {probe}"
+                    assert c[probe]["grpc"]["port"] == probe_port, f"{where} {probe}"
                     assert c[probe]["grpc"].get("service", "") == "", f"{where} {probe}"
             elif ports:
                 # Dev infrastructure servers.

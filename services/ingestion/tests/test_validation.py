@@ -6,7 +6,7 @@ import pytest
 
 from eta.v1 import events_pb2
 from eta_common.timeutil import timestamp_from_ms
-from ingestion.validation import ValidationLimits, validate_event
+from ingestion.validation import ValidationLimits, event_type_of, validate_event
 
 NOW = 1_800_000_000_000
 LIMITS = ValidationLimits(max_future_skew_ms=300_000, max_age_ms=86_400_000)
@@ -115,3 +115,45 @@ def test_type_specific_requirements() -> None:
         )
     )
     assert violations(accepted) == [("kitchen.order_id", "required")]
+
+
+@pytest.mark.parametrize(
+    ("event", "field"),
+    [
+        (order(type=events_pb2.OrderEvent.CANCELLED, customer_id=" x"), "order.customer_id"),
+        (order(type=events_pb2.OrderEvent.PLACED, driver_id="d" * 129), "order.driver_id"),
+    ],
+)
+def test_optional_ids_follow_the_id_rules_when_set(event: events_pb2.Event, field: str) -> None:
+    assert [f for f, _ in violations(event)] == [field]
+
+
+def test_optional_ids_of_driver_and_kitchen_events() -> None:
+    ping = events_pb2.Event(
+        driver=events_pb2.DriverEvent(
+            event_id="e",
+            event_time=timestamp_from_ms(NOW),
+            driver_id="d",
+            type=events_pb2.DriverEvent.LOCATION,
+            location=HERE,
+            order_id="\n",
+        )
+    )
+    assert [f for f, _ in violations(ping)] == ["driver.order_id"]
+    opened = events_pb2.Event(
+        kitchen=events_pb2.KitchenEvent(
+            event_id="e",
+            event_time=timestamp_from_ms(NOW),
+            restaurant_id="r",
+            type=events_pb2.KitchenEvent.OPENED,
+        )
+    )
+    assert violations(opened) == []
+    opened.kitchen.order_id = "o" * 200
+    assert [f for f, _ in violations(opened)] == ["kitchen.order_id"]
+
+
+def test_event_type_names_for_metrics() -> None:
+    assert event_type_of(order()) == "PLACED"
+    assert event_type_of(order(type=77)) == "invalid"
+    assert event_type_of(events_pb2.Event()) == "none"

@@ -187,6 +187,25 @@ OTEL_TRACES_SAMPLER_ARG: {{ .Values.telemetry.samplerArg | toString | quote }}
 {{- end }}
 {{- end -}}
 
+{{/* Auth / TLS environment of a gRPC component (ingestion). Call with (dict "auth" map "tls" map). The files
+are the Secret volumes mounted in templates/components.yaml. */}}
+{{- define "eta-platform.grpcSecurityEnv" -}}
+{{- if .auth.enabled }}
+- name: INGESTION_AUTH_REQUIRED
+  value: {{ .auth.required | toString | quote }}
+- name: INGESTION_AUTH_TOKENS_FILE
+  value: {{ printf "/etc/eta/auth/%s" .auth.secretKey | quote }}
+{{- end }}
+{{- if .tls.enabled }}
+- name: GRPC_TLS_CERT_FILE
+  value: "/etc/eta/tls/tls.crt"
+- name: GRPC_TLS_KEY_FILE
+  value: "/etc/eta/tls/tls.key"
+- name: GRPC_HEALTH_PORT
+  value: {{ .tls.healthPort | toString | quote }}
+{{- end }}
+{{- end -}}
+
 {{- define "eta-platform.envFrom" -}}
 - configMapRef:
     name: {{ include "eta-platform.configMapName" . }}
@@ -319,6 +338,22 @@ volumes:
 {{- range $name, $c := .Values.components -}}
 {{- if and $c.enabled $c.autoscaling.enabled (lt (int $c.autoscaling.maxReplicas) (int $c.autoscaling.minReplicas)) -}}
 {{- fail (printf "components.%s.autoscaling.maxReplicas must be >= minReplicas" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- range $name, $c := .Values.components -}}
+{{- $auth := $c.auth | default dict -}}
+{{- $tls := $c.tls | default dict -}}
+{{- if and $c.enabled (or $auth.enabled $tls.enabled) (ne $name "ingestion") -}}
+{{- fail (printf "components.%s: auth and tls are only supported by the ingestion component" $name) -}}
+{{- end -}}
+{{- if and $c.enabled $auth.enabled (not $auth.existingSecret) -}}
+{{- fail (printf "components.%s.auth.existingSecret is required when auth is enabled (tokens never go into values)" $name) -}}
+{{- end -}}
+{{- if and $c.enabled $tls.enabled (not $tls.existingSecret) -}}
+{{- fail (printf "components.%s.tls.existingSecret (a kubernetes.io/tls Secret) is required when tls is enabled" $name) -}}
+{{- end -}}
+{{- if and $c.enabled $tls.enabled (has (int $tls.healthPort) (list (int $c.grpcPort) (int $c.metricsPort))) -}}
+{{- fail (printf "components.%s.tls.healthPort must differ from grpcPort and metricsPort" $name) -}}
 {{- end -}}
 {{- end -}}
 {{- with .Values.components.aggregator -}}
