@@ -31,7 +31,7 @@ __all__ = ["HopStats", "hop_stats", "jaeger_spans", "load_spans", "render"]
 Span = dict[str, Any]
 
 EVENT_HOPS = (
-    "ingest: PublishEvents handling",
+    "ingest: PublishEvents/StreamEvents handling",
     "ingest: Kafka produce (send -> ack)",
     "kafka: queued (append -> consumed)",
     "aggregate: process record",
@@ -122,7 +122,9 @@ def _journeys(spans: Sequence[Span]) -> list[dict[str, float]]:
         totals: dict[str, float] = {}
         for span in trace_spans:
             name, kind, attrs = span["name"], span["kind"], span.get("attributes", {})
-            if name.endswith("IngestionService/PublishEvents") and kind == "SERVER":
+            if kind == "SERVER" and name.endswith(
+                ("IngestionService/PublishEvents", "IngestionService/StreamEvents")
+            ):
                 hops[EVENT_HOPS[0]] = _ms(span)
             elif kind == "PRODUCER":
                 hops[EVENT_HOPS[1]] = max(hops.get(EVENT_HOPS[1], 0.0), _ms(span))

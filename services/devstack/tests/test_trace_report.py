@@ -90,7 +90,7 @@ def test_reads_json_lines_and_skips_partial_lines(tmp_path: Path, capsys: pytest
     path.write_text("\n".join(json.dumps(s) for s in event_journey("t1", 1.0)) + '\n{"trace_id": ')
     assert len(load_spans([path, tmp_path / "missing.jsonl"])) == 4
     main([str(path)])
-    assert "ingest: PublishEvents handling" in capsys.readouterr().out
+    assert "ingest: PublishEvents/StreamEvents handling" in capsys.readouterr().out
 
 
 @pytest.fixture
