@@ -30,6 +30,7 @@ from eta.v1 import features_pb2, features_pb2_grpc
 from eta_common.db.migrate import apply_migrations
 from eta_common.grpc_server import GrpcService, serve
 from eta_common.kafka import Topics, ensure_topics, make_consumer
+from eta_common.live_accuracy import AccuracyGauges, live_accuracy
 from eta_common.logs import configure_logging
 from eta_common.online_store import OnlineStore
 from eta_common.telemetry import setup_tracing
@@ -87,6 +88,17 @@ def build(settings: config.AggregatorSettings) -> GrpcService:
         finally:
             writer.cancel()
 
+    async def accuracy() -> None:
+        gauges = AccuracyGauges()
+        while True:
+            await asyncio.sleep(settings.accuracy_seconds)
+            try:
+                gauges.update(
+                    await live_accuracy(state["pool"], window_minutes=settings.accuracy_window_minutes)
+                )
+            except (asyncpg.PostgresError, OSError) as exc:
+                log.warning("live accuracy not refreshed", extra={"error": str(exc)})
+
     async def watchdog() -> None:
         while True:
             await asyncio.sleep(WATCHDOG_SECONDS)
@@ -113,7 +125,7 @@ def build(settings: config.AggregatorSettings) -> GrpcService:
         ],
         service_names=[features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name],
         on_start=[start],
-        background=[run_consumer, watchdog],
+        background=[run_consumer, watchdog, accuracy],
         on_stop=[stop],
     )
 

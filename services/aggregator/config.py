@@ -8,7 +8,9 @@ input later than this after their event_time do not change online features (stil
 archived history an automatic or ``eta-aggregator rebuild`` replays into an empty online store,
 ``AGGREGATOR_SESSION_TIMEOUT_MS`` [10000] consumer-group session timeout: how soon the partitions of a
 crashed replica move to the others, ``AGGREGATOR_FETCH_MAX_WAIT_MS`` [20] longest a fetch may wait for
-data: lower = fresher features, more idle fetch requests.
+data: lower = fresher features, more idle fetch requests, ``AGGREGATOR_ACCURACY_SECONDS`` [30] /
+``AGGREGATOR_ACCURACY_WINDOW_MINUTES`` [60] how often and over which window the live accuracy gauges
+(``eta_live_mae_minutes``, ``eta_live_interval_coverage_ratio`` …) are recomputed.
 Plus ``KAFKA_*``, ``REDIS_URL``, ``DATABASE_URL`` and ``OTEL_*``.
 """
 
@@ -42,6 +44,8 @@ class AggregatorSettings:
     rebuild_hours: float = 168.0
     session_timeout_ms: int = 10_000
     fetch_max_wait_ms: int = 20
+    accuracy_seconds: float = 30.0
+    accuracy_window_minutes: float = 60.0
 
     @classmethod
     def from_env(cls) -> AggregatorSettings:
@@ -60,4 +64,8 @@ class AggregatorSettings:
             rebuild_hours=env_float("AGGREGATOR_REBUILD_HOURS", cls.rebuild_hours, minimum=0.01),
             session_timeout_ms=env_int("AGGREGATOR_SESSION_TIMEOUT_MS", cls.session_timeout_ms, minimum=1000),
             fetch_max_wait_ms=env_int("AGGREGATOR_FETCH_MAX_WAIT_MS", cls.fetch_max_wait_ms, minimum=1),
+            accuracy_seconds=env_float("AGGREGATOR_ACCURACY_SECONDS", cls.accuracy_seconds, minimum=1),
+            accuracy_window_minutes=env_float(
+                "AGGREGATOR_ACCURACY_WINDOW_MINUTES", cls.accuracy_window_minutes, minimum=1
+            ),
         )

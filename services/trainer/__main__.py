@@ -131,7 +131,7 @@ def build_accuracy_parser() -> argparse.ArgumentParser:
 async def _accuracy(args: argparse.Namespace) -> int:
     import asyncpg
 
-    from trainer.accuracy import AccuracyGauges, live_accuracy
+    from eta_common.live_accuracy import AccuracyGauges, live_accuracy
 
     url = args.database_url or DatabaseSettings.from_env().url
     pool = await asyncpg.create_pool(url, min_size=1, max_size=1)

@@ -46,6 +46,7 @@ AGGREGATOR_ENV = {
     "SHUTDOWN_GRACE_SECONDS": "2",
     "LOG_FORMAT": "json",
     "OTEL_TRACES_SAMPLER": "always_off",
+    "AGGREGATOR_ACCURACY_SECONDS": "1",
 }
 
 
@@ -193,6 +194,14 @@ async def test_windows_are_exact_over_event_time_and_late_events_are_archived_no
     ]
     assert late_lines, "late-event metric missing"
     assert float(late_lines[0].split()[-1]) >= 1
+    # the live-accuracy gauges are refreshed by the aggregator every AGGREGATOR_ACCURACY_SECONDS
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    deadline = time.monotonic() + 15
+    while "eta_live_window_seconds 3600.0" not in body:
+        assert time.monotonic() < deadline, "live accuracy gauges never refreshed"
+        await asyncio.sleep(0.5)
+        body = await asyncio.to_thread(scrape, url)
+    assert "eta_live_delivered_orders 0.0" in body  # nothing delivered in this stream
 
 
 async def test_duplicates_change_nothing(

@@ -28,12 +28,12 @@ from devstack.stack import LocalStack, ServicePorts
 from eta.v1 import events_pb2, ingestion_pb2
 from eta_common.db.archive import ArchivedEvent, archive_events
 from eta_common.db.migrate import apply_migrations
+from eta_common.live_accuracy import AccuracyGauges, live_accuracy
 from eta_common.timeutil import datetime_from_ms, now_ms
 from simulator.city import CityConfig, GeoPoint
 from simulator.live import run_live
 from simulator.messages import OrderType, event_ms, order_event
 from trainer.__main__ import main as trainer_main
-from trainer.accuracy import AccuracyGauges, live_accuracy
 
 pytestmark = pytest.mark.integration
 MIN = 60_000

@@ -8,7 +8,8 @@ ETAs asked while tracking a placed order are not the promise the customer ordere
 is DELIVERED − PLACED by event time, as for training labels.
 
 :func:`live_accuracy` computes it (one SQL query); :class:`AccuracyGauges` exports it as Prometheus
-gauges for a service to refresh; ``eta-trainer accuracy`` prints it (or serves the gauges).
+gauges, refreshed by the aggregator every ``AGGREGATOR_ACCURACY_SECONDS``; ``eta-trainer accuracy`` prints
+it (or serves the gauges on its own).
 """
 
 from __future__ import annotations
