@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
+from typing import cast
 
 import asyncpg
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from eta.v1 import eta_pb2, eta_pb2_grpc
 from eta_common.grpc_server import GrpcService, serve
@@ -14,29 +19,97 @@ from eta_common.logs import configure_logging
 from eta_common.online_store import OnlineStore
 from eta_common.telemetry import setup_tracing
 from prediction import config
+from prediction.admission import AdmissionInterceptor
 from prediction.models import ModelHolder
+from prediction.prediction_log import PredictionLog, copy_sink
+from prediction.reader import CircuitBreaker, FeatureReader
+from prediction.redis_client import LeanRedis
 from prediction.server import EtaServicer
 
 log = logging.getLogger(__name__)
+SERVICE = eta_pb2.DESCRIPTOR.services_by_name["EtaService"].full_name
+
+
+def _online_store(settings: config.PredictionSettings) -> tuple[OnlineStore, LeanRedis | None]:
+    connect_timeout = max(settings.redis_timeout_ms / 1000.0, 0.5)
+    if settings.redis_client == "lean":
+        lean = LeanRedis.from_url(settings.redis.url, connect_timeout=connect_timeout)
+        # LeanRedis implements the part of redis.asyncio.Redis that OnlineStore's reads use.
+        return OnlineStore(cast(aioredis.Redis, lean)), lean
+    client = aioredis.Redis.from_url(
+        settings.redis.url,
+        decode_responses=False,
+        socket_connect_timeout=connect_timeout,
+        retry=Retry(NoBackoff(), 0),  # no hidden retries: the reader owns time budgets and fallbacks
+    )
+    return OnlineStore(client), None
 
 
 def build(settings: config.PredictionSettings) -> GrpcService:
-    store = OnlineStore.from_url(settings.redis.url)
-    models = ModelHolder()
+    store, lean = _online_store(settings)
+    models = ModelHolder(heuristic_fallback=settings.heuristic_fallback)
+    reader = FeatureReader(
+        store,
+        timeout_seconds=settings.redis_timeout_ms / 1000.0,
+        breaker=CircuitBreaker(
+            failures_to_open=settings.redis_failures_to_open, backoff_seconds=settings.redis_backoff_seconds
+        ),
+        on_timeout=lean.reset_if_stalled if lean is not None else None,
+    )
     state: dict[str, asyncpg.Pool] = {}
-    servicer = EtaServicer(store, models, staleness_budget_seconds=settings.staleness_budget_seconds)
+
+    async def sink(records: list[tuple[object, ...]]) -> None:
+        await copy_sink(state["pool"])(records)
+
+    prediction_log = (
+        PredictionLog(
+            sink,
+            capacity=settings.log_buffer,
+            batch_size=settings.log_batch,
+            flush_seconds=settings.log_flush_ms / 1000.0,
+        )
+        if settings.log_enabled
+        else None
+    )
+    servicer = EtaServicer(
+        reader,
+        models,
+        budgets={name: settings.budget_of(name) for name in config.ONLINE_FEATURES},
+        max_batch=settings.max_batch,
+        deadline_reserve_seconds=settings.deadline_reserve_ms / 1000.0,
+        prediction_log=prediction_log,
+    )
+    admission = AdmissionInterceptor(
+        service=SERVICE,
+        max_units=settings.max_in_flight,
+        costs={"PredictEtaBatch": lambda request: 1 + len(request.restaurants) // 10},
+        ready=servicer.can_answer,
+    )
 
     async def start() -> None:
-        state["pool"] = await asyncpg.create_pool(settings.database.url, min_size=1, max_size=2)
+        # min_size=0: no connection is needed to start, so a PostgreSQL outage does not stop serving
+        state["pool"] = await asyncpg.create_pool(settings.database.url, min_size=0, max_size=3)
         try:
             await models.refresh(state["pool"])
-        except (asyncpg.PostgresError, ValueError) as exc:
-            log.warning("no model loaded at start; serving the heuristic", extra={"error": str(exc)})
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            log.warning(
+                "registry unreachable at start; retrying every refresh period",
+                extra={"error": str(exc), "serving": models.current.version if models.current else None},
+            )
+        # Long-lived objects (modules, the model) leave the GC's generations: fewer, shorter pauses.
+        gc.collect()
+        gc.freeze()
 
     async def refresh() -> None:
         await models.refresh_forever(state["pool"], settings.model_refresh_seconds)
 
+    async def write_log() -> None:
+        if prediction_log is not None:
+            await prediction_log.run()
+
     async def stop() -> None:
+        if prediction_log is not None:
+            await prediction_log.close(timeout_seconds=max(settings.server.shutdown_grace_seconds, 1.0))
         await state["pool"].close()
         await store.close()
 
@@ -44,15 +117,16 @@ def build(settings: config.PredictionSettings) -> GrpcService:
         name="eta-prediction",
         settings=settings.server,
         register=[lambda server: eta_pb2_grpc.add_EtaServiceServicer_to_server(servicer, server)],
-        service_names=[eta_pb2.DESCRIPTOR.services_by_name["EtaService"].full_name],
+        service_names=[SERVICE],
         on_start=[start],
-        background=[refresh],
+        background=[refresh, write_log],
         on_stop=[stop],
+        interceptors=[admission],
     )
 
 
 async def run(settings: config.PredictionSettings) -> None:
-    """Build inside the event loop (aiokafka clients need a running loop) and serve until SIGTERM."""
+    """Build inside the event loop and serve until SIGTERM."""
     await serve(build(settings))
 
 

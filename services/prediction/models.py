@@ -1,62 +1,83 @@
 """The model currently serving, hot-reloaded from the registry.
 
-Until a model is promoted the service answers with a documented heuristic (``heuristic-v0``:
-10 min + 2.5 min per km + 2 min per order in the kitchen, range ±35 %), flagged by its version.
+``ModelHolder.current`` is replaced by one reference assignment once a new model is fully loaded and
+checked, so a request that took the reference keeps scoring with that model (its version in the reply
+always matches the numbers) and no request ever sees a half-loaded model. Until a model is promoted the
+service answers with the documented heuristic (``heuristic-v0``, see :class:`HeuristicModel`), flagged
+``HEURISTIC_MODEL``; with ``PREDICTION_HEURISTIC_FALLBACK=false`` ``current`` stays ``None`` and the
+service is NOT_SERVING until a model loads. A promoted model that cannot serve (unknown features, a
+corrupt bundle) is refused once and the current model keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
+import time
 
 import asyncpg
-import numpy as np
-import numpy.typing as npt
 
-from eta_common import features as F
 from eta_common.db.registry import load_promoted, promoted_version
 from eta_common.model_bundle import load_bundle
+from prediction import metrics
+from prediction.inference import HeuristicModel, QuantileModel, ServingModel
+
+__all__ = ["HeuristicModel", "ModelHolder", "QuantileModel", "ServingModel", "load_model"]
 
 log = logging.getLogger(__name__)
-Array = npt.NDArray[np.float64]
 
 
-class Model(Protocol):
-    version: str
-    feature_names: list[str]
-
-    def predict(self, rows: Array) -> tuple[Array, Array, Array]: ...
-
-
-class HeuristicModel:
-    version = "heuristic-v0"
-    feature_names = list(F.FEATURE_NAMES)
-
-    def predict(self, rows: Array) -> tuple[Array, Array, Array]:
-        distance = rows[:, self.feature_names.index(F.DISTANCE_KM)]
-        kitchen = np.nan_to_num(rows[:, self.feature_names.index(F.ORDERS_IN_KITCHEN)])
-        point = 10.0 + 2.5 * distance + 2.0 * kitchen
-        return point, point * 0.65, point * 1.35
+def load_model(version: str, blob: bytes) -> QuantileModel:
+    """Parse and check a registry bundle (CPU-bound: call it in a thread)."""
+    return QuantileModel(load_bundle(version, blob))
 
 
 class ModelHolder:
-    """Holds the serving model; ``current`` is swapped atomically (one reference assignment)."""
+    def __init__(self, *, heuristic_fallback: bool = True) -> None:
+        self.heuristic: HeuristicModel | None = HeuristicModel() if heuristic_fallback else None
+        self.current: ServingModel | None = self.heuristic
+        self._refused: str | None = None
+        self._publish(self.current)
 
-    def __init__(self) -> None:
-        self.current: Model = HeuristicModel()
+    def install(self, model: ServingModel) -> None:
+        """Make ``model`` the serving model (atomic for every request that starts afterwards)."""
+        self.current = model
+        self._publish(model)
+
+    def _publish(self, model: ServingModel | None) -> None:
+        metrics.MODEL.info(
+            {
+                "version": model.version if model else "",
+                "kind": "none" if model is None else ("heuristic" if model.is_heuristic else "lightgbm"),
+            }
+        )
+        if model is not None and not model.is_heuristic:
+            metrics.MODEL_LOADED_AT.set(time.time())
 
     async def refresh(self, pool: asyncpg.Pool) -> bool:
         """Load the promoted model if it changed. Returns True when a new model was installed."""
         version = await promoted_version(pool)
-        if version is None or version == self.current.version:
+        current = self.current
+        if version is None or version == self._refused:
+            return False
+        if current is not None and version == current.version:
             return False
         registered = await load_promoted(pool)
         if registered is None:
             return False
-        model = await asyncio.to_thread(load_bundle, registered.version, registered.blob)
-        self.current = model
-        log.info("model loaded", extra={"model_version": model.version})
+        try:
+            model = await asyncio.to_thread(load_model, registered.version, registered.blob)
+        except (ValueError, KeyError, RuntimeError) as exc:  # bad bundle / unknown features / LightGBM error
+            self._refused = registered.version
+            metrics.MODEL_LOADS.labels("refused").inc()
+            log.error(
+                "promoted model refused; keeping the current one",
+                extra={"model_version": registered.version, "error": str(exc)},
+            )
+            return False
+        self.install(model)
+        metrics.MODEL_LOADS.labels("loaded").inc()
+        log.info("model loaded", extra={"model_version": model.version, "fast_path": model.fast_path})
         return True
 
     async def refresh_forever(self, pool: asyncpg.Pool, every_seconds: float) -> None:
@@ -64,5 +85,6 @@ class ModelHolder:
             await asyncio.sleep(every_seconds)
             try:
                 await self.refresh(pool)
-            except (asyncpg.PostgresError, OSError, ValueError) as exc:
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                metrics.MODEL_LOADS.labels("registry_error").inc()
                 log.warning("model refresh failed; keeping the current model", extra={"error": str(exc)})

@@ -1,40 +1,116 @@
-"""EtaService servicer: one Redis round trip for the features, in-process LightGBM, a range."""
+"""EtaService: features in one Redis round trip, the model in-process, a range with provenance.
+
+Both RPCs share one path: validate → time budget from the client's deadline → read the online features of
+every restaurant in one pipeline (:mod:`prediction.reader`, never an error) → add the request-time
+features → score all rows with the model in one call on this thread → per row: quality from each
+feature's presence and age against its staleness budget → reply, metrics, and a row per prediction for
+the prediction log (queued, written in the background).
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
+import secrets
 import time
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeAlias
 
 import grpc
 import numpy as np
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
-from redis.exceptions import RedisError
 
 from eta.v1 import eta_pb2, eta_pb2_grpc
 from eta_common import features as F
-from eta_common.feature_proto import to_feature_values
 from eta_common.geo import check_point
 from eta_common.grpc_errors import abort_bad_request
-from eta_common.online_store import FeatureReading, OnlineStore, RestaurantFeatures
+from eta_common.online_store import RestaurantFeatures
 from eta_common.timeutil import now_ms
 from prediction import metrics
+from prediction.config import ONLINE_FEATURES
+from prediction.inference import Array, ServingModel
 from prediction.models import ModelHolder
+from prediction.prediction_log import LoggedPrediction, PredictionLog
+from prediction.reader import FeatureReader
+
+__all__ = ["EtaServicer", "RequestIds"]
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("eta.prediction")
 Quality = eta_pb2.PredictEtaResponse.FeatureQuality
+QualityValue: TypeAlias = eta_pb2.PredictEtaResponse.FeatureQuality.ValueType
+Degradation = eta_pb2.Degradation
+DegradationValue: TypeAlias = eta_pb2.Degradation.ValueType
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+_K = len(F.FEATURE_NAMES)
+_ONLINE_IDX = [F.FEATURE_NAMES.index(name) for name in ONLINE_FEATURES]
+_DISTANCE_IDX = F.FEATURE_NAMES.index(F.DISTANCE_KM)
+_HOUR_IDX = F.FEATURE_NAMES.index(F.HOUR_OF_WEEK)
+_ONLINE_SET = frozenset(ONLINE_FEATURES)
+_ONLINE_NAME_IDX = list(zip(ONLINE_FEATURES, _ONLINE_IDX, strict=True))
+# Time kept for scoring and replying per restaurant of a batch, on top of PREDICTION_DEADLINE_RESERVE_MS.
+RESERVE_PER_ROW_SECONDS = 0.00005
+_QUALITY_NAMES = {q: Quality.Name(q) for q in (Quality.COMPLETE, Quality.STALE, Quality.MISSING)}
+
+
+class RequestIds:
+    """``p-<random>-<n>``: unique across replicas (random prefix per process) and cheap."""
+
+    def __init__(self, prefix: str | None = None) -> None:
+        self._prefix = prefix or f"p-{secrets.token_hex(4)}-"
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter)}"
+
+
+@dataclass(slots=True)
+class _Row:
+    """One scored restaurant, in the canonical feature layout (``eta_common.features.FEATURE_NAMES``)."""
+
+    features: RestaurantFeatures
+    values: list[float]
+    ages: list[float | None]  # seconds since the store changed the feature; None = unknown
+    stale: list[str]
+    missing: list[str]
+    quality: QualityValue = Quality.COMPLETE
 
 
 class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
-    def __init__(self, store: OnlineStore, models: ModelHolder, *, staleness_budget_seconds: float) -> None:
-        self._store = store
+    def __init__(
+        self,
+        reader: FeatureReader,
+        models: ModelHolder,
+        *,
+        budgets: Mapping[str, float],
+        max_batch: int = 100,
+        deadline_reserve_seconds: float = 0.002,
+        prediction_log: PredictionLog | None = None,
+        request_ids: RequestIds | None = None,
+    ) -> None:
+        self._reader = reader
         self._models = models
-        self._budget = staleness_budget_seconds
+        self._budgets = [budgets[name] for name in ONLINE_FEATURES]
+        self._max_batch = max_batch
+        self._reserve = deadline_reserve_seconds
+        self._log = prediction_log
+        self._ids = request_ids or RequestIds()
+        self._quality_counters = {q: metrics.QUALITY.labels(name) for q, name in _QUALITY_NAMES.items()}
+        self._stale_counters = {name: metrics.STALE_FEATURES.labels(name) for name in ONLINE_FEATURES}
+        self._missing_counters = {name: metrics.MISSING_FEATURES.labels(name) for name in ONLINE_FEATURES}
+        self._heuristic_fallbacks = metrics.FALLBACKS.labels("heuristic_model")
+
+    def can_answer(self) -> bool:
+        """False only when no model can answer at all (no registry model and the heuristic disabled)."""
+        return self._models.current is not None
+
+    # --- RPCs -----------------------------------------------------------------------------------------
 
     async def PredictEta(
-        self, request: eta_pb2.PredictEtaRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: eta_pb2.PredictEtaRequest, context: Context
     ) -> eta_pb2.PredictEtaResponse:
         violations: list[tuple[str, str]] = []
         if not request.restaurant_id:
@@ -55,72 +131,310 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         )
         if violations:
             await abort_bad_request(context, violations)
+        budget = await self._time_budget(context, "PredictEta", 1)
+        model = await self._model(context, "PredictEta")
         now = now_ms()
         rloc = (request.restaurant_location.lat, request.restaurant_location.lng)
-        snapshot = await self._read_features(request.restaurant_id, rloc, now)
-        snapshot.readings[F.DISTANCE_KM] = FeatureReading(
-            F.DISTANCE_KM,
-            F.haversine_km(*rloc, request.customer_location.lat, request.customer_location.lng),
-            True,
+        found, degradation = await self._reader.read(
+            [(request.restaurant_id, rloc)], now_ms=now, budget_seconds=budget
         )
-        snapshot.readings[F.HOUR_OF_WEEK] = FeatureReading(F.HOUR_OF_WEEK, float(F.hour_of_week(now)), True)
-        model = self._models.current
-        started = time.perf_counter()
-        with tracer.start_as_current_span("model inference", attributes={"eta.model.version": model.version}):
-            row = np.array([snapshot.vector(model.feature_names)], dtype=np.float64)
-            point, low, high = model.predict(row)
-        metrics.LATENCY.labels("inference").observe(time.perf_counter() - started)
-        quality = self._quality(snapshot, now)
-        metrics.QUALITY.labels(Quality.Name(quality)).inc()
-        trace.get_current_span().set_attributes(
-            {"eta.model.version": model.version, "eta.feature_quality": Quality.Name(quality)}
+        customer = (request.customer_location.lat, request.customer_location.lng)
+        rows = self._rows(found, customer, now)
+        model, (point, low, high), degradations = await self._score(
+            context, "PredictEta", model, rows, degradation
         )
-        return eta_pb2.PredictEtaResponse(
+        row = rows[0]
+        request_id = request.request_id or self._ids.next()
+        reply = eta_pb2.PredictEtaResponse(
             restaurant_id=request.restaurant_id,
             eta_minutes=float(point[0]),
             eta_low_minutes=float(low[0]),
             eta_high_minutes=float(high[0]),
             model_version=model.version,
-            feature_quality=quality,
-            features=to_feature_values((snapshot.readings[name] for name in model.feature_names), now),
+            feature_quality=row.quality,
+            stale_features=row.stale,
+            missing_features=row.missing,
+            degradations=degradations,
+            request_id=request_id,
         )
+        self._add_feature_values(reply.features, model, row, now)
+        self._account(model, rows, point, low, high, request_id, now)
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "eta.model.version": model.version,
+                    "eta.feature_quality": _QUALITY_NAMES[row.quality],
+                    "eta.request_id": request_id,
+                }
+            )
+        return reply
 
-    async def _read_features(
-        self, restaurant_id: str, location: tuple[float, float], now: int
-    ) -> RestaurantFeatures:
+    async def PredictEtaBatch(
+        self, request: eta_pb2.PredictEtaBatchRequest, context: Context
+    ) -> eta_pb2.PredictEtaBatchResponse:
+        restaurants = request.restaurants
+        violations: list[tuple[str, str]] = []
+        check_point(
+            violations,
+            "customer_location",
+            request.HasField("customer_location"),
+            request.customer_location,
+            required=True,
+        )
+        if not restaurants:
+            violations.append(("restaurants", "at least one restaurant is required"))
+        elif len(restaurants) > self._max_batch:
+            violations.append(
+                ("restaurants", f"at most {self._max_batch} restaurants per call, got {len(restaurants)}")
+            )
+        else:
+            for i, item in enumerate(restaurants):
+                if not item.restaurant_id:
+                    violations.append((f"restaurants[{i}].restaurant_id", "required"))
+                check_point(
+                    violations,
+                    f"restaurants[{i}].location",
+                    item.HasField("location"),
+                    item.location,
+                    required=True,
+                )
+        if violations:
+            await abort_bad_request(context, violations)
+        metrics.BATCH_SIZE.observe(len(restaurants))
+        budget = await self._time_budget(context, "PredictEtaBatch", len(restaurants))
+        model = await self._model(context, "PredictEtaBatch")
+        now = now_ms()
+        wanted = [(item.restaurant_id, (item.location.lat, item.location.lng)) for item in restaurants]
+        found, degradation = await self._reader.read(wanted, now_ms=now, budget_seconds=budget)
+        customer = (request.customer_location.lat, request.customer_location.lng)
+        rows = self._rows(found, customer, now)
+        model, (point, low, high), degradations = await self._score(
+            context, "PredictEtaBatch", model, rows, degradation
+        )
+        request_id = request.request_id or self._ids.next()
+        columns = model.columns
+        points, lows, highs = point.tolist(), low.tolist(), high.tolist()
+        etas = []
+        for i, row in enumerate(rows):
+            values, ages = row.values, row.ages
+            etas.append(
+                eta_pb2.RestaurantEta(
+                    restaurant_id=row.features.restaurant_id,
+                    eta_minutes=points[i],
+                    eta_low_minutes=lows[i],
+                    eta_high_minutes=highs[i],
+                    feature_quality=row.quality,
+                    feature_values=[0.0 if math.isnan(v) else v for v in (values[c] for c in columns)],
+                    feature_ages_seconds=[a or 0.0 for a in (ages[c] for c in columns)],
+                    stale_features=row.stale,
+                    missing_features=row.missing,
+                )
+            )
+        reply = eta_pb2.PredictEtaBatchResponse(
+            request_id=request_id,
+            model_version=model.version,
+            feature_names=model.feature_names,
+            etas=etas,
+            degradations=degradations,
+        )
+        self._account(model, rows, point, low, high, request_id, now)
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "eta.model.version": model.version,
+                    "eta.request_id": request_id,
+                    "eta.restaurants": len(rows),
+                    "eta.rows_stale": sum(1 for r in rows if r.quality == Quality.STALE),
+                    "eta.rows_missing": sum(1 for r in rows if r.quality == Quality.MISSING),
+                }
+            )
+        return reply
+
+    # --- steps ----------------------------------------------------------------------------------------
+
+    async def _time_budget(self, context: Context, method: str, rows: int) -> float | None:
+        """Seconds the feature read may take, from the client's deadline (None: no deadline)."""
+        remaining = context.time_remaining()
+        if remaining is None:
+            return None
+        reserve = self._reserve + rows * RESERVE_PER_ROW_SECONDS
+        if remaining <= reserve:
+            metrics.REJECTED.labels(method, "deadline").inc()
+            await _abort(
+                context,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"{remaining * 1000:.2f} ms left of the deadline, {reserve * 1000:.2f} ms needed to answer "
+                "(PREDICTION_DEADLINE_RESERVE_MS)",
+            )
+        return float(remaining - reserve)
+
+    async def _model(self, context: Context, method: str) -> ServingModel:
+        model = self._models.current
+        if model is None:
+            metrics.REJECTED.labels(method, "no_model").inc()
+            await _abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "no model loaded yet and the heuristic fallback is disabled (PREDICTION_HEURISTIC_FALLBACK); "
+                "waiting for a promoted model in the registry",
+            )
+        return model
+
+    def _rows(
+        self, found: Sequence[RestaurantFeatures], customer: tuple[float, float], now: int
+    ) -> list[_Row]:
+        hour = float(F.hour_of_week(now))
+        clat, clng = customer
+        budgets = self._budgets
+        rows = []
+        for feats in found:
+            values = [0.0] * _K
+            ages: list[float | None] = [None] * _K
+            stale: list[str] = []
+            missing: list[str] = []
+            readings = feats.readings
+            for j, name in enumerate(ONLINE_FEATURES):
+                reading = readings[name]
+                k = _ONLINE_IDX[j]
+                value = values[k] = reading.value
+                updated = reading.updated_ms
+                age = None if updated is None else max(0.0, (now - updated) / 1000.0)
+                ages[k] = age
+                if not reading.present or math.isnan(value):  # NaN: the store had nothing to average
+                    missing.append(name)
+                elif age is not None and age > budgets[j]:
+                    stale.append(name)
+            location = feats.location
+            assert location is not None
+            values[_DISTANCE_IDX] = F.haversine_km(location[0], location[1], clat, clng)
+            values[_HOUR_IDX] = hour
+            ages[_DISTANCE_IDX] = ages[_HOUR_IDX] = 0.0
+            quality = Quality.MISSING if missing else (Quality.STALE if stale else Quality.COMPLETE)
+            rows.append(_Row(feats, values, ages, stale, missing, quality))
+        return rows
+
+    async def _score(
+        self,
+        context: Context,
+        method: str,
+        model: ServingModel,
+        rows: list[_Row],
+        degradation: DegradationValue | None,
+    ) -> tuple[ServingModel, tuple[Array, Array, Array], list[DegradationValue]]:
+        """Score every row in one call. If the model fails, the heuristic answers (if allowed), else the
+        call is UNAVAILABLE with the reason."""
+        degradations = [] if degradation is None else [degradation]
+        matrix = np.array([row.values for row in rows], dtype=np.float64)
         started = time.perf_counter()
-        with tracer.start_as_current_span(
-            "redis read features",
-            kind=SpanKind.CLIENT,
-            attributes={"db.system": "redis", "db.operation.name": "pipeline"},
-        ) as span:
-            try:
-                snapshot = await self._store.read_restaurant(restaurant_id, now_ms=now, location=location)
-            except (RedisError, OSError) as exc:
-                # Degrade, don't fail: answer from defaults and flag MISSING.
-                metrics.FALLBACKS.labels("redis_unavailable").inc()
+        span = (
+            tracer.start_span(
+                "model inference", attributes={"eta.model.version": model.version, "eta.rows": len(rows)}
+            )
+            if trace.get_current_span().is_recording()
+            else None
+        )
+        try:
+            result = model.predict(matrix)
+        except Exception as exc:  # a broken model must not fail the call while a fallback exists
+            heuristic = self._models.heuristic
+            if heuristic is None or model is heuristic:
+                log.exception("model failed", extra={"model_version": model.version})
+                metrics.REJECTED.labels(method, "model_error").inc()
+                await _abort(context, grpc.StatusCode.UNAVAILABLE, f"model {model.version} failed: {exc!r}")
+            log.exception(
+                "model failed; answering with the heuristic", extra={"model_version": model.version}
+            )
+            metrics.FALLBACKS.labels("model_error").inc(len(rows))
+            if span is not None:
                 span.record_exception(exc)
-                log.warning("online store unavailable; using feature defaults", extra={"error": str(exc)})
-                snapshot = RestaurantFeatures(restaurant_id, now, location=location)
-                for name, default in F.DEFAULTS.items():
-                    snapshot.readings[name] = FeatureReading(name, default, False)
-                return snapshot
-            for reading in snapshot.readings.values():
-                age = reading.age_seconds(now)
-                if age is not None:
-                    span.set_attribute(f"eta.feature_age_s.{reading.name}", age)
-                    metrics.FEATURE_AGE.labels(reading.name).observe(age)
-        metrics.LATENCY.labels("redis_read").observe(time.perf_counter() - started)
-        return snapshot
+            model, result = heuristic, heuristic.predict(matrix)
+        finally:
+            if span is not None:
+                span.end()
+        metrics.STAGE_INFERENCE.observe(time.perf_counter() - started)
+        if model.is_heuristic:
+            degradations.append(Degradation.HEURISTIC_MODEL)
+            self._heuristic_fallbacks.inc(len(rows))
+        return model, result, degradations
 
-    def _quality(
-        self, snapshot: RestaurantFeatures, now: int
-    ) -> eta_pb2.PredictEtaResponse.FeatureQuality.ValueType:
-        quality: eta_pb2.PredictEtaResponse.FeatureQuality.ValueType = Quality.COMPLETE
-        for reading in snapshot.readings.values():
-            if not reading.present:
-                return Quality.MISSING
-            age = reading.age_seconds(now)
-            if age is not None and age > self._budget:
-                quality = Quality.STALE
-        return quality
+    @staticmethod
+    def _add_feature_values(out: Any, model: ServingModel, row: _Row, now: int) -> None:
+        """The model's features as ``FeatureValue`` (same rules as ``eta_common.feature_proto``), built
+        in place: a third of the cost of constructing messages and copying them in."""
+        readings = row.features.readings
+        add = out.add
+        for name, column in zip(model.feature_names, model.columns, strict=True):
+            if name not in _ONLINE_SET:  # request-time: always present, age 0
+                add(name=name, value=row.values[column], present=True)
+                continue
+            reading = readings[name]
+            value, present = reading.value, reading.present
+            if math.isnan(value):
+                value, present = 0.0, False
+            updated, event = reading.updated_ms, reading.event_ms
+            if updated is None:
+                feature = add(name=name, value=value, present=present)
+            else:
+                feature = add(
+                    name=name, value=value, present=present, age_seconds=max(0.0, (now - updated) / 1000.0)
+                )
+                feature.updated_at.seconds, rest = divmod(updated, 1000)
+                feature.updated_at.nanos = rest * 1_000_000
+            if event is not None:
+                feature.event_time.seconds, rest = divmod(event, 1000)
+                feature.event_time.nanos = rest * 1_000_000
+
+    def _account(
+        self,
+        model: ServingModel,
+        rows: list[_Row],
+        point: Array,
+        low: Array,
+        high: Array,
+        request_id: str,
+        now: int,
+    ) -> None:
+        """Metrics and the prediction log, for every row."""
+        observed: list[list[float | None]] = []
+        for row in rows:
+            self._quality_counters[row.quality].inc()
+            for name in row.stale:
+                self._stale_counters[name].inc()
+            for name in row.missing:
+                self._missing_counters[name].inc()
+            if not row.missing:
+                observed.append([row.ages[k] for k in _ONLINE_IDX])
+            else:
+                missing = row.missing
+                ages = row.ages
+                observed.append([None if name in missing else ages[k] for name, k in _ONLINE_NAME_IDX])
+        metrics.FEATURE_AGE.observe_rows(observed)
+        plog = self._log
+        if plog is None:
+            return
+        columns = model.columns
+        names = model.feature_names
+        points, lows, highs = point.tolist(), low.tolist(), high.tolist()
+        for i, row in enumerate(rows):
+            plog.add(
+                LoggedPrediction(
+                    now,
+                    request_id,
+                    row.features.restaurant_id,
+                    model.version,
+                    points[i],
+                    lows[i],
+                    highs[i],
+                    _QUALITY_NAMES[row.quality],
+                    names,
+                    [row.values[c] for c in columns],
+                )
+            )
+        metrics.LOG_BUFFERED.set(len(plog))
+
+
+async def _abort(context: Context, code: grpc.StatusCode, details: str) -> NoReturn:
+    await context.abort(code, details)
+    raise AssertionError("unreachable")  # abort raises

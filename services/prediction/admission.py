@@ -1,0 +1,138 @@
+"""Admission control, per-RPC latency and readiness, as one server interceptor.
+
+* **Load shedding.** Each call holds admission units while it runs (PredictEta 1, PredictEtaBatch
+  ``1 + restaurants // 10``, roughly its cost). A call that would take the units in flight over
+  ``PREDICTION_MAX_IN_FLIGHT`` is refused at once with RESOURCE_EXHAUSTED instead of queueing behind
+  the others (a call is always admitted when nothing is in flight, so a large batch cannot starve).
+  On one event loop the units in flight are exactly the calls that started and have not answered, so
+  the limit bounds both memory and the queueing delay a newly admitted call can suffer.
+* **Latency.** ``eta_prediction_rpc_seconds{method, code}`` for every EtaService call, shed ones too.
+* **Readiness.** ``grpc.health.v1.Health/Check`` for ``""`` and ``eta.v1.EtaService`` answers
+  NOT_SERVING while the service cannot answer at all (no model and no heuristic); otherwise the
+  standard health servicer answers (SERVING, or NOT_SERVING once shutdown began). Redis being down
+  does not make the service unready: it still answers, from the feature defaults.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from prediction import metrics
+
+__all__ = ["AdmissionInterceptor"]
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+Handler = Any  # grpc.RpcMethodHandler (grpc is untyped here)
+
+
+def _code_name(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    if code is None or code == 0:
+        return "OK"
+    return next((c.name for c in grpc.StatusCode if c.value[0] == code), str(code))
+
+
+class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(
+        self,
+        *,
+        service: str,
+        max_units: int,
+        costs: Mapping[str, Callable[[Any], int]],
+        ready: Callable[[], bool],
+    ) -> None:
+        self._service = service
+        self._prefix = f"/{service}/"
+        self._max_units = max_units
+        self._costs = costs
+        self._ready = ready
+        self.in_flight = 0
+        self._wrapped: dict[int, tuple[Handler, Handler]] = {}  # id(original) -> (original, wrapped)
+        self._latency: dict[tuple[str, str], Any] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method
+        cached = self._wrapped.get(id(handler))
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        if method == HEALTH_CHECK:
+            wrapped = self._health_check(handler)
+        elif method.startswith(self._prefix):
+            wrapped = self._admitted(method[len(self._prefix) :], handler)
+        else:
+            return handler
+        self._wrapped[id(handler)] = (handler, wrapped)
+        return wrapped
+
+    def _observe(self, method: str, code: str, seconds: float) -> None:
+        child = self._latency.get((method, code))
+        if child is None:
+            child = self._latency[(method, code)] = metrics.RPC_LATENCY.labels(method, code)
+        child.observe(seconds)
+
+    def _admitted(self, method: str, handler: Handler) -> Handler:
+        inner = handler.unary_unary
+        cost = self._costs.get(method, lambda _request: 1)
+        shed = metrics.REJECTED.labels(method, "overloaded")
+
+        async def admitted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            units = cost(request)
+            in_flight = self.in_flight
+            if in_flight and in_flight + units > self._max_units:
+                shed.inc()
+                self._observe(method, "RESOURCE_EXHAUSTED", time.perf_counter() - started)
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"overloaded: {in_flight} admission units in flight, limit {self._max_units} "
+                    "(PREDICTION_MAX_IN_FLIGHT); retry with backoff or on another replica",
+                )
+            self.in_flight = in_flight + units
+            metrics.IN_FLIGHT.set(self.in_flight)
+            code = "OK"
+            try:
+                return await inner(request, context)
+            except BaseException:
+                code = _code_name(context)
+                if code == "OK":
+                    code = "UNKNOWN"
+                raise
+            finally:
+                self.in_flight -= units
+                metrics.IN_FLIGHT.set(self.in_flight)
+                self._observe(method, code, time.perf_counter() - started)
+
+        return grpc.unary_unary_rpc_method_handler(
+            admitted,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _health_check(self, handler: Handler) -> Handler:
+        inner = handler.unary_unary
+        ours = ("", self._service)
+
+        async def check(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if request.service in ours and not self._ready():
+                return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            check,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

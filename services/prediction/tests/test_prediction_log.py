@@ -1,0 +1,112 @@
+"""The prediction log never blocks or fails a request: bounded buffer (drop and count), batched writes,
+failed batches dropped and counted, and a final flush on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from typing import Any
+
+from prediction import metrics
+from prediction.prediction_log import COLUMNS, LoggedPrediction, PredictionLog, features_document
+
+
+def row(i: int, values: tuple[float, float] = (1.0, math.nan)) -> LoggedPrediction:
+    return LoggedPrediction(
+        1_800_000_000_000 + i, f"req-{i}", "r1", "v1", 20.0, 15.0, 28.0, "MISSING",
+        ("orders_in_kitchen", "mean_prep_minutes_last_60_min"), values,
+    )  # fmt: skip
+
+
+def counter(result: str) -> float:
+    return float(metrics.LOG_ROWS.labels(result)._value.get())
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[Any, ...]]] = []
+        self.fail = False
+
+    async def __call__(self, records: list[tuple[Any, ...]]) -> None:
+        if self.fail:
+            raise OSError("connection refused")
+        self.batches.append(records)
+
+
+def test_the_features_document_is_the_models_input_with_null_for_missing() -> None:
+    assert json.loads(features_document(row(1))) == {
+        "orders_in_kitchen": 1.0,
+        "mean_prep_minutes_last_60_min": None,
+    }
+
+
+def test_the_document_is_what_the_consistency_check_reads() -> None:
+    from aggregator.consistency import served_features
+
+    assert served_features(features_document(row(1))) == {
+        "orders_in_kitchen": 1.0,
+        "mean_prep_minutes_last_60_min": None,
+    }
+
+
+async def test_rows_are_written_in_batches_as_table_records() -> None:
+    sink = Sink()
+    log = PredictionLog(sink, capacity=100, batch_size=4, flush_seconds=60)
+    for i in range(10):
+        log.add(row(i))
+    assert await log.flush()
+    assert [len(b) for b in sink.batches] == [4, 4, 2]
+    record = dict(zip(COLUMNS, sink.batches[0][0], strict=True))
+    assert record["request_id"] == "req-0"
+    assert record["served_at"].timestamp() == 1_800_000_000
+    assert json.loads(record["features"])["orders_in_kitchen"] == 1.0
+    assert len(log) == 0
+
+
+async def test_a_full_buffer_drops_new_rows_and_counts_them() -> None:
+    before = counter("dropped_full")
+    log = PredictionLog(Sink(), capacity=3, batch_size=100, flush_seconds=60)
+    for i in range(5):
+        log.add(row(i))  # never blocks
+    assert len(log) == 3
+    assert counter("dropped_full") - before == 2
+
+
+async def test_a_failed_write_drops_that_batch_counts_it_and_keeps_going() -> None:
+    before = counter("dropped_error")
+    sink = Sink()
+    log = PredictionLog(sink, capacity=100, batch_size=2, flush_seconds=60)
+    for i in range(3):
+        log.add(row(i))
+    sink.fail = True
+    assert not await log.flush()
+    assert counter("dropped_error") - before == 2
+    sink.fail = False
+    assert await log.flush()
+    assert [r[1] for b in sink.batches for r in b] == ["req-2"]
+
+
+async def test_the_background_writer_flushes_on_time_and_on_a_full_batch() -> None:
+    sink = Sink()
+    log = PredictionLog(sink, capacity=100, batch_size=3, flush_seconds=0.05)
+    writer = asyncio.ensure_future(log.run())
+    try:
+        log.add(row(1))
+        for _ in range(100):
+            if sink.batches:
+                break
+            await asyncio.sleep(0.01)
+        assert [r[1] for b in sink.batches for r in b] == ["req-1"]  # the flush period passed
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+
+
+async def test_shutdown_flushes_what_is_left() -> None:
+    sink = Sink()
+    log = PredictionLog(sink, capacity=100, batch_size=500, flush_seconds=60)
+    for i in range(7):
+        log.add(row(i))
+    await log.close(timeout_seconds=5)
+    assert sum(len(b) for b in sink.batches) == 7

@@ -1,0 +1,463 @@
+"""ETA serving on real Redis and PostgreSQL (issue #6), against its own stack: Redis (behind a proxy that
+counts round trips), PostgreSQL with a trained model promoted in the registry, and the prediction
+service as a process.
+
+What is proven here: one Redis round trip per prediction and per batch of 100; every feature's value and
+age as written; stale and missing features flagged per feature budget; the answer is the registry model's
+own prediction on the features it returned; every prediction is logged with its features; spans and
+metrics; server-side deadline refusal; the lean Redis client reads exactly what redis-py reads; and a
+model promoted while requests flow is picked up atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import asyncpg
+import grpc
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from devstack.infra import ChildProcess, start_postgres, start_redis
+from devstack.stack import LocalStack, ServicePorts
+from eta.v1 import eta_pb2, eta_pb2_grpc, events_pb2
+from eta_common import features as F
+from eta_common.db.migrate import apply_migrations
+from eta_common.online_store import DriverUpdate, OnlineStore, RestaurantUpdate
+from eta_common.timeutil import now_ms
+from prediction.config import ONLINE_FEATURES
+from prediction.models import QuantileModel, load_model
+from prediction.redis_client import LeanRedis
+from prediction.tests.support import RedisProxy, populate_city, register, synthetic_bundle
+from tests.integration.conftest import poll_until
+
+pytestmark = pytest.mark.integration
+Quality = eta_pb2.PredictEtaResponse.FeatureQuality
+MIN = 60_000
+# Far from the synthetic city, so the free drivers near these restaurants are exactly the ones put there.
+EXACT_AT = (48.137, 11.575)
+EXACT_DRIVERS = 3
+
+
+@dataclass
+class Serving:
+    workdir: Path
+    redis: ChildProcess
+    postgres: ChildProcess
+    proxy: RedisProxy
+    stack: LocalStack
+    channel: grpc.aio.Channel
+    city: dict[str, tuple[float, float]]
+    models: dict[str, QuantileModel] = field(default_factory=dict)
+
+    @property
+    def stub(self) -> eta_pb2_grpc.EtaServiceStub:
+        return eta_pb2_grpc.EtaServiceStub(self.channel)
+
+    def metrics(self) -> str:
+        port = self.stack.ports.metrics["prediction"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    def spans(self) -> list[dict[str, Any]]:
+        out = []
+        for path in (self.workdir / "traces").glob("*.jsonl"):
+            out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return out
+
+
+async def write_exact_restaurants(store: OnlineStore, now: int, count: int = 10) -> None:
+    """``exact-k``: k+1 orders placed 2 min ago and in the kitchen, one order 40 min ago ready after 9 min,
+    kitchen OPENED; three free drivers on the spot."""
+    updates: list[RestaurantUpdate | DriverUpdate] = []
+    lat, lng = EXACT_AT
+    for k in range(count):
+        rid = f"exact-{k}"
+        for j in range(k + 1):
+            updates.append(RestaurantUpdate(rid, "PLACED", f"{rid}-o{j}", now - 2 * MIN, lat, lng))
+            updates.append(RestaurantUpdate(rid, "ORDER_ACCEPTED", f"{rid}-o{j}", now - 90_000))
+        updates += [
+            RestaurantUpdate(rid, "PLACED", f"{rid}-old", now - 40 * MIN, lat, lng),
+            RestaurantUpdate(rid, "ORDER_ACCEPTED", f"{rid}-old", now - 39 * MIN),
+            RestaurantUpdate(rid, "ORDER_READY", f"{rid}-old", now - 30 * MIN),
+            RestaurantUpdate(rid, "OPENED", "", now - 3 * 3600_000),
+        ]
+    updates += [DriverUpdate(f"exact-drv-{d}", "ONLINE", now - 5_000, lat, lng) for d in range(EXACT_DRIVERS)]
+    await store.apply(updates, now_ms=now)
+
+
+def expected_exact(k: int) -> dict[str, float]:
+    return {
+        F.NUM_ORDERS_10.name: k + 1,
+        F.NUM_ORDERS_30.name: k + 1,
+        F.ORDERS_IN_KITCHEN: k + 1,
+        F.MEAN_PREP_MINUTES_60.name: 9.0,
+        F.MEAN_PREP_MINUTES_24H.name: 9.0,
+        F.KITCHEN_BUSY: 0.0,
+        F.FREE_DRIVERS_NEARBY: EXACT_DRIVERS,
+    }
+
+
+def exact_request(k: int, request_id: str = "") -> eta_pb2.PredictEtaRequest:
+    return eta_pb2.PredictEtaRequest(
+        restaurant_id=f"exact-{k}",
+        restaurant_location=events_pb2.GeoPoint(lat=EXACT_AT[0], lng=EXACT_AT[1]),
+        customer_location=events_pb2.GeoPoint(lat=EXACT_AT[0] + 0.02, lng=EXACT_AT[1] + 0.03),
+        request_id=request_id,
+    )
+
+
+def canonical_row(features: dict[str, float]) -> Any:
+    return np.array([[features[name] for name in F.FEATURE_NAMES]], dtype=np.float64)
+
+
+def reply_features(reply: eta_pb2.PredictEtaResponse) -> dict[str, float]:
+    """What the model saw: the returned values, with missing ones back to their documented default."""
+    return {f.name: (f.value if f.present else F.DEFAULTS.get(f.name, f.value)) for f in reply.features}
+
+
+@pytest.fixture(scope="module")
+async def serving(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Serving]:
+    workdir = tmp_path_factory.mktemp("prediction-serving")
+    redis = start_redis(workdir / "redis", workdir / "logs")
+    postgres = start_postgres(workdir / "pgdata", workdir / "logs")
+    proxy = RedisProxy(redis.port)
+    stack = LocalStack(workdir, ports=ServicePorts.free(), use_env_endpoints=False)
+    channel: grpc.aio.Channel | None = None
+    try:
+        await apply_migrations(postgres.url)
+        blob = await asyncio.to_thread(synthetic_bundle, rows=2000, rounds=30, seed=1)
+        await register(postgres.url, "v1", blob)
+        store = OnlineStore.from_url(redis.url)
+        city = (await populate_city(store, now_ms=now_ms(), restaurants=120)).restaurants
+        await write_exact_restaurants(store, now_ms())
+        await store.close()
+        await proxy.start()
+        stack.redis_url, stack.database_url = proxy.url, postgres.url
+        stack.start_service(
+            "prediction",
+            extra_env={
+                "LOG_FORMAT": "json",
+                "ETA_TRACES_FILE": str(workdir / "traces" / "spans-{pid}.jsonl"),
+                "OTEL_BSP_SCHEDULE_DELAY": "100",
+                "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+                "PREDICTION_MODEL_REFRESH_SECONDS": "0.3",
+                "PREDICTION_STALENESS_BUDGETS": "free_drivers_within_3km=900",
+                "PREDICTION_DEADLINE_RESERVE_MS": "1000",
+                "PREDICTION_LOG_FLUSH_MS": "100",
+                "SHUTDOWN_GRACE_SECONDS": "2",
+            },
+        )
+        channel = grpc.aio.insecure_channel(stack.target("prediction"))
+        yield Serving(workdir, redis, postgres, proxy, stack, channel, city, {"v1": load_model("v1", blob)})
+    finally:
+        if channel is not None:
+            await channel.close()
+        stack.stop()
+        await proxy.close()
+        postgres.stop()
+        redis.stop()
+
+
+async def test_one_round_trip_per_prediction_with_every_feature_and_its_age(serving: Serving) -> None:
+    await serving.stub.PredictEta(exact_request(0), timeout=5)  # connect and load the read script
+    serving.proxy.turns = 0
+    for k in range(5):
+        reply = await serving.stub.PredictEta(exact_request(k), timeout=5)
+        got = reply_features(reply)
+        for name, value in expected_exact(k).items():
+            assert got[name] == value, name
+        assert reply.feature_quality == Quality.COMPLETE
+        assert list(reply.degradations) == []
+        for feature in reply.features:
+            if feature.name in ONLINE_FEATURES:
+                assert feature.present
+                assert 0 <= feature.age_seconds < 600
+                assert feature.HasField("updated_at")
+                assert feature.HasField("event_time")
+        # the range is the registry model's own prediction on exactly these features
+        assert reply.model_version in serving.models
+        point, low, high = serving.models[reply.model_version].predict(canonical_row(got))
+        assert (reply.eta_minutes, reply.eta_low_minutes, reply.eta_high_minutes) == (
+            point[0],
+            low[0],
+            high[0],
+        )
+        assert reply.eta_low_minutes <= reply.eta_minutes <= reply.eta_high_minutes
+    assert serving.proxy.turns == 5
+
+
+def batch_request(
+    ids: list[tuple[str, tuple[float, float]]], request_id: str = ""
+) -> eta_pb2.PredictEtaBatchRequest:
+    return eta_pb2.PredictEtaBatchRequest(
+        customer_location=events_pb2.GeoPoint(lat=EXACT_AT[0] + 0.02, lng=EXACT_AT[1] + 0.03),
+        restaurants=[
+            eta_pb2.RestaurantLocation(restaurant_id=rid, location=events_pb2.GeoPoint(lat=lat, lng=lng))
+            for rid, (lat, lng) in ids
+        ],
+        request_id=request_id,
+    )
+
+
+async def test_a_batch_of_100_restaurants_is_one_round_trip_in_request_order(serving: Serving) -> None:
+    wanted = [(f"exact-{k}", EXACT_AT) for k in range(10)] + list(serving.city.items())[:90]
+    await serving.stub.PredictEta(exact_request(0), timeout=5)
+    serving.proxy.turns = 0
+    reply = await serving.stub.PredictEtaBatch(batch_request(wanted), timeout=5)
+    assert serving.proxy.turns == 1
+    assert [e.restaurant_id for e in reply.etas] == [rid for rid, _ in wanted]
+    names = list(reply.feature_names)
+    assert names == list(serving.models[reply.model_version].feature_names)
+    for k, eta in enumerate(reply.etas[:10]):
+        values = dict(zip(names, eta.feature_values, strict=True))
+        for name, value in expected_exact(k).items():
+            assert values[name] == value, (k, name)
+        ages = dict(zip(names, eta.feature_ages_seconds, strict=True))
+        assert 0 < ages[F.NUM_ORDERS_10.name] < 600
+        single = await serving.stub.PredictEta(
+            eta_pb2.PredictEtaRequest(
+                restaurant_id=f"exact-{k}",
+                restaurant_location=events_pb2.GeoPoint(lat=EXACT_AT[0], lng=EXACT_AT[1]),
+                customer_location=events_pb2.GeoPoint(lat=EXACT_AT[0] + 0.02, lng=EXACT_AT[1] + 0.03),
+            ),
+            timeout=5,
+        )
+        assert eta.eta_minutes == single.eta_minutes
+    assert all(e.eta_low_minutes <= e.eta_minutes <= e.eta_high_minutes for e in reply.etas)
+
+    too_many = [*wanted, ("one-more", EXACT_AT)]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await serving.stub.PredictEtaBatch(batch_request(too_many), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(info.value)
+    assert status is not None
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    assert bad_request.field_violations[0].field == "restaurants"
+
+
+async def test_stale_and_missing_features_are_named_per_feature_budget(serving: Serving) -> None:
+    store = OnlineStore.from_url(serving.redis.url)
+    now = now_ms()
+    lat, lng = EXACT_AT
+    # every restaurant feature last changed ~2 h ago (the store's clock), events within their windows
+    await store.apply(
+        [
+            RestaurantUpdate("stale-1", "PLACED", "a", now - 5 * MIN, lat, lng),
+            RestaurantUpdate("stale-1", "ORDER_ACCEPTED", "a", now - 4 * MIN),
+            RestaurantUpdate("stale-1", "PLACED", "b", now - 50 * MIN, lat, lng),
+            RestaurantUpdate("stale-1", "ORDER_ACCEPTED", "b", now - 49 * MIN),
+            RestaurantUpdate("stale-1", "ORDER_READY", "b", now - 40 * MIN),
+            RestaurantUpdate("stale-1", "BUSY", "", now - 60 * MIN),
+        ],
+        now_ms=now - 7000_000,
+    )
+    await store.close()
+    stale = await serving.stub.PredictEta(
+        eta_pb2.PredictEtaRequest(
+            restaurant_id="stale-1",
+            restaurant_location=events_pb2.GeoPoint(lat=lat, lng=lng),
+            customer_location=events_pb2.GeoPoint(lat=lat + 0.01, lng=lng),
+        ),
+        timeout=5,
+    )
+    assert stale.feature_quality == Quality.STALE
+    # ~7000 s old: over every budget of an hour or less, within the day-long mean's budget (86400 s)
+    assert set(stale.stale_features) == {
+        F.NUM_ORDERS_10.name,
+        F.NUM_ORDERS_30.name,
+        F.ORDERS_IN_KITCHEN,
+        F.MEAN_PREP_MINUTES_60.name,
+        F.KITCHEN_BUSY,
+    }
+    assert list(stale.missing_features) == []
+    ages = {f.name: f.age_seconds for f in stale.features}
+    assert 6900 < ages[F.KITCHEN_BUSY] < 7600
+    assert reply_features(stale)[F.KITCHEN_BUSY] == 1.0  # a stale value is still used, and flagged
+
+    missing = await serving.stub.PredictEta(
+        eta_pb2.PredictEtaRequest(
+            restaurant_id="never-seen",
+            restaurant_location=events_pb2.GeoPoint(lat=lat, lng=lng),
+            customer_location=events_pb2.GeoPoint(lat=lat + 0.01, lng=lng),
+        ),
+        timeout=5,
+    )
+    assert missing.feature_quality == Quality.MISSING
+    assert set(missing.missing_features) == set(ONLINE_FEATURES) - {F.FREE_DRIVERS_NEARBY}
+    prep = next(f for f in missing.features if f.name == F.MEAN_PREP_MINUTES_60.name)
+    assert (prep.present, prep.value) == (False, 0.0)
+    assert missing.eta_low_minutes <= missing.eta_minutes <= missing.eta_high_minutes
+
+
+async def test_every_prediction_is_logged_with_its_features_and_model(serving: Serving) -> None:
+    single = await serving.stub.PredictEta(exact_request(2, request_id="order-42"), timeout=5)
+    anonymous = await serving.stub.PredictEta(exact_request(3), timeout=5)
+    feed = await serving.stub.PredictEtaBatch(
+        batch_request([(f"exact-{k}", EXACT_AT) for k in range(3)], request_id="feed-1"), timeout=5
+    )
+    assert anonymous.request_id  # generated, and returned so outcomes can be joined later
+    conn = await asyncpg.connect(serving.postgres.url)
+    try:
+        ids = ["order-42", anonymous.request_id, "feed-1"]
+        query = "SELECT * FROM predictions WHERE request_id = ANY($1::text[]) ORDER BY id"
+        rows = await poll_until(lambda: conn.fetch(query, ids), lambda r: len(r) == 5, timeout=10)
+    finally:
+        await conn.close()
+    by_key = {(r["request_id"], r["restaurant_id"]): r for r in rows}
+    logged = by_key[("order-42", "exact-2")]
+    assert logged["model_version"] == single.model_version
+    assert (logged["eta_minutes"], logged["eta_low_minutes"], logged["eta_high_minutes"]) == (
+        single.eta_minutes,
+        single.eta_low_minutes,
+        single.eta_high_minutes,
+    )
+    assert logged["feature_quality"] == "COMPLETE"
+    assert json.loads(logged["features"]) == {f.name: f.value for f in single.features}
+    assert (anonymous.request_id, "exact-3") in by_key
+    assert {k[1] for k in by_key if k[0] == "feed-1"} == {"exact-0", "exact-1", "exact-2"}
+    assert by_key[("feed-1", "exact-1")]["eta_minutes"] == feed.etas[1].eta_minutes
+
+
+WRITER_TRACE, WRITER_SPAN = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+
+
+async def test_spans_cover_the_redis_read_and_the_inference_with_feature_ages(serving: Serving) -> None:
+    store = OnlineStore.from_url(serving.redis.url)
+    now = now_ms()
+    await store.apply(  # as the aggregator writes it, with the (sampled) span that applied the event
+        [
+            RestaurantUpdate(
+                "traced", "PLACED", "t1", now - MIN, *EXACT_AT, writer=f"{WRITER_TRACE}-{WRITER_SPAN}"
+            )
+        ],
+        now_ms=now,
+    )
+    await store.close()
+    request = exact_request(0, request_id="traced-1")
+    request.restaurant_id = "traced"
+    await serving.stub.PredictEta(request, timeout=5)
+
+    def find(spans: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
+        for server in spans:
+            if server["name"] == "eta.v1.EtaService/PredictEta" and (
+                server["attributes"].get("eta.request_id") == "traced-1"
+            ):
+                children = {s["name"]: s for s in spans if s["parent_span_id"] == server["span_id"]}
+                if {"redis read features", "model inference"} <= set(children):
+                    return server, children
+        return None
+
+    server, children = await poll_until(lambda: find(serving.spans()), lambda found: found is not None)
+    read, inference = children["redis read features"], children["model inference"]
+    assert read["kind"] == "CLIENT"
+    assert read["attributes"]["db.system"] == "redis"
+    assert 0 <= read["attributes"]["eta.feature_age_s.num_orders_last_10_min"] < 600
+    assert 0 <= read["attributes"]["eta.feature_age_s.free_drivers_within_3km"] < 600
+    assert "eta.feature_age_s.orders_in_kitchen" not in read["attributes"]  # never written: no age
+    # provenance: the read links to the span that wrote the orders feature
+    assert {"trace_id": WRITER_TRACE, "span_id": WRITER_SPAN} in read["links"]
+    assert inference["attributes"]["eta.model.version"] == server["attributes"]["eta.model.version"]
+    assert server["attributes"]["eta.feature_quality"] == "MISSING"  # no kitchen data for "traced"
+
+
+async def test_metrics_cover_latency_per_rpc_feature_ages_quality_and_the_model(serving: Serving) -> None:
+    await serving.stub.PredictEtaBatch(batch_request([(f"exact-{k}", EXACT_AT) for k in range(4)]), timeout=5)
+    text = serving.metrics()
+
+    def value(prefix: str) -> float:
+        lines = [line for line in text.splitlines() if line.startswith(prefix)]
+        assert lines, f"{prefix} not exported"
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+    assert value('eta_prediction_rpc_seconds_count{code="OK",method="PredictEta"}') >= 5
+    assert value('eta_prediction_rpc_seconds_count{code="OK",method="PredictEtaBatch"}') >= 1
+    assert value('eta_prediction_feature_age_seconds_count{feature="num_orders_last_10_min"}') >= 5
+    assert (
+        value('eta_prediction_feature_age_seconds_bucket{feature="free_drivers_within_3km",le="+Inf"}') >= 5
+    )
+    assert value('eta_prediction_feature_quality_total{quality="COMPLETE"}') >= 5
+    assert value('eta_prediction_stage_seconds_count{stage="redis_read"}') >= 5
+    assert value('eta_prediction_stage_seconds_count{stage="inference"}') >= 5
+    assert value("eta_prediction_batch_size_count") >= 1
+    assert 'eta_prediction_model_info{kind="lightgbm",version="v' in text
+    assert "eta_prediction_fallbacks_total" in text
+
+
+async def test_a_deadline_too_short_to_answer_is_refused_by_the_server(serving: Serving) -> None:
+    # the module's service keeps 1 s for scoring and replying (PREDICTION_DEADLINE_RESERVE_MS=1000)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await serving.stub.PredictEta(exact_request(0), timeout=0.5)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "PREDICTION_DEADLINE_RESERVE_MS" in (info.value.details() or "")
+
+
+async def test_the_lean_client_reads_exactly_what_redis_py_reads(serving: Serving) -> None:
+    lean_client = LeanRedis.from_url(serving.redis.url)
+    lean = OnlineStore(cast(aioredis.Redis, lean_client))
+    reference = OnlineStore.from_url(serving.redis.url)
+    try:
+        wanted = [(f"exact-{k}", EXACT_AT) for k in range(10)]
+        wanted += [("stale-1", EXACT_AT), ("never-seen", EXACT_AT), *list(serving.city.items())[:40]]
+        at = now_ms()
+        assert await lean.read_restaurants(wanted, now_ms=at) == await reference.read_restaurants(
+            wanted, now_ms=at
+        )
+        # Redis lost its script cache (e.g. restarted): the store reloads the script and retries
+        await reference.client.script_flush()
+        assert await lean.read_restaurants(wanted[:3], now_ms=at) == await reference.read_restaurants(
+            wanted[:3], now_ms=at
+        )
+    finally:
+        await lean.close()
+        await reference.close()
+
+
+async def test_a_promoted_model_is_picked_up_atomically_while_requests_flow(serving: Serving) -> None:
+    blob = await asyncio.to_thread(synthetic_bundle, rows=2000, rounds=30, seed=2)
+    serving.models["v2"] = load_model("v2", blob)
+    seen: dict[str, int] = {}
+    stop = asyncio.Event()
+    enough_v2 = asyncio.Event()
+
+    async def client(worker: int) -> None:
+        while not stop.is_set():
+            k = worker % 10
+            reply = await serving.stub.PredictEta(exact_request(k), timeout=5)
+            # version and numbers always belong together: never a half-swapped model
+            point, low, high = serving.models[reply.model_version].predict(
+                canonical_row(reply_features(reply))
+            )
+            assert (reply.eta_minutes, reply.eta_low_minutes, reply.eta_high_minutes) == (
+                point[0],
+                low[0],
+                high[0],
+            )
+            seen[reply.model_version] = seen.get(reply.model_version, 0) + 1
+            if seen.get("v2", 0) >= 50:
+                enough_v2.set()
+
+    async def promote_then_wait() -> None:
+        await asyncio.sleep(0.5)
+        await register(serving.postgres.url, "v2", blob)
+        try:
+            await asyncio.wait_for(enough_v2.wait(), timeout=15)
+        finally:
+            stop.set()
+
+    await asyncio.gather(promote_then_wait(), *(client(w) for w in range(6)))
+    assert seen.get("v1", 0) > 0
+    assert seen.get("v2", 0) >= 50
+    final = await serving.stub.PredictEta(exact_request(1), timeout=5)
+    assert final.model_version == "v2"
+    assert 'eta_prediction_model_info{kind="lightgbm",version="v2"} 1.0' in serving.metrics()
