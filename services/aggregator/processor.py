@@ -57,9 +57,12 @@ class BatchProcessor:
             return []
         with tracer.start_as_current_span(
             "aggregator batch",
-            # one batch serves many producers: link each (their own traces continue in the process spans)
+            # one batch serves many producers: link each sampled one (their traces continue in the process
+            # spans); a sampled-out producer gets no link, so its trace leaves nothing downstream
             links=[
-                Link(item.producer) for item in items if item.producer is not None and item.producer.is_valid
+                Link(item.producer)
+                for item in items
+                if item.producer is not None and item.producer.is_valid and item.producer.trace_flags.sampled
             ],
             attributes={"messaging.system": "kafka", "messaging.batch.message_count": len(items)},
         ):
