@@ -24,6 +24,7 @@ SHORT = {
     F.NUM_ORDERS_30.name: "ord30",
     F.ORDERS_IN_KITCHEN: "kitchen",
     F.MEAN_PREP_MINUTES_60.name: "prep60",
+    F.MEAN_PREP_MINUTES_24H.name: "prep24h",
     F.KITCHEN_BUSY: "busy",
     F.FREE_DRIVERS_NEARBY: "drivers",
 }
