@@ -28,12 +28,11 @@ from aggregator.processor import BatchProcessor
 from aggregator.rebuild import rebuild_online
 from eta.v1 import features_pb2, features_pb2_grpc
 from eta_common.db.migrate import apply_migrations
-from eta_common.grpc_server import GrpcService, serve
+from eta_common.grpc_server import GrpcService, run_grpc_service
 from eta_common.kafka import Topics, ensure_topics, make_consumer
 from eta_common.live_accuracy import AccuracyGauges, live_accuracy
 from eta_common.logs import configure_logging
 from eta_common.online_store import OnlineStore
-from eta_common.telemetry import setup_tracing
 from eta_common.timeutil import now_ms
 
 log = logging.getLogger("aggregator")
@@ -130,11 +129,6 @@ def build(settings: config.AggregatorSettings) -> GrpcService:
     )
 
 
-async def run(settings: config.AggregatorSettings) -> None:
-    """Build inside the event loop (aiokafka clients need a running loop) and serve until SIGTERM."""
-    await serve(build(settings))
-
-
 async def run_rebuild(settings: config.AggregatorSettings, since_hours: float) -> None:
     await apply_migrations(settings.database.url)
     pool = await asyncpg.create_pool(settings.database.url, min_size=1, max_size=2)
@@ -185,11 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "check-consistency":
         sys.exit(asyncio.run(run_check(settings, args)))
-    provider = setup_tracing("eta-aggregator")
-    try:
-        asyncio.run(run(settings))
-    finally:
-        provider.shutdown()
+    run_grpc_service("eta-aggregator", lambda: build(settings))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ in-flight RPCs finish → the service's own ``on_stop`` hooks close Kafka/Redis/
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
@@ -21,9 +22,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from eta_common.config import ServerSettings
-from eta_common.telemetry import TracingServerInterceptor
+from eta_common.logs import configure_logging
+from eta_common.telemetry import TracingServerInterceptor, setup_tracing
 
-__all__ = ["GrpcService", "serve"]
+__all__ = ["GrpcService", "run_grpc_service", "serve", "service_parser"]
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +124,25 @@ async def serve(service: GrpcService, *, ready: asyncio.Event | None = None) -> 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         log.info("stopped")
+
+
+def service_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """``--help`` for a service: its settings docstring (every variable and its default)."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def run_grpc_service(name: str, build: Callable[[], GrpcService]) -> None:
+    """A service process: structured logs, tracing, ``build()`` inside the event loop (aiokafka and
+    grpc.aio clients need a running loop), serve until SIGTERM, then flush the remaining spans."""
+    configure_logging(name)
+    provider = setup_tracing(name)
+
+    async def run() -> None:
+        await serve(build())
+
+    try:
+        asyncio.run(run())
+    finally:
+        provider.shutdown()

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import socket
 
 import grpc
 import redis.asyncio as aioredis
 
 from eta_common.auth import BearerAuthInterceptor, TokenStore
-from eta_common.grpc_server import GrpcService, serve
+from eta_common.grpc_server import GrpcService, run_grpc_service, service_parser
 from eta_common.kafka import Topics, ensure_topics, make_producer
-from eta_common.logs import configure_logging
-from eta_common.telemetry import setup_tracing
 from ingestion import config, metrics
 from ingestion.budget import InFlightBudget
 from ingestion.dedup import DedupStore
@@ -89,22 +85,9 @@ def build(settings: config.IngestionSettings) -> GrpcService:
     )
 
 
-async def run(settings: config.IngestionSettings) -> None:
-    """Build inside the event loop (aiokafka clients need a running loop) and serve until SIGTERM."""
-    await serve(build(settings))
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="eta-ingestion", description=config.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.parse_args(argv)
-    configure_logging("eta-ingestion")
-    provider = setup_tracing("eta-ingestion")
-    try:
-        asyncio.run(run(config.IngestionSettings.from_env()))
-    finally:
-        provider.shutdown()
+    service_parser("eta-ingestion", config.__doc__).parse_args(argv)
+    run_grpc_service("eta-ingestion", lambda: build(config.IngestionSettings.from_env()))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import gc
 import logging
 from typing import cast
@@ -14,10 +12,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from eta.v1 import eta_pb2, eta_pb2_grpc
-from eta_common.grpc_server import GrpcService, serve
-from eta_common.logs import configure_logging
+from eta_common.grpc_server import GrpcService, run_grpc_service, service_parser
 from eta_common.online_store import OnlineStore
-from eta_common.telemetry import setup_tracing
 from prediction import config
 from prediction.admission import AdmissionInterceptor
 from prediction.models import ModelHolder
@@ -125,24 +121,9 @@ def build(settings: config.PredictionSettings) -> GrpcService:
     )
 
 
-async def run(settings: config.PredictionSettings) -> None:
-    """Build inside the event loop and serve until SIGTERM."""
-    await serve(build(settings))
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="eta-prediction",
-        description=config.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.parse_args(argv)
-    configure_logging("eta-prediction")
-    provider = setup_tracing("eta-prediction")
-    try:
-        asyncio.run(run(config.PredictionSettings.from_env()))
-    finally:
-        provider.shutdown()
+    service_parser("eta-prediction", config.__doc__).parse_args(argv)
+    run_grpc_service("eta-prediction", lambda: build(config.PredictionSettings.from_env()))
 
 
 if __name__ == "__main__":
