@@ -4,6 +4,7 @@ three services as separate processes, on free ports, started once per test sessi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import time
@@ -25,6 +26,31 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+
+
+@contextlib.contextmanager
+def own_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    *,
+    services: tuple[str, ...] = (),
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[LocalStack]:
+    """A private stack (free ports, its own servers) for tests that kill or restart things, so the shared
+    session stack is never disturbed. Everything it started is stopped on exit."""
+    local = LocalStack(
+        tmp_path_factory.mktemp(name),
+        ports=ServicePorts.free(),
+        use_env_endpoints=False,
+        extra_env=dict(extra_env or {}),
+    )
+    try:
+        local.start_infra()
+        for service in services:
+            local.start_service(service)
+        yield local
+    finally:
+        local.stop()
 
 
 @pytest.fixture(scope="session")

@@ -17,13 +17,14 @@ import asyncpg
 import pytest
 
 from aggregator.consistency import ONLINE_FEATURES, load_and_check
-from devstack.stack import LocalStack, ServicePorts
+from devstack.stack import LocalStack
 from devstack.synthetic import Sent, produce, unique_count
 from eta_common import features as F
 from eta_common.config import KafkaSettings
 from eta_common.online_store import OnlineStore
 from eta_common.timeutil import datetime_from_ms, ms_from_timestamp, now_ms
 from simulator import CityConfig, CitySimulation
+from tests.integration.conftest import own_stack
 from tests.integration.test_feature_guarantees import AGGREGATOR_ENV, wait_archived
 
 pytestmark = pytest.mark.integration
@@ -32,18 +33,8 @@ HOUR = 3_600_000
 
 @pytest.fixture(scope="module")
 def day_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    stack = LocalStack(
-        tmp_path_factory.mktemp("day"),
-        ports=ServicePorts.free(),
-        use_env_endpoints=False,
-        extra_env=AGGREGATOR_ENV,
-    )
-    try:
-        stack.start_infra()
-        stack.start_service("aggregator")
+    with own_stack(tmp_path_factory, "day", services=("aggregator",), extra_env=AGGREGATOR_ENV) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def _simulated_day(end_ms: int) -> tuple[list[Sent], dict[str, tuple[float, float]]]:

@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 
 from devstack.infra import start_postgres
-from devstack.stack import LocalStack, ServicePorts
+from devstack.stack import LocalStack
 from devstack.synthetic import (
     MIN,
     City,
@@ -38,6 +38,7 @@ from eta_common.config import KafkaSettings
 from eta_common.offline_features import FeatureQuery, OfflineFeatureBuilder
 from eta_common.online_store import OnlineStore
 from eta_common.timeutil import now_ms, timestamp_from_ms
+from tests.integration.conftest import own_stack
 
 pytestmark = pytest.mark.integration
 
@@ -52,18 +53,8 @@ AGGREGATOR_ENV = {
 
 @pytest.fixture(scope="module")
 def fstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    stack = LocalStack(
-        tmp_path_factory.mktemp("features"),
-        ports=ServicePorts.free(),
-        use_env_endpoints=False,
-        extra_env=AGGREGATOR_ENV,
-    )
-    try:
-        stack.start_infra()
-        stack.start_service("aggregator")
+    with own_stack(tmp_path_factory, "features", services=("aggregator",), extra_env=AGGREGATOR_ENV) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture
