@@ -82,7 +82,12 @@ def random_stream(
     duplicate_fraction: float = 0.03,
 ) -> list[Sent]:
     """A plausible mixed stream: orders with kitchen lifecycle, kitchen status, driver state and pings.
-    Arrival is mostly prompt with some out-of-order jitter, a few late events and a few duplicates."""
+    Arrival is mostly prompt with some out-of-order jitter, a few late events and a few duplicates.
+
+    Dispatch: most orders are ASSIGNED (carrying the order id) to a random driver shortly after they are
+    placed — so with the jitter some ASSIGNED events arrive before their PLACED, and a late ASSIGNED
+    leaves its order waiting; some cancelled orders were assigned first; the rest are never assigned.
+    A DELIVERED carries the driver's last assigned order."""
     events: list[events_pb2.Event] = []
     n = 0
 
@@ -93,6 +98,28 @@ def random_stream(
 
     rids = list(city.restaurants)
     driver_last: dict[str, int] = {}
+    driver_order: dict[str, str] = {}
+
+    def driver_event(
+        driver: str, etype: DriverType.Type.ValueType, when: int, order_id: str = ""
+    ) -> events_pb2.Event:
+        # strictly increasing event times per driver keep "same-ms" ties out of the comparison
+        when = max(when, driver_last.get(driver, 0) + 1)
+        driver_last[driver] = when
+        return events_pb2.Event(
+            driver=events_pb2.DriverEvent(
+                event_id=eid(),
+                event_time=timestamp_from_ms(when),
+                driver_id=driver,
+                type=etype,
+                order_id=order_id,
+                location=events_pb2.GeoPoint(
+                    lat=city.centre[0] + rng.uniform(-0.04, 0.04),
+                    lng=city.centre[1] + rng.uniform(-0.06, 0.06),
+                ),
+            )
+        )
+
     for minute in range(minutes):
         t = start_ms + minute * MIN
         for _ in range(int(orders_per_minute) + (1 if rng.random() < orders_per_minute % 1 else 0)):
@@ -117,6 +144,12 @@ def random_stream(
                     )
                 )
             )
+            if rng.random() < 0.85:  # dispatched to a driver; the rest wait (until abandoned)
+                driver = rng.choice(city.drivers)
+                driver_order[driver] = oid
+                events.append(
+                    driver_event(driver, DriverType.ASSIGNED, placed + rng.randrange(5_000, 240_000), oid)
+                )
             accepted = placed + rng.randrange(20_000, 90_000)
             events.append(
                 events_pb2.Event(
@@ -168,34 +201,18 @@ def random_stream(
             )
         for driver in city.drivers:
             if rng.random() < 0.4:
-                # strictly increasing event times per driver keep "same-ms" ties out of the comparison
-                when = max(t + rng.randrange(MIN), driver_last.get(driver, 0) + 1)
-                driver_last[driver] = when
                 etype = rng.choice(
                     [
                         DriverType.ONLINE,
                         DriverType.LOCATION,
                         DriverType.LOCATION,
-                        DriverType.ASSIGNED,
                         DriverType.DELIVERED,
                         DriverType.OFFLINE,
                     ]
                 )
-                events.append(
-                    events_pb2.Event(
-                        driver=events_pb2.DriverEvent(
-                            event_id=eid(),
-                            event_time=timestamp_from_ms(when),
-                            driver_id=driver,
-                            type=etype,
-                            order_id="o" if etype in (DriverType.ASSIGNED, DriverType.DELIVERED) else "",
-                            location=events_pb2.GeoPoint(
-                                lat=city.centre[0] + rng.uniform(-0.04, 0.04),
-                                lng=city.centre[1] + rng.uniform(-0.06, 0.06),
-                            ),
-                        )
-                    )
-                )
+                delivered = driver_order.get(driver, f"{city.prefix}-none")
+                order_id = delivered if etype == DriverType.DELIVERED else ""
+                events.append(driver_event(driver, etype, t + rng.randrange(MIN), order_id))
     sent: list[Sent] = []
     for event in events:
         kind = event.WhichOneof("payload")

@@ -12,6 +12,9 @@ Time semantics
   counted in a metric and still archived); the offline builder applies the same rule.
 * State features (orders in the kitchen, kitchen status, free drivers) take an event only if it is newer
   (event time) than the last one applied for that entity: out-of-order stale updates are ignored.
+* Set features (orders in the kitchen, orders waiting for a driver) are order-insensitive: an order's
+  outcome (READY, CANCELLED, ASSIGNED) removes it whether it arrives before or after the event that
+  opened it (ACCEPTED, PLACED), and each order is a set member, so duplicates change nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ __all__ = [
     "NUM_ORDERS_10",
     "NUM_ORDERS_30",
     "ORDERS_IN_KITCHEN",
+    "ORDERS_WAITING_FOR_DRIVER",
+    "SETTLED_ORDER_RETENTION_MS",
     "SUPPLY_RADIUS_KM",
+    "WAITING_ORDER_TTL_MS",
     "WindowCount",
     "haversine_km",
     "hour_of_week",
@@ -74,6 +80,17 @@ KITCHEN_BUSY = "kitchen_busy"
 # of the restaurant, at their last known position.
 SUPPLY_RADIUS_KM = 3.0
 FREE_DRIVERS_NEARBY = "free_drivers_within_3km"
+# The city-wide dispatch backlog: orders PLACED (anywhere in the city) that no driver has been ASSIGNED to
+# (a DriverEvent ASSIGNED carrying the order_id) and that were not CANCELLED. Like a kitchen order, an
+# order PLACED more than WAITING_ORDER_TTL_MS ago (event time) with no assignment is considered abandoned
+# (e.g. its ASSIGNED event was lost or too late) and no longer counted. The order's outcome may arrive
+# before its PLACED event: it is remembered, so that PLACED never counts. Events without an order_id do
+# not affect it.
+ORDERS_WAITING_FOR_DRIVER = "orders_waiting_for_driver"
+WAITING_ORDER_TTL_MS = KITCHEN_ORDER_TTL_MS
+# How long (event time, plus the allowed lateness) an order's outcome is remembered for the backlog; twice
+# the TTL, so a PLACED can only outlive its ASSIGNED/CANCELLED marker when it is too old to count anyway.
+SETTLED_ORDER_RETENTION_MS = 2 * WAITING_ORDER_TTL_MS
 # Request-time features.
 DISTANCE_KM = "distance_km"
 HOUR_OF_WEEK = "hour_of_week"
@@ -95,6 +112,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     DISTANCE_KM,
     HOUR_OF_WEEK,
     MEAN_PREP_MINUTES_24H.name,
+    ORDERS_WAITING_FOR_DRIVER,
 )
 
 # Value used when the online store has nothing for a feature (documented fallback). NaN lets LightGBM
@@ -107,6 +125,12 @@ DEFAULTS: dict[str, float] = {
     MEAN_PREP_MINUTES_24H.name: math.nan,
     KITCHEN_BUSY: 0.0,
     FREE_DRIVERS_NEARBY: math.nan,
+    # NaN, like the other city-level feature: the backlog's freshness fields persist once anything was
+    # seen, so "nothing in the store" means an empty/lost store or an unreachable Redis — an unknown
+    # backlog, not an idle city. 0 would claim the most optimistic dispatch state exactly when the store
+    # cannot tell; NaN lets LightGBM route it (a model trained without missing values treats it as 0, a
+    # model that saw cold starts learns where it belongs).
+    ORDERS_WAITING_FOR_DRIVER: math.nan,
 }
 
 

@@ -70,6 +70,24 @@ class _Driver:
     lng: float = math.nan
 
 
+# Order events that change the city's dispatch backlog (besides ASSIGNED driver events with an order id).
+_DISPATCH_ORDER_EVENTS = frozenset({"PLACED", "CANCELLED"})
+# The backlog's sets are trimmed (same cutoffs as the Redis script) only once they outgrow this; trimming
+# never changes a value, so doing it lazily keeps the replay linear.
+_DISPATCH_TRIM_AT = 1024
+
+
+@dataclass
+class _Dispatch:
+    """The city's dispatch backlog (``drv:{C}:waiting`` / ``drv:{C}:settled`` online)."""
+
+    waiting: dict[str, int] = field(default_factory=dict)  # order_id -> PLACED ms, no outcome seen
+    settled: dict[str, int] = field(default_factory=dict)  # order_id -> first ASSIGNED/CANCELLED ms
+    seen: bool = False  # any PLACED, CANCELLED or ASSIGNED (with an order id) applied: the group exists
+    trim_waiting_at: int = _DISPATCH_TRIM_AT
+    trim_settled_at: int = _DISPATCH_TRIM_AT
+
+
 class OfflineFeatureBuilder:
     """Stateful replay; feed events in ingest order with :meth:`apply`, ask with :meth:`features_at`."""
 
@@ -77,20 +95,29 @@ class OfflineFeatureBuilder:
         self.allowed_lateness_ms = allowed_lateness_ms
         self.retention_ms = F.MAX_WINDOW_MS + allowed_lateness_ms
         self.prep_retention_ms = F.MAX_PREP_WINDOW_MS + allowed_lateness_ms
+        self.waiting_retention_ms = F.WAITING_ORDER_TTL_MS + allowed_lateness_ms
+        self.settled_retention_ms = F.SETTLED_ORDER_RETENTION_MS + allowed_lateness_ms
         self._restaurants: dict[str, _Restaurant] = {}
         self._drivers: dict[str, _Driver] = {}
         self._free: set[str] = set()
+        self._dispatch = _Dispatch()
 
     def apply(self, ev: HistoryEvent) -> None:
         if F.is_late(ev.event_ms, ev.ingest_ms, self.allowed_lateness_ms):
             return
         if ev.kind == "driver":
             self._apply_driver(ev)
-        elif ev.restaurant_id:
+            return
+        if ev.type in _DISPATCH_ORDER_EVENTS:
+            self._apply_dispatch(ev)  # online: forwarded to the city script as well
+        if ev.restaurant_id:
             self._apply_restaurant(ev)
 
     def _apply_driver(self, ev: HistoryEvent) -> None:
         assert ev.driver_id is not None
+        if ev.type == "ASSIGNED" and ev.order_id:
+            # settles the order whether or not it is newer than the driver's state (a fact about the order)
+            self._settle(ev.order_id, ev.event_ms)
         driver = self._drivers.setdefault(ev.driver_id, _Driver())
         if ev.event_ms <= driver.last_ms:
             return
@@ -106,6 +133,34 @@ class OfflineFeatureBuilder:
             self._free.add(ev.driver_id)
         else:
             self._free.discard(ev.driver_id)
+
+    def _settle(self, order_id: str, event_ms: int) -> None:
+        """An order got its outcome (ASSIGNED or CANCELLED): never waiting again."""
+        d = self._dispatch
+        d.seen = True
+        d.settled.setdefault(order_id, event_ms)
+        d.waiting.pop(order_id, None)
+        if len(d.settled) > d.trim_settled_at:
+            cutoff = event_ms - self.settled_retention_ms
+            d.settled = {k: v for k, v in d.settled.items() if v >= cutoff}
+            d.trim_settled_at = max(_DISPATCH_TRIM_AT, 2 * len(d.settled))
+
+    def _apply_dispatch(self, ev: HistoryEvent) -> None:
+        """A PLACED or CANCELLED order event's effect on the city's backlog."""
+        oid, ems = ev.order_id, ev.event_ms
+        if not oid:
+            return
+        if ev.type == "CANCELLED":
+            self._settle(oid, ems)
+            return
+        d = self._dispatch
+        d.seen = True
+        if oid not in d.settled:
+            d.waiting.setdefault(oid, ems)
+        if len(d.waiting) > d.trim_waiting_at:
+            cutoff = ems - self.waiting_retention_ms
+            d.waiting = {k: v for k, v in d.waiting.items() if v >= cutoff}
+            d.trim_waiting_at = max(_DISPATCH_TRIM_AT, 2 * len(d.waiting))
 
     def _apply_restaurant(self, ev: HistoryEvent) -> None:
         assert ev.restaurant_id is not None
@@ -170,6 +225,13 @@ class OfflineFeatureBuilder:
             )
         else:
             out[F.FREE_DRIVERS_NEARBY] = F.DEFAULTS[F.FREE_DRIVERS_NEARBY]
+        if self._dispatch.seen:
+            cutoff = t - F.WAITING_ORDER_TTL_MS
+            out[F.ORDERS_WAITING_FOR_DRIVER] = float(
+                sum(1 for ms in self._dispatch.waiting.values() if ms > cutoff)
+            )
+        else:
+            out[F.ORDERS_WAITING_FOR_DRIVER] = F.DEFAULTS[F.ORDERS_WAITING_FOR_DRIVER]
         return out
 
     def run(

@@ -1,6 +1,7 @@
 """The online store: Redis key layout, idempotent update scripts and the one-round-trip feature read.
 
-Key layout (hash tags keep one restaurant's keys in one Redis Cluster slot, so scripts stay atomic):
+Key layout (hash tags keep one restaurant's keys, and the city's keys, in one Redis Cluster slot each, so
+every script call touches one slot and stays atomic):
 
 =============================  ======  ===========================================================
 key                            type    content
@@ -14,11 +15,28 @@ key                            type    content
                                        ``e:<group>`` (latest event time reflected, ms)
 ``drv:{C}:free``               geo     free drivers at their last position
 ``drv:{C}:state``              hash    driver_id → "status|event_ms" (ordering guard)
-``drv:{C}:meta``               hash    ``u:drivers`` / ``e:drivers`` freshness
+``drv:{C}:waiting``            zset    order_id → PLACED event time, for orders of the city with no
+                                       ASSIGNED and no CANCELLED seen: the dispatch backlog
+                                       (``orders_waiting_for_driver`` = ZCOUNT over (t − 3 h, +inf))
+``drv:{C}:settled``            zset    order_id → event time of its first ASSIGNED or CANCELLED:
+                                       remembers outcomes so a PLACED arriving after its
+                                       outcome (out of order, replay) is never counted
+``drv:{C}:meta``               hash    ``u:``/``e:``/``t:`` freshness of the groups ``drivers``
+                                       (driver events) and ``dispatch`` (PLACED, CANCELLED,
+                                       ASSIGNED with an order id)
 =============================  ======  ===========================================================
 
+Scripts: ``apply_restaurant`` (one call per restaurant in a batch, on ``rst:{R}``), ``apply_city`` (one
+call per batch, on ``drv:{C}``: every driver update in order, plus the batch's PLACED and CANCELLED
+order events forwarded as *dispatch* entries — the same events also go to their restaurant's call), and
+the reads ``read_restaurant`` (``rst:{R}``) and ``read_city`` (``drv:{C}``: the backlog count and the
+city groups' freshness). ASSIGNED updates the driver's state only when newer than the driver's last
+event, but settles its order regardless (an assignment is a fact about the order).
+
 Every update is idempotent (set members are ids; first-write-wins per order field; state changes only
-for strictly newer event times), so at-least-once delivery and crash replays cannot double count.
+for strictly newer event times), so at-least-once delivery and crash replays cannot double count. The
+backlog's zsets are trimmed by event time (``waiting``: older than the 3 h TTL + allowed lateness;
+``settled``: older than 6 h + allowed lateness), which never changes a value read at "now".
 """
 
 from __future__ import annotations
@@ -39,6 +57,8 @@ CITY = "city"
 # Present once the online state was built; its absence means Redis lost the state (rebuild needed).
 INITIALIZED_KEY = "eta:online:initialized"
 ORDER_STATE_TTL_S = 6 * 3600
+# Order events that also change the city's dispatch backlog (forwarded to the city script).
+DISPATCH_ORDER_EVENTS = frozenset({"PLACED", "CANCELLED"})
 
 # Applies a batch of one restaurant's updates in order. KEYS: placed, kitchen, prep, meta.
 # ARGV: now, retention_ms (placements), order_ttl_s, kitchen_ttl_ms, order_key_prefix,
@@ -115,42 +135,99 @@ for group, _ in pairs(touched) do redis.call('HSET', meta, 'u:' .. group, now) e
 return out
 """
 
-# Applies a batch of driver updates in order. KEYS: free (geo), state, meta.
-# ARGV: now, then 6 per update: driver_id, type, event_ms, lat, lng, writer span ('' if not sampled).
-# Returns 0/1 flags.
-_APPLY_DRIVER = """
-local free, state, meta = KEYS[1], KEYS[2], KEYS[3]
-local now = ARGV[1]
+# Applies a batch of city-level updates in order. KEYS: free (geo), state, meta, waiting, settled.
+# ARGV: now, waiting_retention_ms, settled_retention_ms, then 7 per update:
+# type, driver_id, order_id, event_ms, lat, lng, writer span ('' if not sampled).
+# Types PLACED and CANCELLED are dispatch entries (order events forwarded by OnlineStore.apply; driver_id,
+# lat and lng are ''); every other type is a driver event. Returns one 0/1 "changed" flag per update.
+_APPLY_CITY = """
+local free, state, meta, waiting, settled = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local now, waiting_retention, settled_retention = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {}
 local max_ems = tonumber(redis.call('HGET', meta, 'e:drivers') or '0')
 local max_raw = nil
 local last_ref = ''
-for i = 2, #ARGV, 6 do
-  local did, etype, raw, lat, lng = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  if ARGV[i + 5] ~= '' then last_ref = ARGV[i + 5] end
+local drivers_seen = false
+local dmax_ems = tonumber(redis.call('HGET', meta, 'e:dispatch') or '0')
+local dmax_raw = nil
+local dlast_ref = ''
+local dispatch_seen = false
+local function settle(oid, ems, raw, ref)
+  dispatch_seen = true
+  if ref ~= '' then dlast_ref = ref end
+  if ems > dmax_ems then dmax_ems = ems; dmax_raw = raw end
+  local changed = redis.call('ZADD', settled, 'NX', ems, oid)
+  changed = changed + redis.call('ZREM', waiting, oid)
+  redis.call('ZREMRANGEBYSCORE', settled, '-inf', '(' .. (ems - settled_retention))
+  if changed > 0 then return 1 end
+  return 0
+end
+for i = 4, #ARGV, 7 do
+  local etype, did, oid, raw = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local lat, lng, ref = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local ems = tonumber(raw)
-  local status, last = 'offline', -1
-  local cur = redis.call('HGET', state, did)
-  if cur then
-    local sep = string.find(cur, '|', 1, true)
-    status = string.sub(cur, 1, sep - 1)
-    last = tonumber(string.sub(cur, sep + 1))
-  end
-  if ems <= last then
-    out[#out + 1] = 0
+  if etype == 'PLACED' then
+    dispatch_seen = true
+    if ref ~= '' then dlast_ref = ref end
+    if ems > dmax_ems then dmax_ems = ems; dmax_raw = raw end
+    local changed = 0
+    if not redis.call('ZSCORE', settled, oid) then
+      changed = redis.call('ZADD', waiting, 'NX', ems, oid)
+    end
+    redis.call('ZREMRANGEBYSCORE', waiting, '-inf', '(' .. (ems - waiting_retention))
+    out[#out + 1] = changed
+  elseif etype == 'CANCELLED' then
+    out[#out + 1] = settle(oid, ems, raw, ref)
   else
-    if etype == 'ONLINE' or etype == 'DELIVERED' then status = 'free'
-    elseif etype == 'OFFLINE' then status = 'offline'
-    elseif etype == 'ASSIGNED' then status = 'busy' end
-    redis.call('HSET', state, did, status .. '|' .. raw)
-    if status == 'free' then redis.call('GEOADD', free, lng, lat, did) else redis.call('ZREM', free, did) end
-    if ems > max_ems then max_ems = ems; max_raw = raw end
-    out[#out + 1] = 1
+    drivers_seen = true
+    if ref ~= '' then last_ref = ref end
+    local changed = 0
+    if etype == 'ASSIGNED' and oid ~= '' then changed = settle(oid, ems, raw, ref) end
+    local status, last = 'offline', -1
+    local cur = redis.call('HGET', state, did)
+    if cur then
+      local sep = string.find(cur, '|', 1, true)
+      status = string.sub(cur, 1, sep - 1)
+      last = tonumber(string.sub(cur, sep + 1))
+    end
+    if ems > last then
+      if etype == 'ONLINE' or etype == 'DELIVERED' then status = 'free'
+      elseif etype == 'OFFLINE' then status = 'offline'
+      elseif etype == 'ASSIGNED' then status = 'busy' end
+      redis.call('HSET', state, did, status .. '|' .. raw)
+      if status == 'free' then
+        redis.call('GEOADD', free, lng, lat, did)
+      else
+        redis.call('ZREM', free, did)
+      end
+      if ems > max_ems then max_ems = ems; max_raw = raw end
+      changed = 1
+    end
+    out[#out + 1] = changed
   end
 end
-redis.call('HSET', meta, 'u:drivers', now)
-if max_raw then redis.call('HSET', meta, 'e:drivers', max_raw) end
-if last_ref ~= '' then redis.call('HSET', meta, 't:drivers', last_ref) end
+if drivers_seen then
+  redis.call('HSET', meta, 'u:drivers', now)
+  if max_raw then redis.call('HSET', meta, 'e:drivers', max_raw) end
+  if last_ref ~= '' then redis.call('HSET', meta, 't:drivers', last_ref) end
+end
+if dispatch_seen then
+  redis.call('HSET', meta, 'u:dispatch', now)
+  if dmax_raw then redis.call('HSET', meta, 'e:dispatch', dmax_raw) end
+  if dlast_ref ~= '' then redis.call('HSET', meta, 't:dispatch', dlast_ref) end
+end
+return out
+"""
+
+# The city-level values of a read. KEYS: meta, waiting. ARGV: t, waiting TTL (ms).
+# Returns: orders waiting (PLACED after t − TTL), then u:/e:/t: of the drivers and dispatch groups.
+_READ_CITY = """
+local meta, waiting = KEYS[1], KEYS[2]
+local t = tonumber(ARGV[1])
+local out = {redis.call('ZCOUNT', waiting, '(' .. (t - tonumber(ARGV[2])), '+inf')}
+local fields = redis.call('HMGET', meta, 'u:drivers', 'e:drivers', 't:drivers',
+  'u:dispatch', 'e:dispatch', 't:dispatch')
+for i, v in ipairs(fields) do out[i + 1] = v or false end
 return out
 """
 
@@ -195,8 +272,15 @@ def restaurant_keys(restaurant_id: str) -> dict[str, str]:
 
 
 def driver_keys(city: str = CITY) -> dict[str, str]:
+    """The city's keys (drivers and the dispatch backlog), all on the ``drv:{city}`` hash tag."""
     tag = f"drv:{{{city}}}"
-    return {"free": f"{tag}:free", "state": f"{tag}:state", "meta": f"{tag}:meta"}
+    return {
+        "free": f"{tag}:free",
+        "state": f"{tag}:state",
+        "meta": f"{tag}:meta",
+        "waiting": f"{tag}:waiting",
+        "settled": f"{tag}:settled",
+    }
 
 
 @dataclass(frozen=True)
@@ -248,6 +332,8 @@ class DriverUpdate:
     lat: float
     lng: float
     writer: str = ""
+    # The order an ASSIGNED event assigns (settles it in the dispatch backlog); '' when none.
+    order_id: str = ""
 
 
 def _int_or_none(raw: Any) -> int | None:
@@ -272,11 +358,14 @@ class OnlineStore:
         self.client = client
         self.retention_ms = F.MAX_WINDOW_MS + allowed_lateness_ms
         self.prep_retention_ms = F.MAX_PREP_WINDOW_MS + allowed_lateness_ms
+        self.waiting_retention_ms = F.WAITING_ORDER_TTL_MS + allowed_lateness_ms
+        self.settled_retention_ms = F.SETTLED_ORDER_RETENTION_MS + allowed_lateness_ms
         self.city = city
         self._sources = {
             "apply_restaurant": _APPLY_RESTAURANT,
-            "apply_driver": _APPLY_DRIVER,
+            "apply_city": _APPLY_CITY,
             "read_restaurant": _READ_RESTAURANT,
+            "read_city": _READ_CITY,
         }
         self._sha: dict[str, str] = {}
 
@@ -307,17 +396,21 @@ class OnlineStore:
         raise AssertionError("unreachable")
 
     async def apply(self, updates: Sequence[RestaurantUpdate | DriverUpdate], *, now_ms: int) -> list[int]:
-        """Apply updates in one pipeline (one round trip): one script call per restaurant and one for all
-        drivers, each applying its updates in order. Returns 1 per update that changed state."""
+        """Apply updates in one pipeline (one round trip): one script call per restaurant and one for the
+        city (every driver update, plus the PLACED and CANCELLED order events with an order id, which
+        change the dispatch backlog), each applying its updates in order. Returns 1 per update that
+        changed state (in its restaurant's keys or the city's)."""
         if not updates:
             return []
         by_restaurant: dict[str, list[int]] = {}
-        drivers: list[int] = []
+        city: list[int] = []
         for index, update in enumerate(updates):
             if isinstance(update, DriverUpdate):
-                drivers.append(index)
+                city.append(index)
             else:
                 by_restaurant.setdefault(update.restaurant_id, []).append(index)
+                if update.event_type in DISPATCH_ORDER_EVENTS and update.order_id:
+                    city.append(index)
         dkeys = driver_keys(self.city)
         groups = list(by_restaurant.items())
 
@@ -352,14 +445,23 @@ class OnlineStore:
                     keys["meta"],
                     *args,
                 )
-            if drivers:
-                args = [now_ms]
-                for index in drivers:
-                    d = updates[index]
-                    assert isinstance(d, DriverUpdate)
-                    args += [d.driver_id, d.event_type, d.event_ms, d.lat, d.lng, d.writer]
+            if city:
+                args = [now_ms, self.waiting_retention_ms, self.settled_retention_ms]
+                for index in city:
+                    c = updates[index]
+                    if isinstance(c, DriverUpdate):
+                        args += [c.event_type, c.driver_id, c.order_id, c.event_ms, c.lat, c.lng, c.writer]
+                    else:  # a dispatch entry: the order event's effect on the city's backlog
+                        args += [c.event_type, "", c.order_id, c.event_ms, "", "", c.writer]
                 pipe.evalsha(
-                    self._sha["apply_driver"], 3, dkeys["free"], dkeys["state"], dkeys["meta"], *args
+                    self._sha["apply_city"],
+                    5,
+                    dkeys["free"],
+                    dkeys["state"],
+                    dkeys["meta"],
+                    dkeys["waiting"],
+                    dkeys["settled"],
+                    *args,
                 )
 
         results = await self._run(build)
@@ -367,9 +469,9 @@ class OnlineStore:
         for (_, indices), flags in zip(groups, results, strict=False):
             for index, flag in zip(indices, flags, strict=True):
                 changed[index] = int(flag)
-        if drivers:
-            for index, flag in zip(drivers, results[-1], strict=True):
-                changed[index] = int(flag)
+        if city:
+            for index, flag in zip(city, results[-1], strict=True):
+                changed[index] |= int(flag)
         return changed
 
     async def is_initialized(self) -> bool:
@@ -396,6 +498,10 @@ class OnlineStore:
             *(m.window_ms for m in F.WINDOW_MEANS),
         )
 
+    def _queue_city(self, pipe: Any, now_ms: int) -> None:
+        keys = driver_keys(self.city)
+        pipe.evalsha(self._sha["read_city"], 2, keys["meta"], keys["waiting"], now_ms, F.WAITING_ORDER_TTL_MS)
+
     def _queue_nearby(self, pipe: Any, location: tuple[float, float]) -> None:
         pipe.geosearch(
             driver_keys(self.city)["free"],
@@ -411,18 +517,17 @@ class OnlineStore:
         """Features of many restaurants (id, location) in one round trip, e.g. for a home feed."""
         if not requests:
             return []
-        dmeta = driver_keys(self.city)["meta"]
 
         def build(pipe: Any) -> None:
-            pipe.hmget(dmeta, "u:drivers", "e:drivers", "t:drivers")
+            self._queue_city(pipe, now_ms)
             for restaurant_id, location in requests:
                 self._queue_read(pipe, restaurant_id, now_ms)
                 self._queue_nearby(pipe, location)
 
         results = await self._run(build)
-        driver_meta = results[0]
+        city = results[0]
         return [
-            self._assemble(rid, now_ms, results[1 + 2 * i], driver_meta, results[2 + 2 * i], location)
+            self._assemble(rid, now_ms, results[1 + 2 * i], city, results[2 + 2 * i], location)
             for i, (rid, location) in enumerate(requests)
         ]
 
@@ -433,27 +538,26 @@ class OnlineStore:
         (the restaurant's stored location is read first)."""
         if location is not None:
             return (await self.read_restaurants([(restaurant_id, location)], now_ms=now_ms))[0]
-        dmeta = driver_keys(self.city)["meta"]
 
         def build(pipe: Any) -> None:
-            pipe.hmget(dmeta, "u:drivers", "e:drivers", "t:drivers")
+            self._queue_city(pipe, now_ms)
             self._queue_read(pipe, restaurant_id, now_ms)
 
-        driver_meta, raw = await self._run(build)
+        city, raw = await self._run(build)
         nearby = None
         fields = len(F.WINDOW_COUNTS) + 1 + 2 * len(F.WINDOW_MEANS)  # status, lat, lng follow the values
         lat, lng = raw[fields + 1], raw[fields + 2]
         if lat not in (False, None):
             location = (float(lat), float(lng))
             (nearby,) = await self._run(lambda pipe: self._queue_nearby(pipe, location))
-        return self._assemble(restaurant_id, now_ms, raw, driver_meta, nearby, location)
+        return self._assemble(restaurant_id, now_ms, raw, city, nearby, location)
 
     def _assemble(
         self,
         restaurant_id: str,
         now_ms: int,
         raw: list[Any],
-        driver_meta: list[Any],
+        city: list[Any],
         nearby: list[Any] | None,
         location: tuple[float, float] | None,
     ) -> RestaurantFeatures:
@@ -464,7 +568,8 @@ class OnlineStore:
         preps = [(float(raw[nwin + 1 + 2 * k]), int(raw[nwin + 2 + 2 * k])) for k in range(nmean)]
         status, _lat, _lng, *groups = raw[nwin + 1 + 2 * nmean :]
         orders, kitchen, status_meta = (_Provenance.of(groups[i : i + 3]) for i in (0, 3, 6))
-        drivers = _Provenance.of(driver_meta)
+        waiting = int(city[0])
+        drivers, dispatch = _Provenance.of(city[1:4]), _Provenance.of(city[4:7])
         out = RestaurantFeatures(restaurant_id=restaurant_id, as_of_ms=now_ms, location=location)
         for window, count in zip(F.WINDOW_COUNTS, counts, strict=True):
             out.readings[window.name] = orders.reading(window.name, float(count), orders.updated is not None)
@@ -479,6 +584,11 @@ class OnlineStore:
         known = nearby is not None and drivers.updated is not None
         free = float(len(nearby)) if nearby is not None and known else F.DEFAULTS[F.FREE_DRIVERS_NEARBY]
         out.readings[F.FREE_DRIVERS_NEARBY] = drivers.reading(F.FREE_DRIVERS_NEARBY, free, known)
+        backlog_known = dispatch.updated is not None
+        backlog = float(waiting) if backlog_known else F.DEFAULTS[F.ORDERS_WAITING_FOR_DRIVER]
+        out.readings[F.ORDERS_WAITING_FOR_DRIVER] = dispatch.reading(
+            F.ORDERS_WAITING_FOR_DRIVER, backlog, backlog_known
+        )
         return out
 
 
@@ -521,6 +631,7 @@ def update_from_event(event: Any) -> RestaurantUpdate | DriverUpdate | None:
             ms_from_timestamp(d.event_time),
             d.location.lat,
             d.location.lng,
+            order_id=d.order_id,
         )
     if kind == "kitchen":
         k = event.kitchen

@@ -67,8 +67,9 @@ ONLINE_FEATURES: tuple[str, ...] = tuple(name for name in F.FEATURE_NAMES if nam
 # Why these budgets: a windowed feature whose inputs have not changed for longer than the window itself
 # is computed from nothing but silence (so a window's budget is its length); a kitchen status (BUSY is a
 # transient overload signal) older than an hour says little about now; drivers move ~500 m a minute, so a
-# supply picture older than a minute is already wrong near the 3 km edge. Everything else (orders in the
-# kitchen) uses PREDICTION_STALENESS_BUDGET_SECONDS.
+# supply picture older than a minute is already wrong near the 3 km edge; city-wide dispatch events come
+# every ~40 s (p99 ~10 min in a simulated week), so 15 min without one is a real stall. Everything else
+# (orders in the kitchen) uses PREDICTION_STALENESS_BUDGET_SECONDS.
 DEFAULT_STALENESS_BUDGETS: Mapping[str, float] = MappingProxyType(
     {
         F.NUM_ORDERS_10.name: 600.0,
@@ -77,6 +78,7 @@ DEFAULT_STALENESS_BUDGETS: Mapping[str, float] = MappingProxyType(
         F.MEAN_PREP_MINUTES_24H.name: 86400.0,
         F.KITCHEN_BUSY: 3600.0,
         F.FREE_DRIVERS_NEARBY: 60.0,
+        F.ORDERS_WAITING_FOR_DRIVER: 900.0,
     }
 )
 REDIS_CLIENTS = ("lean", "redis-py")

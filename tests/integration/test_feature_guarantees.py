@@ -3,7 +3,8 @@ exact event-time windows with lateness, counted once, crash-safe under kill -9, 
 rebalance, rebuild after Redis loss, and an archive that loses nothing across a PostgreSQL outage.
 
 "From-scratch recomputation" is the offline builder (the trainer's feature code) run over the exact
-stream that was produced."""
+streams that were produced: every stream this module produced into its stack, because the tests share
+one aggregator and one city, and a city-wide feature (the dispatch backlog) sees every test's orders."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 import asyncpg
 import pytest
 
+from devstack import synthetic
 from devstack.infra import start_postgres
 from devstack.stack import LocalStack
 from devstack.synthetic import (
@@ -28,7 +30,6 @@ from devstack.synthetic import (
     Sent,
     make_city,
     online_features,
-    produce,
     random_stream,
     unique_count,
 )
@@ -51,8 +52,18 @@ AGGREGATOR_ENV = {
 }
 
 
+# Every record produced into the module's stack (the offline recomputation's input).
+PRODUCED: list[Sent] = []
+
+
+async def produce(settings: KafkaSettings, stream: Sequence[Sent]) -> None:
+    PRODUCED.extend(stream)
+    await synthetic.produce(settings, stream)
+
+
 @pytest.fixture(scope="module")
 def fstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    PRODUCED.clear()
     with own_stack(tmp_path_factory, "features", services=("aggregator",), extra_env=AGGREGATOR_ENV) as stack:
         yield stack
 
@@ -100,8 +111,10 @@ async def wait_archived(stack: LocalStack, prefix: str, expected: int, timeout: 
 
 
 def offline_values(stream: Sequence[Sent], city: City, at_ms: int) -> dict[str, dict[str, float]]:
+    """``city``'s features recomputed from everything produced into the stack (``stream`` included)."""
+    assert {id(s) for s in stream} <= {id(s) for s in PRODUCED}
     builder = OfflineFeatureBuilder()
-    for item in sorted(stream, key=lambda s: s.ingest_ms):
+    for item in sorted(PRODUCED, key=lambda s: s.ingest_ms):
         builder.apply(item.history())
     return {
         rid: builder.features_at(FeatureQuery(rid, rid, at_ms, lat, lng))

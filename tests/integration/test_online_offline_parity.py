@@ -1,5 +1,9 @@
 """The Redis scripts (online) and the offline builder implement the same feature semantics: on a random
-timeline with out-of-order, duplicate and late events, both give identical values at every checkpoint."""
+timeline with out-of-order, duplicate and late events, both give identical values at every checkpoint.
+
+Drivers are ASSIGNED to the placed orders (the dispatch backlog): most a few minutes after PLACED, some
+whose ASSIGNED arrives before their PLACED, some with an assignment time before the placement (device
+clocks), some cancelled before or after assignment, and some never assigned."""
 
 from __future__ import annotations
 
@@ -19,8 +23,27 @@ MIN = 60_000
 CENTRE = (52.52, 13.405)
 
 
+def _assignment(rng: random.Random, oid: str, placed_ms: int) -> tuple[HistoryEvent | None, int | None]:
+    """The order's ASSIGNED event (or None: never assigned) and, when it must arrive after its ASSIGNED,
+    the delay to give its PLACED event."""
+    driver = f"par-d{rng.randrange(10)}"
+    at = (CENTRE[0] + rng.uniform(-0.04, 0.04), CENTRE[1] + rng.uniform(-0.06, 0.06))
+    roll = rng.random()
+    if roll < 0.6:  # the usual: a driver a few minutes later
+        when, placed_delay = placed_ms + rng.randrange(MIN, 12 * MIN), None
+    elif roll < 0.75:  # ASSIGNED arrives first; the PLACED is held back (still within the lateness)
+        when, placed_delay = placed_ms + rng.randrange(5_000, 30_000), rng.randrange(2 * MIN, 4 * MIN)
+    elif roll < 0.8:  # the driver's clock says it was assigned before it was placed
+        when, placed_delay = placed_ms - rng.randrange(1_000, 30_000), None
+    else:
+        return None, None
+    return HistoryEvent("driver", "ASSIGNED", when, 0, None, driver, oid, *at), placed_delay
+
+
 def _random_timeline(rng: random.Random, start: int, minutes: int, prefix: str) -> list[HistoryEvent]:
     events: list[HistoryEvent] = []
+    # a delay some events must arrive with (else the arrival delay is random), by position in ``events``
+    forced_delay: dict[int, int] = {}
     restaurants = {
         f"{prefix}-r{i}": (CENTRE[0] + rng.uniform(-0.03, 0.03), CENTRE[1] + rng.uniform(-0.05, 0.05))
         for i in range(3)
@@ -31,11 +54,17 @@ def _random_timeline(rng: random.Random, start: int, minutes: int, prefix: str) 
             for _ in range(rng.choice([0, 0, 1, 2])):
                 oid = f"{rid}-o{len(events)}"
                 placed_ms = t + rng.randrange(MIN)
+                assignment, placed_delay = _assignment(rng, oid, placed_ms)
+                if placed_delay is not None:
+                    forced_delay[len(events)] = placed_delay
                 events.append(HistoryEvent("order", "PLACED", placed_ms, 0, rid, None, oid, lat, lng))
+                if assignment is not None:
+                    events.append(assignment)
                 accepted = placed_ms + rng.randrange(30_000, 120_000)
                 events.append(HistoryEvent("kitchen", "ORDER_ACCEPTED", accepted, 0, rid, None, oid))
-                if rng.random() < 0.1:
-                    events.append(HistoryEvent("order", "CANCELLED", accepted + MIN, 0, rid, None, oid))
+                if rng.random() < 0.1:  # before or after its assignment (or instead of it)
+                    cancelled_ms = placed_ms + rng.randrange(30_000, 15 * MIN)
+                    events.append(HistoryEvent("order", "CANCELLED", cancelled_ms, 0, rid, None, oid))
                 else:
                     events.append(
                         HistoryEvent(
@@ -59,7 +88,7 @@ def _random_timeline(rng: random.Random, start: int, minutes: int, prefix: str) 
                 events.append(
                     HistoryEvent(
                         "driver",
-                        rng.choice(["ONLINE", "OFFLINE", "LOCATION", "ASSIGNED", "DELIVERED"]),
+                        rng.choice(["ONLINE", "OFFLINE", "LOCATION", "DELIVERED"]),
                         t + rng.randrange(MIN),
                         0,
                         driver_id=f"par-d{d}",
@@ -69,8 +98,9 @@ def _random_timeline(rng: random.Random, start: int, minutes: int, prefix: str) 
                 )
     # arrival: mostly in order with jitter, some late beyond the allowed lateness, some duplicated
     out = []
-    for ev in events:
+    for i, ev in enumerate(events):
         delay = rng.choice([rng.randrange(50, 3_000)] * 8 + [rng.randrange(3 * MIN, 4 * MIN), 7 * MIN])
+        delay = forced_delay.get(i, delay)
         arrived = HistoryEvent(
             ev.kind,
             ev.type,
@@ -94,7 +124,7 @@ def _update(ev: HistoryEvent) -> RestaurantUpdate | DriverUpdate:
         assert ev.driver_id is not None
         assert ev.lat is not None
         assert ev.lng is not None
-        return DriverUpdate(ev.driver_id, ev.type, ev.event_ms, ev.lat, ev.lng)
+        return DriverUpdate(ev.driver_id, ev.type, ev.event_ms, ev.lat, ev.lng, order_id=ev.order_id or "")
     assert ev.restaurant_id is not None
     return RestaurantUpdate(ev.restaurant_id, ev.type, ev.order_id or "", ev.event_ms, ev.lat, ev.lng)
 
@@ -104,6 +134,15 @@ async def test_online_scripts_equal_offline_builder(stack: LocalStack) -> None:
     start = 1_800_000_000_000
     prefix = f"par{uuid.uuid4().hex[:6]}"
     timeline = _random_timeline(rng, start, minutes=150, prefix=prefix)
+    first_seen: dict[tuple[str, str | None], int] = {}
+    for ev in timeline:
+        first_seen.setdefault((ev.type, ev.order_id), ev.ingest_ms)
+    assigned = {oid for kind, oid in first_seen if kind == "ASSIGNED"}
+    cancelled = {oid for kind, oid in first_seen if kind == "CANCELLED"}
+    early = [o for o in assigned if first_seen[("ASSIGNED", o)] < first_seen.get(("PLACED", o), 0)]
+    assert len(early) > 20  # ASSIGNED before PLACED
+    assert len(assigned & cancelled) > 5  # assigned and cancelled
+    assert len(cancelled - assigned) >= 3  # cancelled instead of assigned
     # its own driver pool (city) and restaurant ids, so the test shares Redis with the running stack safely
     store = OnlineStore.from_url(stack.redis_url, city=f"parity-{uuid.uuid4().hex[:8]}")
     offline = OfflineFeatureBuilder()
@@ -111,6 +150,7 @@ async def test_online_scripts_equal_offline_builder(stack: LocalStack) -> None:
         checkpoints = [start + m * MIN for m in range(20, 160, 7)]
         idx = 0
         compared = 0
+        backlog: list[float] = []
         for checkpoint in checkpoints:
             batch = []
             while idx < len(timeline) and timeline[idx].ingest_ms <= checkpoint:
@@ -132,7 +172,12 @@ async def test_online_scripts_equal_offline_builder(stack: LocalStack) -> None:
                     else:
                         assert got == pytest.approx(value), (rid, name, checkpoint)
                     compared += 1
+                backlog.append(online.readings[F.ORDERS_WAITING_FOR_DRIVER].value)
         assert compared > 300
         assert idx > 1000
+        # the backlog was really exercised: known, non-zero, and moving between checkpoints
+        assert not any(math.isnan(v) for v in backlog)
+        assert sum(1 for v in backlog if v > 0) > len(backlog) // 2
+        assert len(set(backlog)) > 5
     finally:
         await store.close()

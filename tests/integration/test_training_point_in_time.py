@@ -194,6 +194,28 @@ def brute_force(events: list[Ev], restaurant_id: str, at: tuple[float, float], t
         if drivers
         else math.nan
     )
+    # the city's dispatch backlog (every restaurant): orders PLACED in (t − 3 h, …] with no ASSIGNED (a
+    # driver event carrying the order) and no CANCELLED seen, in whatever order those arrived
+    first_placed: dict[str, int] = {}
+    settled: set[str] = set()
+    for e in seen:
+        if not e.order_id:
+            continue
+        if e.kind == "order" and e.type == "PLACED":
+            first_placed.setdefault(e.order_id, e.event_ms)
+        elif (e.kind, e.type) in (("order", "CANCELLED"), ("driver", "ASSIGNED")):
+            settled.add(e.order_id)
+    out[F.ORDERS_WAITING_FOR_DRIVER] = (
+        float(
+            sum(
+                1
+                for oid, ms in first_placed.items()
+                if oid not in settled and ms > t - F.WAITING_ORDER_TTL_MS
+            )
+        )
+        if first_placed or settled
+        else math.nan
+    )
     return out
 
 
@@ -241,9 +263,14 @@ def _hand_made() -> tuple[list[Ev], int]:
         return ev("kitchen", type_, event_ms, ingest_ms, restaurant_id="H", order_id=oid)
 
     def driver(
-        did: str, type_: str, event_ms: int, at: tuple[float, float], ingest_ms: int | None = None
+        did: str,
+        type_: str,
+        event_ms: int,
+        at: tuple[float, float],
+        ingest_ms: int | None = None,
+        oid: str | None = None,
     ) -> Ev:
-        return ev("driver", type_, event_ms, ingest_ms, driver_id=did, lat=at[0], lng=at[1])
+        return ev("driver", type_, event_ms, ingest_ms, driver_id=did, lat=at[0], lng=at[1], order_id=oid)
 
     events = [
         # window counts at t: 10 min → a1, a6; 30 min → a1, a2, a6
@@ -271,15 +298,22 @@ def _hand_made() -> tuple[list[Ev], int]:
         kitchen("OPENED", t - 1 * MIN, t + MIN),
         # drivers: d1 and d2 free nearby at t; d3 too far; d4 online only after t; d5 busy; d6 stale ONLINE
         driver("d1", "ONLINE", t - 30 * MIN, near1),
-        driver("d1", "ASSIGNED", t - 2 * MIN, near1, t + 10_000),
+        driver("d1", "ASSIGNED", t - 2 * MIN, near1, t + 10_000, oid="a2"),
         driver("d2", "ONLINE", t - 20 * MIN, near2),
         driver("d2", "OFFLINE", t + 5 * MIN, near2),
         driver("d3", "ONLINE", t - 20 * MIN, far),
         driver("d4", "ONLINE", t + MIN, near1),
         driver("d5", "ONLINE", t - 40 * MIN, near1),
-        driver("d5", "ASSIGNED", t - 10 * MIN, near1),
+        driver("d5", "ASSIGNED", t - 10 * MIN, near1, oid="a7"),
         driver("d6", "OFFLINE", t - 5 * MIN, near2),
         driver("d6", "ONLINE", t - 9 * MIN, near2, t - 4 * MIN),  # older than the OFFLINE it follows
+        # dispatch backlog at t: a1, a2 (its ASSIGNED arrived after t), a6; a7 assigned; a8's ASSIGNED
+        # arrived before its PLACED; a9 cancelled; a0 abandoned (placed more than 3 h ago)
+        driver("d7", "ASSIGNED", t - 39 * MIN, far, t - 39 * MIN + 100, oid="a8"),
+        placed("a8", t - 40 * MIN, t - 37 * MIN),
+        placed("a9", t - 45 * MIN),
+        ev("order", "CANCELLED", t - 42 * MIN, restaurant_id="H", order_id="a9"),
+        placed("a0", t - 3 * HOUR - 10 * MIN),
         # the row: placed at t, delivered 40 min later; a1 delivered too (another row)
         placed("o", t, t + 200),
         ev("order", "DELIVERED", t + 40 * MIN, restaurant_id="H", order_id="o"),
@@ -302,6 +336,7 @@ async def test_hand_made_history_with_late_and_future_events(pool: asyncpg.Pool)
     assert got[F.MEAN_PREP_MINUTES_60.name] == pytest.approx(20.0)  # b1 only
     assert got[F.KITCHEN_BUSY] == 1  # the OPENED after BUSY arrived after t
     assert got[F.FREE_DRIVERS_NEARBY] == 2  # d1 (ASSIGNED not seen), d2
+    assert got[F.ORDERS_WAITING_FOR_DRIVER] == 3  # a1, a2, a6
     assert got[F.DISTANCE_KM] == pytest.approx(3.0, abs=0.01)
     assert data.y[row] == pytest.approx(40.0)
     assert _assert_rows_match(data, events) == 3
@@ -363,12 +398,16 @@ def _random_history(rng: random.Random) -> list[Ev]:
         status_times = sorted(rng.sample(range(T_RANDOM, T_RANDOM + 6 * HOUR, 1000), 12))
         for ms in status_times:
             add("kitchen", rng.choice(["BUSY", "OPENED", "CLOSED"]), ms, restaurant_id=rid, lat=lat, lng=lng)
+    placed = sorted((e.event_ms, e.order_id or "") for e in events if e.type == "PLACED")
     for d in range(8):
         times = sorted(rng.sample(range(T_RANDOM - HOUR, T_RANDOM + 6 * HOUR, 1000), 60))
         for ms in times:
             at = (centre[0] + rng.uniform(-0.05, 0.05), centre[1] + rng.uniform(-0.07, 0.07))
             type_ = rng.choice(["ONLINE", "LOCATION", "LOCATION", "ASSIGNED", "DELIVERED", "OFFLINE"])
-            add("driver", type_, ms, driver_id=f"rd{d}", lat=at[0], lng=at[1])
+            # an ASSIGNED takes an order placed in the last 15 min (or up to 30 s later: device clocks)
+            recent = [oid for p, oid in placed if ms - 15 * MIN < p <= ms + 30_000]
+            taken = rng.choice(recent) if type_ == "ASSIGNED" and recent else None
+            add("driver", type_, ms, driver_id=f"rd{d}", lat=at[0], lng=at[1], order_id=taken)
     return events
 
 

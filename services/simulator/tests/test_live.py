@@ -266,8 +266,9 @@ async def test_run_live_asks_for_the_eta_of_each_order_before_placing_it(
     try:
         stats = await run_live(
             target,
-            CityConfig(demand_multiplier=3.0),
-            speed=50.0,
+            # busy enough at any hour of the (UTC) day for several orders within 2 s of wall time
+            CityConfig(demand_multiplier=12.0),
+            speed=100.0,
             stop=asyncio.Event(),
             duration_seconds=2.0,
             flush_interval_s=0.02,
