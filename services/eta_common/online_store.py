@@ -260,6 +260,13 @@ return out
 """
 
 
+# Free drivers within the radius of a point, counted server-side. KEYS: free (geo).
+# ARGV: lng, lat, radius_km.
+_COUNT_NEARBY = """
+return #redis.call('GEOSEARCH', KEYS[1], 'FROMLONLAT', ARGV[1], ARGV[2], 'BYRADIUS', ARGV[3], 'km')
+"""
+
+
 def restaurant_keys(restaurant_id: str) -> dict[str, str]:
     tag = f"rst:{{{restaurant_id}}}"
     return {
@@ -366,6 +373,7 @@ class OnlineStore:
             "apply_city": _APPLY_CITY,
             "read_restaurant": _READ_RESTAURANT,
             "read_city": _READ_CITY,
+            "count_nearby": _COUNT_NEARBY,
         }
         self._sha: dict[str, str] = {}
 
@@ -377,8 +385,10 @@ class OnlineStore:
         await self.client.aclose()
 
     async def _load_scripts(self) -> None:
-        for name, source in self._sources.items():
-            self._sha[name] = str(await self.client.script_load(source))
+        # Publish the whole table at once: a concurrent _run() must never see it half loaded.
+        self._sha = {
+            name: str(await self.client.script_load(source)) for name, source in self._sources.items()
+        }
 
     async def _run(self, build: Callable[[Any], None]) -> list[Any]:
         """Build a pipeline with ``build(pipe)`` and execute it (one round trip)."""
@@ -503,12 +513,14 @@ class OnlineStore:
         pipe.evalsha(self._sha["read_city"], 2, keys["meta"], keys["waiting"], now_ms, F.WAITING_ORDER_TTL_MS)
 
     def _queue_nearby(self, pipe: Any, location: tuple[float, float]) -> None:
-        pipe.geosearch(
+        # counted inside Redis: the reply is one integer, not every driver id in the radius
+        pipe.evalsha(
+            self._sha["count_nearby"],
+            1,
             driver_keys(self.city)["free"],
-            longitude=location[1],
-            latitude=location[0],
-            radius=F.SUPPLY_RADIUS_KM,
-            unit="km",
+            location[1],
+            location[0],
+            F.SUPPLY_RADIUS_KM,
         )
 
     async def read_restaurants(
@@ -558,7 +570,7 @@ class OnlineStore:
         now_ms: int,
         raw: list[Any],
         city: list[Any],
-        nearby: list[Any] | None,
+        nearby: int | None,
         location: tuple[float, float] | None,
     ) -> RestaurantFeatures:
         nwin = len(F.WINDOW_COUNTS)
@@ -582,7 +594,7 @@ class OnlineStore:
         busy = 1.0 if status in (b"BUSY", "BUSY") else 0.0
         out.readings[F.KITCHEN_BUSY] = status_meta.reading(F.KITCHEN_BUSY, busy, status not in (None, False))
         known = nearby is not None and drivers.updated is not None
-        free = float(len(nearby)) if nearby is not None and known else F.DEFAULTS[F.FREE_DRIVERS_NEARBY]
+        free = float(nearby) if nearby is not None and known else F.DEFAULTS[F.FREE_DRIVERS_NEARBY]
         out.readings[F.FREE_DRIVERS_NEARBY] = drivers.reading(F.FREE_DRIVERS_NEARBY, free, known)
         backlog_known = dispatch.updated is not None
         backlog = float(waiting) if backlog_known else F.DEFAULTS[F.ORDERS_WAITING_FOR_DRIVER]
