@@ -100,6 +100,7 @@ def check_consistency(
     locations: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     seen_by_restaurant: dict[str, list[int]] = defaultdict(list)
     driver_seen: list[int] = []
+    dispatch_seen: list[int] = []  # what moves the city-wide backlog: PLACED, CANCELLED, ASSIGNED anywhere
     for ev in events:
         if ev.restaurant_id and ev.lat is not None and ev.lng is not None:
             locations[ev.restaurant_id].append((ev.seen_ms, ev.lat, ev.lng))
@@ -107,6 +108,8 @@ def check_consistency(
             seen_by_restaurant[ev.restaurant_id].append(ev.seen_ms)
         if ev.kind == "driver":
             driver_seen.append(ev.seen_ms)
+        if ev.type in ("PLACED", "CANCELLED", "ASSIGNED"):
+            dispatch_seen.append(ev.seen_ms)
     queries: list[FeatureQuery] = []
     rows: dict[str, ServedRow] = {}
     for i, row in enumerate(served):
@@ -133,7 +136,12 @@ def check_consistency(
             tally.compared += 1
             if _equal(row.features[name], offline[name]):
                 continue
-            times = driver_seen if name == _SUPPLY else seen_by_restaurant[row.restaurant_id]
+            if name == _SUPPLY:
+                times = driver_seen
+            elif name == F.ORDERS_WAITING_FOR_DRIVER:
+                times = dispatch_seen
+            else:
+                times = seen_by_restaurant[row.restaurant_id]
             if not strict and racing(times, row.served_ms):
                 tally.in_flight += 1
                 continue

@@ -27,6 +27,7 @@ SHORT = {
     F.MEAN_PREP_MINUTES_24H.name: "prep24h",
     F.KITCHEN_BUSY: "busy",
     F.FREE_DRIVERS_NEARBY: "drivers",
+    F.ORDERS_WAITING_FOR_DRIVER: "backlog",
 }
 
 
