@@ -41,7 +41,6 @@ backlog's zsets are trimmed by event time (``waiting``: older than the 3 h TTL +
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -623,10 +622,6 @@ class _Provenance:
 
     def reading(self, name: str, value: float, present: bool) -> FeatureReading:
         return FeatureReading(name, value, present, self.updated, self.event, self.writer)
-
-
-def nan_to_none(value: float) -> float | None:
-    return None if math.isnan(value) else value
 
 
 def update_from_event(event: Any) -> RestaurantUpdate | DriverUpdate | None:

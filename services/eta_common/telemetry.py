@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -203,8 +203,3 @@ class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: i
             )
             call = await continuation(details, request)
             return await call
-
-
-def attributes_for(mapping: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop ``None`` values (OpenTelemetry attributes may not be None)."""
-    return {key: value for key, value in mapping.items() if value is not None}

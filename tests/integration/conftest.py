@@ -9,7 +9,6 @@ import inspect
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -120,7 +119,3 @@ def read_spans(stack: LocalStack) -> list[dict[str, Any]]:
 @pytest.fixture
 def spans_of(stack: LocalStack) -> Callable[[], list[dict[str, Any]]]:
     return lambda: read_spans(stack)
-
-
-def workdir_of(stack: LocalStack) -> Path:
-    return stack.workdir

@@ -62,11 +62,6 @@ async def promoted_version(conn: asyncpg.Connection | asyncpg.Pool) -> str | Non
     return None if value is None else str(value)
 
 
-async def promoted_metrics(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, Any] | None:
-    value = await conn.fetchval("SELECT metrics FROM models WHERE is_promoted")
-    return None if value is None else dict(json.loads(value))
-
-
 async def load_promoted(conn: asyncpg.Connection | asyncpg.Pool) -> RegisteredModel | None:
     row = await conn.fetchrow(
         "SELECT version, feature_names, metrics, model_blob FROM models WHERE is_promoted"
