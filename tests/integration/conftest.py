@@ -34,6 +34,7 @@ def own_stack(
     *,
     services: tuple[str, ...] = (),
     extra_env: dict[str, str] | None = None,
+    prepare: Callable[[LocalStack], object] | None = None,
 ) -> Iterator[LocalStack]:
     """A private stack (free ports, its own servers) for tests that kill or restart things, so the shared
     session stack is never disturbed. Everything it started is stopped on exit."""
@@ -45,6 +46,8 @@ def own_stack(
     )
     try:
         local.start_infra()
+        if prepare is not None:  # e.g. migrations or seeded history the services need at start
+            prepare(local)
         for service in services:
             local.start_service(service)
         yield local

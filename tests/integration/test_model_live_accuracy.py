@@ -16,7 +16,6 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -24,7 +23,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from devstack.stack import LocalStack, ServicePorts
+from devstack.stack import LocalStack
 from eta.v1 import events_pb2, ingestion_pb2
 from eta_common.db.archive import ArchivedEvent, archive_events
 from eta_common.db.migrate import apply_migrations
@@ -33,6 +32,7 @@ from eta_common.timeutil import datetime_from_ms, now_ms
 from simulator.city import CityConfig, GeoPoint
 from simulator.live import run_live
 from simulator.messages import OrderType, event_ms, order_event
+from tests.integration.conftest import own_stack
 from trainer.__main__ import main as trainer_main
 
 pytestmark = pytest.mark.integration
@@ -42,24 +42,15 @@ HERE = GeoPoint(52.52, 13.40)
 
 @pytest.fixture(scope="module")
 def accuracy_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    workdir: Path = tmp_path_factory.mktemp("accuracy")
-    local = LocalStack(
-        workdir,
-        ports=ServicePorts.free(),
-        use_env_endpoints=False,
-        extra_env={
-            "LOG_FORMAT": "json",
-            "OTEL_TRACES_SAMPLER": "always_off",
-            "PREDICTION_LOG_FLUSH_MS": "100",
-        },
-    )
-    try:
-        local.start_infra()
-        asyncio.run(apply_migrations(local.database_url))
-        local.start_service("prediction")
+    env = {"LOG_FORMAT": "json", "OTEL_TRACES_SAMPLER": "always_off", "PREDICTION_LOG_FLUSH_MS": "100"}
+    with own_stack(
+        tmp_path_factory,
+        "accuracy",
+        services=("prediction",),
+        extra_env=env,
+        prepare=lambda s: asyncio.run(apply_migrations(s.database_url)),
+    ) as local:
         yield local
-    finally:
-        local.stop()
 
 
 @pytest.fixture

@@ -13,17 +13,16 @@ import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import pytest
 
-from devstack.stack import LocalStack, ServicePorts
+from devstack.stack import LocalStack
 from eta.v1 import eta_pb2, eta_pb2_grpc, events_pb2
 from eta_common.db.migrate import apply_migrations
 from simulator.city import CityConfig, build_city
 from simulator.seed import seed_history
-from tests.integration.conftest import poll_until
+from tests.integration.conftest import own_stack, poll_until
 from trainer.run import train_and_register
 
 pytestmark = pytest.mark.integration
@@ -40,26 +39,22 @@ class Service:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    workdir: Path = tmp_path_factory.mktemp("promotion")
-    stack = LocalStack(
-        workdir,
-        ports=ServicePorts.free(),
-        use_env_endpoints=False,
-        extra_env={
-            "PREDICTION_MODEL_REFRESH_SECONDS": "1",
-            "LOG_FORMAT": "json",
-            "OTEL_TRACES_SAMPLER": "always_off",
-            "SHUTDOWN_GRACE_SECONDS": "2",
-        },
-    )
-    try:
-        stack.start_infra()
+    env = {
+        "PREDICTION_MODEL_REFRESH_SECONDS": "1",
+        "LOG_FORMAT": "json",
+        "OTEL_TRACES_SAMPLER": "always_off",
+        "SHUTDOWN_GRACE_SECONDS": "2",
+    }
+
+    def prepare(stack: LocalStack) -> None:
         asyncio.run(apply_migrations(stack.database_url))
         asyncio.run(seed_history(stack.database_url, CityConfig(), days=DAYS, end_ms=END_MS, progress=False))
-        child = stack.start_service("prediction")
+
+    with own_stack(
+        tmp_path_factory, "promotion", services=("prediction",), extra_env=env, prepare=prepare
+    ) as stack:
+        child = next(p for p in stack.processes if p.name == "prediction")
         yield Service(stack, child.proc.pid)
-    finally:
-        stack.stop()
 
 
 def _requests() -> Iterator[eta_pb2.PredictEtaRequest]:
