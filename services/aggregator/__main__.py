@@ -8,6 +8,8 @@ flushed Redis) it rebuilds it from the archive first, and it keeps checking whil
 ``eta-aggregator rebuild [--since-hours H]`` rebuilds the online store from the archive and exits.
 ``eta-aggregator check-consistency [...]`` compares served features with an offline recomputation
 (see ``eta-aggregator check-consistency --help``).
+``eta-aggregator refresh-customer-features [--as-of-ms MS]`` refreshes the per-customer history features
+in Redis from the archive once (the service also does it hourly; see ``aggregator.customer_refresh``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import asyncpg
 from aggregator import config
 from aggregator.archiver import ArchiveWriter
 from aggregator.consumer import consume_forever
+from aggregator.customer_refresh import add_arguments as add_refresh_arguments
+from aggregator.customer_refresh import refresh_loop, run_refresh
 from aggregator.feature_service import FeatureServicer
 from aggregator.processor import BatchProcessor
 from aggregator.rebuild import rebuild_online
@@ -106,6 +110,9 @@ def build(settings: config.AggregatorSettings) -> GrpcService:
             except Exception:
                 log.exception("online-store check failed; will retry")
 
+    async def customer_refresh() -> None:
+        await refresh_loop(state["pool"], store.client, settings)
+
     async def stop() -> None:
         archiver = archiver_box.get("archiver")
         if archiver is not None:
@@ -124,7 +131,12 @@ def build(settings: config.AggregatorSettings) -> GrpcService:
         ],
         service_names=[features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name],
         on_start=[start],
-        background=[run_consumer, watchdog, accuracy],
+        background=[
+            run_consumer,
+            watchdog,
+            accuracy,
+            *([customer_refresh] if settings.customer_refresh else []),
+        ],
         on_stop=[stop],
     )
 
@@ -171,6 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     add_check_arguments(
         sub.add_parser("check-consistency", help="compare served features with an offline recomputation")
     )
+    add_refresh_arguments(
+        sub.add_parser(
+            "refresh-customer-features",
+            help="refresh the per-customer history features in Redis from the archive once, then exit",
+        )
+    )
     args = parser.parse_args(argv)
     configure_logging("eta-aggregator")
     settings = config.AggregatorSettings.from_env()
@@ -179,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "check-consistency":
         sys.exit(asyncio.run(run_check(settings, args)))
+    if args.command == "refresh-customer-features":
+        sys.exit(asyncio.run(run_refresh(settings, args)))
     run_grpc_service("eta-aggregator", lambda: build(settings))
 
 

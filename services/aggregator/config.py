@@ -10,7 +10,16 @@ archived history an automatic or ``eta-aggregator rebuild`` replays into an empt
 crashed replica move to the others, ``AGGREGATOR_FETCH_MAX_WAIT_MS`` [20] longest a fetch may wait for
 data: lower = fresher features, more idle fetch requests, ``AGGREGATOR_ACCURACY_SECONDS`` [30] /
 ``AGGREGATOR_ACCURACY_WINDOW_MINUTES`` [60] how often and over which window the live accuracy gauges
-(``eta_live_mae_minutes``, ``eta_live_interval_coverage_ratio`` …) are recomputed.
+(``eta_live_mae_minutes``, ``eta_live_interval_coverage_ratio`` …) are recomputed,
+``AGGREGATOR_CUSTOMER_REFRESH`` [true] refresh the per-customer history features
+(``eta_common.customer_features``) from PostgreSQL into Redis at start-up when out of date and after every
+hourly boundary (the period is part of the feature definition, so it is not a setting; ``false`` leaves
+it to ``eta-aggregator refresh-customer-features``), ``AGGREGATOR_CUSTOMER_REFRESH_DELAY_SECONDS`` [60]
+how long after a boundary the refresh runs (longer than the archive lags ingestion, so every event
+ingested by the boundary is in PostgreSQL), ``AGGREGATOR_CUSTOMER_REFRESH_RETRY_SECONDS`` [60] how soon a
+failed refresh, or one another replica holds the lock for, is checked again,
+``AGGREGATOR_CUSTOMER_REFRESH_LOCK_SECONDS`` [900] the lock's expiry (one replica refreshes; a crashed
+one's lock frees itself).
 Plus ``KAFKA_*``, ``REDIS_URL``, ``DATABASE_URL`` and ``OTEL_*``.
 """
 
@@ -23,6 +32,7 @@ from eta_common.config import (
     KafkaSettings,
     RedisSettings,
     ServerSettings,
+    env_bool,
     env_float,
     env_int,
     env_str,
@@ -46,6 +56,10 @@ class AggregatorSettings:
     fetch_max_wait_ms: int = 20
     accuracy_seconds: float = 30.0
     accuracy_window_minutes: float = 60.0
+    customer_refresh: bool = True
+    customer_refresh_delay_seconds: float = 60.0
+    customer_refresh_retry_seconds: float = 60.0
+    customer_refresh_lock_seconds: int = 900
 
     @classmethod
     def from_env(cls) -> AggregatorSettings:
@@ -67,5 +81,15 @@ class AggregatorSettings:
             accuracy_seconds=env_float("AGGREGATOR_ACCURACY_SECONDS", cls.accuracy_seconds, minimum=1),
             accuracy_window_minutes=env_float(
                 "AGGREGATOR_ACCURACY_WINDOW_MINUTES", cls.accuracy_window_minutes, minimum=1
+            ),
+            customer_refresh=env_bool("AGGREGATOR_CUSTOMER_REFRESH", cls.customer_refresh),
+            customer_refresh_delay_seconds=env_float(
+                "AGGREGATOR_CUSTOMER_REFRESH_DELAY_SECONDS", cls.customer_refresh_delay_seconds, minimum=0
+            ),
+            customer_refresh_retry_seconds=env_float(
+                "AGGREGATOR_CUSTOMER_REFRESH_RETRY_SECONDS", cls.customer_refresh_retry_seconds, minimum=1
+            ),
+            customer_refresh_lock_seconds=env_int(
+                "AGGREGATOR_CUSTOMER_REFRESH_LOCK_SECONDS", cls.customer_refresh_lock_seconds, minimum=10
             ),
         )

@@ -10,6 +10,11 @@ Visibility: by default an event counts as visible from the moment its Redis upda
 the same restaurant (or a driver event, for supply) became visible within ``--in-flight-ms`` of serving
 is reported as *in flight* (the read raced the update) rather than as a mismatch, unless ``--strict``.
 
+The customer features are batch values (refreshed hourly from the archive, see
+:mod:`eta_common.customer_features`): each is compared with the value of the refresh at or before serving
+time; a value that still is the previous refresh's, served within ``--refresh-grace-minutes`` of the
+boundary (the refresh runs shortly after it), is *in flight* too.
+
 Usage against a live system::
 
     eta-aggregator check-consistency --since-minutes 60 [--limit 2000] [--strict]
@@ -31,6 +36,7 @@ from typing import Any
 
 import asyncpg
 
+from eta_common import customer_features as CF
 from eta_common import features as F
 from eta_common.offline_features import FeatureQuery, HistoryEvent, OfflineFeatureBuilder
 from eta_common.timeutil import datetime_from_ms, now_ms
@@ -38,6 +44,9 @@ from eta_common.timeutil import datetime_from_ms, now_ms
 __all__ = ["ConsistencyReport", "ServedRow", "add_arguments", "check_consistency", "run_check"]
 
 ONLINE_FEATURES: tuple[str, ...] = tuple(name for name in F.FEATURE_NAMES if name in F.DEFAULTS)
+# The batch refresh runs shortly after each boundary (AGGREGATOR_CUSTOMER_REFRESH_DELAY_SECONDS, 60 s):
+# until it lands, the previous refresh's values are served.
+DEFAULT_REFRESH_GRACE_MS = 10 * 60_000
 _SUPPLY = F.FREE_DRIVERS_NEARBY
 
 
@@ -47,6 +56,7 @@ class ServedRow:
     restaurant_id: str
     features: dict[str, float | None]
     key: str = ""
+    customer_id: str = ""
 
 
 @dataclass
@@ -94,8 +104,11 @@ def check_consistency(
     allowed_lateness_ms: int = F.DEFAULT_ALLOWED_LATENESS_MS,
     in_flight_ms: int = 1000,
     strict: bool = False,
+    customers: CF.CustomerHistory | None = None,
+    refresh_grace_ms: int = DEFAULT_REFRESH_GRACE_MS,
 ) -> ConsistencyReport:
-    """Compare served rows with offline values; ``events`` must be sorted by ``seen_ms``."""
+    """Compare served rows with offline values; ``events`` must be sorted by ``seen_ms``. The customer
+    features are compared when ``customers`` (the archive's customer history) is given."""
     report = ConsistencyReport()
     locations: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     seen_by_restaurant: dict[str, list[int]] = defaultdict(list)
@@ -129,8 +142,10 @@ def check_consistency(
     for query, offline in builder.run(events, queries):
         row = rows[query.key]
         report.predictions += 1
+        if customers is not None:
+            _check_customer(report, row, customers, refresh_grace_ms=refresh_grace_ms, strict=strict)
         for name in ONLINE_FEATURES:
-            if name not in row.features:
+            if name not in row.features or name in CF.CUSTOMER_FEATURE_NAMES:
                 continue
             tally = report.per_feature[name]
             tally.compared += 1
@@ -158,6 +173,45 @@ def check_consistency(
     return report
 
 
+def _check_customer(
+    report: ConsistencyReport,
+    row: ServedRow,
+    customers: CF.CustomerHistory,
+    *,
+    refresh_grace_ms: int,
+    strict: bool,
+) -> None:
+    served = {name: row.features[name] for name in CF.CUSTOMER_FEATURE_NAMES if name in row.features}
+    if not served:
+        return
+    if row.customer_id:
+        expected = customers.features_at(row.customer_id, row.served_ms)
+        boundary = CF.as_of_boundary(row.served_ms)
+        previous = customers.features_as_of(row.customer_id, boundary - CF.CUSTOMER_REFRESH_MS)
+    else:  # no customer on the request: unknown
+        expected = previous = dict(CF.CUSTOMER_DEFAULTS)
+        boundary = row.served_ms
+    landing = not strict and row.served_ms - boundary <= refresh_grace_ms
+    for name, value in served.items():
+        tally = report.per_feature[name]
+        tally.compared += 1
+        if _equal(value, expected[name]):
+            continue
+        if landing and _equal(value, previous[name]):
+            tally.in_flight += 1  # the refresh of this boundary had not landed yet
+            continue
+        tally.mismatches += 1
+        report.samples.append(
+            {
+                "customer_id": row.customer_id,
+                "served_ms": row.served_ms,
+                "feature": name,
+                "online": value,
+                "offline": expected[name],
+            }
+        )
+
+
 _EVENTS_SQL = """
 SELECT kind, type, (extract(epoch FROM event_time) * 1000)::bigint AS event_ms,
        (extract(epoch FROM ingest_time) * 1000)::bigint AS ingest_ms,
@@ -166,7 +220,8 @@ SELECT kind, type, (extract(epoch FROM event_time) * 1000)::bigint AS event_ms,
 FROM events WHERE ingest_time >= $1 AND ingest_time <= $2
 """
 _SERVED_SQL = """
-SELECT id, (extract(epoch FROM served_at) * 1000)::bigint AS served_ms, restaurant_id, features
+SELECT id, (extract(epoch FROM served_at) * 1000)::bigint AS served_ms, restaurant_id, features,
+       coalesce(customer_id, '') AS customer_id
 FROM predictions WHERE served_at >= $1 AND served_at <= $2 ORDER BY served_at LIMIT $3
 """
 
@@ -188,10 +243,17 @@ async def load_and_check(
     allowed_lateness_ms: int = F.DEFAULT_ALLOWED_LATENESS_MS,
     in_flight_ms: int = 1000,
     strict: bool = False,
+    refresh_grace_ms: int = DEFAULT_REFRESH_GRACE_MS,
 ) -> ConsistencyReport:
     served_rows = await pool.fetch(_SERVED_SQL, datetime_from_ms(since_ms), datetime_from_ms(until_ms), limit)
     served = [
-        ServedRow(int(r["served_ms"]), r["restaurant_id"], served_features(r["features"]), str(r["id"]))
+        ServedRow(
+            int(r["served_ms"]),
+            r["restaurant_id"],
+            served_features(r["features"]),
+            str(r["id"]),
+            r["customer_id"],
+        )
         for r in served_rows
     ]
     last_served = max((s.served_ms for s in served), default=until_ms)
@@ -214,8 +276,16 @@ async def load_and_check(
         for r in rows
     ]
     events.sort(key=lambda e: (e.seen_ms, e.ingest_ms))
+    first_served = min((s.served_ms for s in served), default=since_ms)
+    customers = await CF.load_customer_history(pool, since_ms=first_served, until_ms=last_served)
     return check_consistency(
-        events, served, allowed_lateness_ms=allowed_lateness_ms, in_flight_ms=in_flight_ms, strict=strict
+        events,
+        served,
+        allowed_lateness_ms=allowed_lateness_ms,
+        in_flight_ms=in_flight_ms,
+        strict=strict,
+        customers=customers,
+        refresh_grace_ms=refresh_grace_ms,
     )
 
 
@@ -243,6 +313,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--in-flight-ms", type=int, default=1000, help="race window for 'in flight' (default 1000)"
     )
+    parser.add_argument(
+        "--refresh-grace-minutes",
+        type=float,
+        default=DEFAULT_REFRESH_GRACE_MS / 60_000,
+        help="customer features served this soon after an hourly boundary may still be the previous"
+        f" refresh's (default {DEFAULT_REFRESH_GRACE_MS // 60_000})",
+    )
     parser.add_argument("--strict", action="store_true", help="count in-flight differences as mismatches")
 
 
@@ -260,6 +337,7 @@ async def run_check(settings: Any, args: argparse.Namespace) -> int:
             allowed_lateness_ms=int(settings.allowed_lateness_seconds * 1000),
             in_flight_ms=args.in_flight_ms,
             strict=args.strict,
+            refresh_grace_ms=int(args.refresh_grace_minutes * 60_000),
         )
     finally:
         await conn.close()

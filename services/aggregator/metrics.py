@@ -2,6 +2,8 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from eta_common.bulk_histogram import BulkHistogram
+
 _LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 RECORDS = Counter(
@@ -10,13 +12,17 @@ RECORDS = Counter(
 LATE_EVENTS = Counter(
     "eta_aggregator_late_events_total", "Events past the allowed lateness (archived, not applied)", ["kind"]
 )
-INGEST_TO_VISIBLE = Histogram(
+# Observed per record, a whole batch per call (see eta_common.bulk_histogram).
+INGEST_TO_VISIBLE = BulkHistogram(
     "eta_aggregator_ingest_to_visible_seconds",
     "From ingestion ack time to the feature update being visible in Redis",
     buckets=_LAG_BUCKETS,
 )
 BATCH_SECONDS = Histogram(
     "eta_aggregator_batch_seconds", "Processing time of one consumed batch", ["stage"], buckets=_LAG_BUCKETS
+)
+REDIS_RETRIES = Counter(
+    "eta_aggregator_redis_retries_total", "Online-store batch applications that failed and were retried"
 )
 ARCHIVE_RETRIES = Counter("eta_aggregator_archive_retries_total", "PostgreSQL archive attempts that failed")
 ARCHIVED = Counter("eta_aggregator_archived_events_total", "Events newly written to the PostgreSQL archive")

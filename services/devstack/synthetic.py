@@ -81,7 +81,8 @@ def random_stream(
     late_fraction: float = 0.02,
     duplicate_fraction: float = 0.03,
 ) -> list[Sent]:
-    """A plausible mixed stream: orders with kitchen lifecycle, kitchen status, driver state and pings.
+    """A plausible mixed stream: orders with kitchen lifecycle and pickup, kitchen status, driver state and
+    pings.
     Arrival is mostly prompt with some out-of-order jitter, a few late events and a few duplicates.
 
     Dispatch: most orders are ASSIGNED (carrying the order id) to a random driver shortly after they are
@@ -175,11 +176,12 @@ def random_stream(
                     )
                 )
             else:
+                ready = accepted + rng.randrange(4 * MIN, 20 * MIN)
                 events.append(
                     events_pb2.Event(
                         kitchen=events_pb2.KitchenEvent(
                             event_id=eid(),
-                            event_time=timestamp_from_ms(accepted + rng.randrange(4 * MIN, 20 * MIN)),
+                            event_time=timestamp_from_ms(ready),
                             restaurant_id=rid,
                             order_id=oid,
                             type=KitchenType.ORDER_READY,
@@ -187,6 +189,19 @@ def random_stream(
                         )
                     )
                 )
+                if rng.random() < 0.8:  # a driver picks it up (the pickup wait)
+                    events.append(
+                        events_pb2.Event(
+                            order=events_pb2.OrderEvent(
+                                event_id=eid(),
+                                event_time=timestamp_from_ms(ready + rng.randrange(0, 10 * MIN)),
+                                order_id=oid,
+                                restaurant_id=rid,
+                                driver_id=rng.choice(city.drivers),
+                                type=OrderType.PICKED_UP,
+                            )
+                        )
+                    )
         if rng.random() < 0.1:
             rid = rng.choice(rids)
             events.append(

@@ -30,15 +30,18 @@ __all__ = [
     "FREE_DRIVERS_NEARBY",
     "HOUR_OF_WEEK",
     "KITCHEN_BUSY",
+    "MEAN_PICKUP_WAIT_30",
     "MEAN_PREP_MINUTES_24H",
     "MEAN_PREP_MINUTES_60",
     "NUM_ORDERS_10",
     "NUM_ORDERS_30",
     "ORDERS_IN_KITCHEN",
     "ORDERS_WAITING_FOR_DRIVER",
+    "PICKUP_WAIT_MEANS",
     "SETTLED_ORDER_RETENTION_MS",
     "SUPPLY_RADIUS_KM",
     "WAITING_ORDER_TTL_MS",
+    "PickupWaitMean",
     "WindowCount",
     "haversine_km",
     "hour_of_week",
@@ -70,6 +73,20 @@ MEAN_PREP_MINUTES_60 = WindowMean("mean_prep_minutes_last_60_min", 60 * 60_000)
 # 60-minute window misses whenever the restaurant had no order ready in the last hour).
 MEAN_PREP_MINUTES_24H = WindowMean("mean_prep_minutes_last_24_hours", 24 * 60 * 60_000)
 WINDOW_MEANS: tuple[WindowMean, ...] = (MEAN_PREP_MINUTES_60, MEAN_PREP_MINUTES_24H)
+
+
+@dataclass(frozen=True)
+class PickupWaitMean:
+    """Mean minutes ready food waited for its driver — ORDER_READY (kitchen) → PICKED_UP (order event),
+    floored at 0 — over the restaurant's orders PICKED_UP in (t - window, t]: how short of drivers the
+    restaurant is right now. Order-insensitive: whichever of the two events arrives second completes it."""
+
+    name: str
+    window_ms: int
+
+
+MEAN_PICKUP_WAIT_30 = PickupWaitMean("mean_pickup_wait_minutes_last_30_min", 30 * 60_000)
+PICKUP_WAIT_MEANS: tuple[PickupWaitMean, ...] = (MEAN_PICKUP_WAIT_30,)
 # Orders the kitchen accepted and has not finished (READY or CANCELLED). An accepted order older than
 # KITCHEN_ORDER_TTL_MS with no outcome is considered abandoned and no longer counted.
 ORDERS_IN_KITCHEN = "orders_in_kitchen"
@@ -99,6 +116,7 @@ WINDOW_COUNTS: tuple[WindowCount, ...] = (NUM_ORDERS_10, NUM_ORDERS_30)
 # How long window members are kept: the longest window plus the allowed lateness (set at runtime).
 MAX_WINDOW_MS = max(w.window_ms for w in WINDOW_COUNTS)
 MAX_PREP_WINDOW_MS = max(w.window_ms for w in WINDOW_MEANS)
+MAX_PICKUP_WINDOW_MS = max(w.window_ms for w in PICKUP_WAIT_MEANS)
 DEFAULT_ALLOWED_LATENESS_MS = 300_000
 
 # Model input order. Append only; the registry stores the names each model was trained with.
@@ -113,6 +131,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     HOUR_OF_WEEK,
     MEAN_PREP_MINUTES_24H.name,
     ORDERS_WAITING_FOR_DRIVER,
+    MEAN_PICKUP_WAIT_30.name,
 )
 
 # Value used when the online store has nothing for a feature (documented fallback). NaN lets LightGBM
@@ -131,6 +150,8 @@ DEFAULTS: dict[str, float] = {
     # cannot tell; NaN lets LightGBM route it (a model trained without missing values treats it as 0, a
     # model that saw cold starts learns where it belongs).
     ORDERS_WAITING_FOR_DRIVER: math.nan,
+    # no order picked up in the window: unknown, like the prep means
+    MEAN_PICKUP_WAIT_30.name: math.nan,
 }
 
 

@@ -58,6 +58,7 @@ class _Restaurant:
     orders: dict[str, dict[str, int]] = field(default_factory=dict)
     kitchen: dict[str, int] = field(default_factory=dict)
     prep: dict[str, int] = field(default_factory=dict)  # "order:prep_ms" -> ready_ms
+    pickup: dict[str, int] = field(default_factory=dict)  # "order:wait_ms" -> picked_ms
     status: str | None = None
     status_ms: int = -1
 
@@ -95,6 +96,7 @@ class OfflineFeatureBuilder:
         self.allowed_lateness_ms = allowed_lateness_ms
         self.retention_ms = F.MAX_WINDOW_MS + allowed_lateness_ms
         self.prep_retention_ms = F.MAX_PREP_WINDOW_MS + allowed_lateness_ms
+        self.pickup_retention_ms = F.MAX_PICKUP_WINDOW_MS + allowed_lateness_ms
         self.waiting_retention_ms = F.WAITING_ORDER_TTL_MS + allowed_lateness_ms
         self.settled_retention_ms = F.SETTLED_ORDER_RETENTION_MS + allowed_lateness_ms
         self._restaurants: dict[str, _Restaurant] = {}
@@ -185,9 +187,17 @@ class OfflineFeatureBuilder:
                 r.kitchen.pop(oid, None)
                 if "accepted" in state:
                     r.prep[f"{oid}:{ems - state['accepted']}"] = ems
+                if "picked" in state:
+                    self._pickup_wait(r, oid, state["picked"], ems)
             if len(r.prep) > 256:  # same trimming as the Redis script; keeps the replay linear
                 cutoff = ems - self.prep_retention_ms
                 r.prep = {k: v for k, v in r.prep.items() if v >= cutoff}
+        elif ev.type == "PICKED_UP":
+            state = r.orders.setdefault(oid, {})
+            if "picked" not in state:
+                state["picked"] = ems
+                if "ready" in state:
+                    self._pickup_wait(r, oid, ems, state["ready"])
         elif ev.type == "CANCELLED":
             state = r.orders.setdefault(oid, {})
             if "cancelled" not in state:
@@ -195,6 +205,12 @@ class OfflineFeatureBuilder:
                 r.kitchen.pop(oid, None)
         elif ev.type in ("OPENED", "CLOSED", "BUSY") and ems > r.status_ms:
             r.status, r.status_ms = ev.type, ems
+
+    def _pickup_wait(self, r: _Restaurant, oid: str, picked_ms: int, ready_ms: int) -> None:
+        r.pickup[f"{oid}:{max(0, picked_ms - ready_ms)}"] = picked_ms
+        if len(r.pickup) > 256:  # same trimming as the Redis script
+            cutoff = picked_ms - self.pickup_retention_ms
+            r.pickup = {k: v for k, v in r.pickup.items() if v >= cutoff}
 
     def features_at(self, query: FeatureQuery) -> dict[str, float]:
         """Online-equivalent feature values (those the aggregator maintains) at ``query.at_ms``."""
@@ -211,6 +227,10 @@ class OfflineFeatureBuilder:
             lo = t - mean.window_ms
             preps = [int(member.rsplit(":", 1)[1]) for member, ready in r.prep.items() if lo < ready <= t]
             out[mean.name] = (sum(preps) / len(preps) / 60_000.0) if preps else F.DEFAULTS[mean.name]
+        for wait in F.PICKUP_WAIT_MEANS:
+            lo = t - wait.window_ms
+            waits = [int(member.rsplit(":", 1)[1]) for member, at in r.pickup.items() if lo < at <= t]
+            out[wait.name] = (sum(waits) / len(waits) / 60_000.0) if waits else math.nan
         out[F.KITCHEN_BUSY] = 1.0 if r.status == "BUSY" else 0.0
         if self._drivers:
             out[F.FREE_DRIVERS_NEARBY] = float(

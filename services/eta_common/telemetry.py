@@ -33,6 +33,7 @@ __all__ = [
     "TracingServerInterceptor",
     "extract_from_headers",
     "headers_with_context",
+    "sampled_parent_from_headers",
     "setup_tracing",
 ]
 
@@ -113,6 +114,28 @@ def extract_from_headers(headers: KafkaHeaders | None) -> otel_context.Context:
     """The producer's trace context from a Kafka record's headers (empty context if none)."""
     carrier = {key: value.decode("latin-1") for key, value in (headers or ()) if value is not None}
     return propagate.extract(carrier)
+
+
+def sampled_parent_from_headers(headers: KafkaHeaders | None) -> otel_context.Context | None:
+    """The producer's trace context when the producer's span was sampled, else None — cheaply.
+
+    The hot path of a consumer: a W3C ``traceparent`` whose sampled flag is off (most records, at a low
+    sampling ratio) or no trace header at all is decided from the raw header without running the
+    propagator, so an unsampled record costs no span work downstream."""
+    if not headers:
+        return None
+    for key, value in headers:
+        if key == "traceparent":
+            if not value or not int(value[-2:], 16) & 1:
+                return None
+            break
+    else:
+        # No W3C header: another configured propagator (b3, jaeger …) may still carry a sampled context.
+        if not any(key in propagate.get_global_textmap().fields for key, _ in headers):
+            return None
+    ctx = extract_from_headers(headers)
+    parent = trace.get_current_span(ctx).get_span_context()
+    return ctx if parent.is_valid and parent.trace_flags.sampled else None
 
 
 # --- gRPC ---------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ than the allowed lateness (ignored online too); windows count event times in ``(
 
 State features need the events before the first row (a driver who went ONLINE in the morning is still
 free at noon): the replay starts ``warmup`` before ``since``; rows are made only from ``since`` on.
+The customer's batch history features are those of the hourly refresh at or before ``t``
+(:class:`eta_common.customer_features.CustomerHistory`: events archived by that boundary only).
 The label is DELIVERED − PLACED in minutes, by event time (a label is from the future by design).
 """
 
@@ -23,7 +25,9 @@ import asyncpg
 import numpy as np
 import numpy.typing as npt
 
+from eta_common import customer_features as CF
 from eta_common import features as F
+from eta_common.customer_features import load_customer_history
 from eta_common.offline_features import FeatureQuery, HistoryEvent, OfflineFeatureBuilder
 from eta_common.timeutil import datetime_from_ms
 
@@ -38,7 +42,7 @@ DEFAULT_WARMUP_MS = 24 * 3_600_000
 _EVENTS_SQL = """
 SELECT kind, type, (extract(epoch FROM event_time) * 1000)::bigint AS event_ms,
        (extract(epoch FROM ingest_time) * 1000)::bigint AS ingest_ms,
-       restaurant_id, driver_id, order_id, lat, lng, customer_lat, customer_lng
+       restaurant_id, driver_id, order_id, lat, lng, customer_lat, customer_lng, customer_id
 FROM events
 WHERE event_time >= $1 AND event_time < $2
 ORDER BY ingest_time, event_id
@@ -99,21 +103,21 @@ async def load_training_set(
         _EVENTS_SQL, datetime_from_ms(since_ms - warmup_ms), datetime_from_ms(min(until, 253_402_300_799_000))
     )
     fetched = time.perf_counter()
-    placed: dict[str, tuple[int, str, float, float, float, float]] = {}
+    placed: dict[str, tuple[int, str, float, float, float, float, str]] = {}
     delivered: dict[str, int] = {}
     events: list[HistoryEvent] = []
     append = events.append
-    for kind, etype, event_ms, ingest_ms, rid, did, oid, lat, lng, clat, clng in rows:
+    for kind, etype, event_ms, ingest_ms, rid, did, oid, lat, lng, clat, clng, cid in rows:
         append(HistoryEvent(kind, etype, event_ms, ingest_ms, rid, did, oid, lat, lng))
         if kind == "order" and oid:
             if etype == "PLACED":
                 if since_ms <= event_ms and clat is not None and lat is not None and lng is not None:
-                    placed.setdefault(oid, (event_ms, rid or "", lat, lng, clat, clng))
+                    placed.setdefault(oid, (event_ms, rid or "", lat, lng, clat, clng, cid or ""))
             elif etype == "DELIVERED":
                 delivered.setdefault(oid, event_ms)
     queries: list[FeatureQuery] = []
-    labels: dict[str, tuple[float, float, float]] = {}
-    for order_id, (t0, rid, rlat, rlng, clat, clng) in placed.items():
+    labels: dict[str, tuple[float, float, float, str]] = {}
+    for order_id, (t0, rid, rlat, rlng, clat, clng, cid) in placed.items():
         t1 = delivered.get(order_id)
         if t1 is None or t1 <= t0:
             continue
@@ -122,7 +126,11 @@ async def load_training_set(
             (t1 - t0) / 60_000.0,
             F.haversine_km(rlat, rlng, clat, clng),
             float(F.hour_of_week(t0)),
+            cid,
         )
+    customers = CustomerFeaturesAt(
+        await load_customer_history(pool, since_ms=since_ms, until_ms=min(until, 253_402_300_799_000))
+    )
     builder = OfflineFeatureBuilder(allowed_lateness_ms=allowed_lateness_ms)
     names = list(F.FEATURE_NAMES)
     n = len(queries)
@@ -132,9 +140,10 @@ async def load_training_set(
     restaurant_ids: list[str] = []
     order_ids: list[str] = []
     for i, (query, values) in enumerate(builder.run(events, queries)):
-        minutes, distance, how = labels[query.key]
+        minutes, distance, how, customer_id = labels[query.key]
         values[F.DISTANCE_KM] = distance
         values[F.HOUR_OF_WEEK] = how
+        values.update(customers.at(customer_id, query.at_ms))
         X[i] = [values[name] for name in names]
         y[i] = minutes
         placed_ms[i] = query.at_ms
@@ -151,6 +160,24 @@ async def load_training_set(
         },
     )
     return TrainingSet(names, X, y, placed_ms, restaurant_ids, order_ids)
+
+
+class CustomerFeaturesAt:
+    """The batch customer features at a row's time (as of the hourly boundary before it), memoised per
+    (customer, boundary): a customer's rows within one hour share one computation."""
+
+    def __init__(self, history: CF.CustomerHistory) -> None:
+        self._history = history
+        self._cache: dict[tuple[str, int], dict[str, float]] = {}
+
+    def at(self, customer_id: str, t_ms: int) -> dict[str, float]:
+        if not customer_id:  # no customer on the order: unknown
+            return dict(CF.CUSTOMER_DEFAULTS)
+        key = (customer_id, CF.as_of_boundary(t_ms))
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = self._history.features_as_of(customer_id, key[1])
+        return found
 
 
 async def load_oracle(

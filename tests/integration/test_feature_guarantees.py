@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 
 from devstack import synthetic
-from devstack.infra import start_postgres
+from devstack.infra import start_postgres, start_redis
 from devstack.stack import LocalStack
 from devstack.synthetic import (
     MIN,
@@ -358,3 +358,47 @@ async def test_archive_survives_a_postgres_outage(fstack: LocalStack, store: Onl
         )
         fstack.processes.insert(0, restarted)
     await wait_archived(fstack, "pgout", unique_count(stream))
+
+
+async def test_redis_outage_the_aggregator_waits_then_rebuilds(
+    fstack: LocalStack, store: OnlineStore
+) -> None:
+    """Redis dies mid-stream and comes back empty: the aggregator neither crashes nor skips anything — it
+    retries the batch in hand, its watchdog rebuilds the lost state from the archive, and the features
+    end up equal to the from-scratch recomputation."""
+    rng = random.Random(17)
+    city = make_city(rng, "redisout", (41.39, 2.17))
+    stream = random_stream(rng, city, start_ms=now_ms() - 60 * MIN, minutes=55, orders_per_minute=10)
+    aggregators = [p for p in fstack.processes if p.name.startswith("aggregator") and p.alive()]
+    assert aggregators
+    metrics_url = f"http://127.0.0.1:{aggregators[0].extra['metrics_port']}/metrics"
+    redis = next(p for p in fstack.processes if p.name == "redis")
+    half = len(stream) // 2
+    await produce(kafka(fstack), stream[:half])
+    await wait_archived(fstack, "redisout", unique_count(stream[:half]))  # applied online, then archived
+    redis.kill()
+    fstack.processes.remove(redis)
+    try:
+        await produce(kafka(fstack), stream[half:])  # consumed while Redis is down
+        deadline = time.monotonic() + 30
+        while "eta_aggregator_redis_retries_total 0.0" in scrape(metrics_url):
+            assert time.monotonic() < deadline, "the aggregator never retried against the dead Redis"
+            await asyncio.sleep(0.25)
+        await asyncio.sleep(5)  # down for a while
+        assert all(p.alive() for p in aggregators), "an aggregator exited during the Redis outage"
+    finally:
+        restarted = await asyncio.to_thread(start_redis, fstack.workdir / "redis", fstack.log_dir, redis.port)
+        fstack.processes.insert(1, restarted)
+    await wait_archived(fstack, "redisout", unique_count(stream))
+    at = max(s.ingest_ms for s in stream) + 1
+    deadline = time.monotonic() + 60
+    while True:  # the watchdog notices the empty store and rebuilds the first half from the archive
+        try:
+            assert await store.is_initialized()
+            await assert_online_equals_offline(store, city, stream, at)
+            break
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+    assert all(p.alive() for p in aggregators)

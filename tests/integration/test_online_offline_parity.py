@@ -1,9 +1,11 @@
 """The Redis scripts (online) and the offline builder implement the same feature semantics: on a random
 timeline with out-of-order, duplicate and late events, both give identical values at every checkpoint.
 
-Drivers are ASSIGNED to the placed orders (the dispatch backlog): most a few minutes after PLACED, some
-whose ASSIGNED arrives before their PLACED, some with an assignment time before the placement (device
-clocks), some cancelled before or after assignment, and some never assigned."""
+Orders are PICKED_UP after (a few, by a skewed clock, "before") they are READY, the two arriving in
+either order (the pickup wait). Drivers are ASSIGNED to the placed orders (the dispatch backlog): most a
+few minutes after PLACED, some whose ASSIGNED arrives before their PLACED, some with an assignment time
+before the placement (device clocks), some cancelled before or after assignment, and some never
+assigned."""
 
 from __future__ import annotations
 
@@ -66,19 +68,13 @@ def _random_timeline(rng: random.Random, start: int, minutes: int, prefix: str) 
                     cancelled_ms = placed_ms + rng.randrange(30_000, 15 * MIN)
                     events.append(HistoryEvent("order", "CANCELLED", cancelled_ms, 0, rid, None, oid))
                 else:
+                    ready_ms = accepted + rng.randrange(5, 25) * MIN
                     events.append(
-                        HistoryEvent(
-                            "kitchen",
-                            "ORDER_READY",
-                            accepted + rng.randrange(5, 25) * MIN,
-                            0,
-                            rid,
-                            None,
-                            oid,
-                            lat,
-                            lng,
-                        )
+                        HistoryEvent("kitchen", "ORDER_READY", ready_ms, 0, rid, None, oid, lat, lng)
                     )
+                    if rng.random() < 0.85:  # the driver picks it up (a clock may even say "before ready")
+                        picked_ms = ready_ms + rng.randrange(-MIN, 15 * MIN)
+                        events.append(HistoryEvent("order", "PICKED_UP", picked_ms, 0, rid, None, oid))
             if rng.random() < 0.05:
                 events.append(
                     HistoryEvent("kitchen", rng.choice(["BUSY", "OPENED"]), t + rng.randrange(MIN), 0, rid)

@@ -146,7 +146,7 @@ def brute_force(events: list[Ev], restaurant_id: str, at: tuple[float, float], t
         )
     first: dict[tuple[str, str], int] = {}
     for e in mine:
-        if e.order_id and e.type in ("ORDER_ACCEPTED", "ORDER_READY", "CANCELLED"):
+        if e.order_id and e.type in ("ORDER_ACCEPTED", "ORDER_READY", "CANCELLED", "PICKED_UP"):
             first.setdefault((e.order_id, e.type), e.event_ms)
     orders = {oid for oid, _ in first}
     kitchen = 0
@@ -170,6 +170,16 @@ def brute_force(events: list[Ev], restaurant_id: str, at: tuple[float, float], t
     out[F.ORDERS_IN_KITCHEN] = float(kitchen)
     for name, values in preps.items():
         out[name] = sum(values) / len(values) if values else math.nan
+    # pickup waits: READY → PICKED_UP (floored at 0) of orders picked up in (t − W, t]
+    for wait in F.PICKUP_WAIT_MEANS:
+        waits = [
+            max(0, picked - ready) / MIN
+            for oid in orders
+            if (ready := first.get((oid, "ORDER_READY"))) is not None
+            and (picked := first.get((oid, "PICKED_UP"))) is not None
+            and t - wait.window_ms < picked <= t
+        ]
+        out[wait.name] = sum(waits) / len(waits) if waits else math.nan
     statuses = [e for e in mine if e.type in ("OPENED", "CLOSED", "BUSY")]
     latest = max(statuses, key=lambda e: e.event_ms, default=None)
     out[F.KITCHEN_BUSY] = 1.0 if latest is not None and latest.type == "BUSY" else 0.0
@@ -388,10 +398,12 @@ def _random_history(rng: random.Random) -> list[Ev]:
                 continue
             ready = accepted + rng.randrange(5 * MIN, 25 * MIN)
             add("kitchen", "ORDER_READY", ready, restaurant_id=rid, order_id=oid, lat=lat, lng=lng)
+            picked = ready + rng.randrange(-MIN, 12 * MIN)  # a clock may say "before ready": waited 0
+            add("order", "PICKED_UP", picked, restaurant_id=rid, order_id=oid, driver_id="rd0")
             add(
                 "order",
                 "DELIVERED",
-                ready + rng.randrange(5 * MIN, 30 * MIN),
+                picked + rng.randrange(5 * MIN, 30 * MIN),
                 restaurant_id=rid,
                 order_id=oid,
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aggregator.consistency import ServedRow, check_consistency
+from eta_common import customer_features as CF
 from eta_common import features as F
 from eta_common.offline_features import HistoryEvent
 
@@ -41,3 +42,33 @@ def test_missing_values_compare_as_missing() -> None:
     report = check_consistency(events, served, strict=True)
     assert report.per_feature[F.MEAN_PREP_MINUTES_60.name].compared == 1
     assert report.mismatches == 0
+
+
+def test_customer_batch_features_compare_with_the_refresh_before_serving() -> None:
+    hour = CF.CUSTOMER_REFRESH_MS
+    boundary = CF.as_of_boundary(T0)
+    event = CF.CustomerOrderEvent
+    history = CF.CustomerHistory(
+        [
+            # placed and delivered (30 min) well before the previous boundary
+            event("order", "PLACED", "o1", "c1", boundary - 3 * hour, boundary - 3 * hour),
+            event("order", "DELIVERED", "o1", None, boundary - 150 * MIN, boundary - 2 * hour),
+            # placed between the previous boundary and this one: counted from this boundary on
+            event("order", "PLACED", "o2", "c1", boundary - 10 * MIN, boundary - 10 * MIN),
+        ]
+    )
+    now, before = {CF.CUSTOMER_ORDERS_28D: 2.0}, {CF.CUSTOMER_ORDERS_28D: 1.0}
+    events = [placed("a", boundary - MIN, boundary - MIN)]
+    served = [
+        ServedRow(boundary + 20 * MIN, "r1", now, "current", "c1"),
+        ServedRow(boundary + 2 * MIN, "r1", before, "refresh not landed yet", "c1"),
+        ServedRow(boundary + 30 * MIN, "r1", before, "refresh missed", "c1"),
+        ServedRow(boundary + 20 * MIN, "r1", {CF.CUSTOMER_ORDERS_28D: None}, "no customer", ""),
+        ServedRow(boundary + 20 * MIN, "r1", {CF.CUSTOMER_MEAN_DELIVERY_28D: 30.0}, "mean", "c1"),
+    ]
+    report = check_consistency(events, served, customers=history)
+    tally = report.per_feature[CF.CUSTOMER_ORDERS_28D]
+    assert (tally.compared, tally.in_flight, tally.mismatches) == (4, 1, 1)
+    assert report.per_feature[CF.CUSTOMER_MEAN_DELIVERY_28D].mismatches == 0
+    assert report.samples[0]["customer_id"] == "c1"
+    assert check_consistency(events, served, customers=history, strict=True).mismatches == 2

@@ -104,3 +104,37 @@ def test_driver_supply_respects_event_time_order_and_radius() -> None:
 
 def test_no_prep_history_is_nan_default() -> None:
     assert math.isnan(OfflineFeatureBuilder().features_at(query(T0))[F.MEAN_PREP_MINUTES_60.name])
+
+
+def _kitchen_ready(order_id: str, event_ms: int) -> HistoryEvent:
+    return HistoryEvent("kitchen", "ORDER_READY", event_ms, event_ms, restaurant_id="r", order_id=order_id)
+
+
+def _picked_up(order_id: str, event_ms: int, ingest_ms: int | None = None) -> HistoryEvent:
+    ingest = event_ms if ingest_ms is None else ingest_ms
+    return HistoryEvent("order", "PICKED_UP", event_ms, ingest, restaurant_id="r", order_id=order_id)
+
+
+def test_pickup_wait_is_ready_to_picked_up_in_either_arrival_order() -> None:
+    name = F.MEAN_PICKUP_WAIT_30.name
+    b = OfflineFeatureBuilder()
+    assert math.isnan(b.features_at(query(T0))[name])  # nothing picked up yet: unknown
+    b.apply(_kitchen_ready("o1", T0 - 20 * MIN))
+    b.apply(_picked_up("o1", T0 - 14 * MIN))  # waited 6 min
+    b.apply(_picked_up("o2", T0 - 5 * MIN, ingest_ms=T0 - 4 * MIN))  # arrives before its READY …
+    assert b.features_at(query(T0))[name] == pytest.approx(6.0)  # … so it is not complete yet
+    b.apply(_kitchen_ready("o2", T0 - 7 * MIN))  # waited 2 min
+    b.apply(_picked_up("o2", T0 - 5 * MIN))  # a duplicate changes nothing
+    b.apply(_kitchen_ready("o3", T0 - 3 * MIN))
+    b.apply(_picked_up("o3", T0 - 4 * MIN))  # a clock says "picked up before ready": floored at 0
+    assert b.features_at(query(T0))[name] == pytest.approx((6 + 2 + 0) / 3)
+
+
+def test_pickup_wait_window_is_half_open_over_pickup_time() -> None:
+    name = F.MEAN_PICKUP_WAIT_30.name
+    b = OfflineFeatureBuilder(allowed_lateness_ms=60 * MIN)
+    b.apply(_kitchen_ready("edge", T0 - 40 * MIN))
+    b.apply(_picked_up("edge", T0 - 30 * MIN, ingest_ms=T0))  # picked up exactly at t − 30 min: out
+    b.apply(_kitchen_ready("in", T0 - 35 * MIN))
+    b.apply(_picked_up("in", T0 - 30 * MIN + 1, ingest_ms=T0))
+    assert b.features_at(query(T0))[name] == pytest.approx((5 * MIN + 1) / MIN)
