@@ -68,7 +68,8 @@ ONLINE_FEATURES: tuple[str, ...] = tuple(name for name in F.FEATURE_NAMES if nam
 # is computed from nothing but silence (so a window's budget is its length); a kitchen status (BUSY is a
 # transient overload signal) older than an hour says little about now; drivers move ~500 m a minute, so a
 # supply picture older than a minute is already wrong near the 3 km edge; city-wide dispatch events come
-# every ~40 s (p99 ~10 min in a simulated week), so 15 min without one is a real stall. Everything else
+# every ~40 s (p99 ~10 min in a simulated week), so 15 min without one is a real stall; the pickup wait,
+# like the other windowed means, gets its window's length. Everything else
 # (orders in the kitchen) uses PREDICTION_STALENESS_BUDGET_SECONDS.
 DEFAULT_STALENESS_BUDGETS: Mapping[str, float] = MappingProxyType(
     {
@@ -79,6 +80,7 @@ DEFAULT_STALENESS_BUDGETS: Mapping[str, float] = MappingProxyType(
         F.KITCHEN_BUSY: 3600.0,
         F.FREE_DRIVERS_NEARBY: 60.0,
         F.ORDERS_WAITING_FOR_DRIVER: 900.0,
+        F.MEAN_PICKUP_WAIT_30.name: 1800.0,
     }
 )
 REDIS_CLIENTS = ("lean", "redis-py")
