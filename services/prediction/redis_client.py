@@ -8,7 +8,9 @@ with ``evalsha`` / ``hmget`` / ``geosearch``, ``execute`` and ``aclose`` — ove
 
 * a pipeline is encoded into one buffer and written at once (one round trip), and concurrent callers
   simply queue their pipelines on the same connection (Redis answers in order), so there is no pool;
-* replies are parsed from whole buffers, not line by line;
+  the pipelines of one event-loop iteration share one write (one system call);
+* replies are parsed from whole buffers, not line by line, by hiredis' C parser when it is installed
+  (a dependency of the project) and else by :func:`parse_reply`;
 * errors map to redis-py's exceptions (``NoScriptError`` lets the store reload its scripts, connection
   problems raise ``redis.exceptions.ConnectionError``), so callers handle both clients alike.
 
@@ -29,11 +31,17 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
 from redis.exceptions import BusyLoadingError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+_hiredis: Any
+try:  # hiredis' C parser: ~10x less CPU per reply (a batch reads ~1,300 values); optional
+    import hiredis as _hiredis
+except ImportError:  # pragma: no cover - the pure-Python parser below reads the same replies
+    _hiredis = None
 
 __all__ = ["LeanPipeline", "LeanRedis", "encode_commands", "parse_reply"]
 
@@ -81,7 +89,14 @@ def _arg_bytes(arg: Any) -> bytes:
 
 
 def encode_commands(commands: Iterable[Command]) -> bytes:
-    """RESP-encode commands (arrays of bulk strings) into one buffer."""
+    """RESP-encode commands (arrays of bulk strings) into one buffer (hiredis' encoder when installed:
+    the same bytes, half the CPU)."""
+    if _hiredis is not None:
+        commands = list(commands)
+        try:
+            return b"".join([_hiredis.pack_command(tuple(command)) for command in commands])
+        except TypeError:
+            pass  # an argument hiredis does not take: the encoder below decides (or refuses it)
     parts: list[bytes] = []
     append = parts.append
     for command in commands:
@@ -129,8 +144,15 @@ def parse_reply(buf: bytes, pos: int) -> tuple[Any, int]:
         append = items.append
         size_of = len(buf)
         for _ in range(count):
-            # Inline fast path for the common element: a bulk string.
-            if pos < size_of and buf[pos] == 36:
+            # Inline fast paths for the common elements: bulk strings and integers.
+            kind = buf[pos] if pos < size_of else 0
+            if kind == 58:
+                end = buf.find(_CRLF, pos)
+                if end < 0:
+                    raise _Incomplete
+                append(int(buf[pos + 1 : end]))
+                pos = end + 2
+            elif kind == 36:
                 end = buf.find(_CRLF, pos)
                 if end < 0:
                     raise _Incomplete
@@ -158,6 +180,9 @@ def parse_reply(buf: bytes, pos: int) -> tuple[Any, int]:
     raise RedisConnectionError(f"Redis protocol error: unexpected reply type {chr(kind)!r}")
 
 
+_NOT_ENOUGH_DATA = object()  # hiredis' answer while the buffer ends inside a reply
+
+
 class _Pending:
     __slots__ = ("future", "remaining", "replies", "sent")
 
@@ -176,12 +201,45 @@ class _RespProtocol(asyncio.Protocol):
         self.pending: deque[_Pending] = deque()
         self.closed: BaseException | None = None
         self._buf = b""
+        self._out: list[bytes] = []  # payloads waiting for this loop iteration's write
+        self._reader = (
+            _hiredis.Reader(
+                protocolError=RedisConnectionError, replyError=_error, notEnoughData=_NOT_ENOUGH_DATA
+            )
+            if _hiredis is not None
+            else None
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's is not an asyncio.Transport subclass, but has the same API)
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        if reader is None:
+            self._parse(data)
+            return
+        reader.feed(data)
+        pending = self.pending
+        try:
+            while pending:
+                head = pending[0]
+                while head.remaining:
+                    value = reader.gets()
+                    if value is _NOT_ENOUGH_DATA:
+                        return
+                    head.replies.append(value)
+                    head.remaining -= 1
+                pending.popleft()
+                if not head.future.done():  # a caller that gave up no longer waits
+                    head.future.set_result(head.replies)
+        except RedisConnectionError as exc:  # hiredis: not RESP
+            self._fail(RedisConnectionError(f"Redis protocol error: {exc}"))
+            if self.transport is not None:
+                self.transport.close()
+
+    def _parse(self, data: bytes) -> None:
+        """data_received with the pure-Python parser (no hiredis)."""
         buf = self._buf + data if self._buf else data
         pos = 0
         pending = self.pending
@@ -221,8 +279,19 @@ class _RespProtocol(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         self.pending.append(_Pending(future, count, loop.time()))
-        self.transport.write(payload)
+        # Pipelines sent in the same event-loop iteration (concurrent requests) leave in one write: one
+        # send() system call for all of them instead of one each. Each is still one round trip.
+        out = self._out
+        out.append(payload)
+        if len(out) == 1:
+            loop.call_soon(self._flush)
         return future
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        transport = self.transport
+        if self.closed is None and transport is not None and not transport.is_closing():
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
 
 
 class LeanRedis:
@@ -366,11 +435,26 @@ class LeanPipeline:
         return self
 
     def geosearch(
-        self, name: str, *, longitude: float, latitude: float, radius: float, unit: str = "m"
+        self,
+        name: str,
+        *,
+        longitude: float,
+        latitude: float,
+        radius: float,
+        unit: str = "m",
+        withhash: bool = False,
     ) -> LeanPipeline:
-        self._commands.append(
-            ("GEOSEARCH", name, "FROMLONLAT", longitude, latitude, "BYRADIUS", radius, unit)
+        command: tuple[Any, ...] = (
+            "GEOSEARCH",
+            name,
+            "FROMLONLAT",
+            longitude,
+            latitude,
+            "BYRADIUS",
+            radius,
+            unit,
         )
+        self._commands.append((*command, "WITHHASH") if withhash else command)
         return self
 
     async def execute(self) -> list[Any]:

@@ -14,6 +14,7 @@ import logging
 import math
 import secrets
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeAlias
@@ -30,7 +31,7 @@ from eta_common.online_store import RestaurantFeatures
 from eta_common.timeutil import now_ms
 from prediction import metrics
 from prediction.config import ONLINE_FEATURES
-from prediction.inference import Array, ServingModel
+from prediction.inference import ServingModel
 from prediction.models import ModelHolder
 from prediction.prediction_log import LoggedPrediction, PredictionLog
 from prediction.reader import FeatureReader
@@ -44,6 +45,7 @@ QualityValue: TypeAlias = eta_pb2.PredictEtaResponse.FeatureQuality.ValueType
 Degradation = eta_pb2.Degradation
 DegradationValue: TypeAlias = eta_pb2.Degradation.ValueType
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+_Ranges: TypeAlias = tuple[list[float], list[float], list[float]]  # points, lows, highs in minutes
 
 _K = len(F.FEATURE_NAMES)
 _ONLINE_IDX = [F.FEATURE_NAMES.index(name) for name in ONLINE_FEATURES]
@@ -53,7 +55,9 @@ _ONLINE_SET = frozenset(ONLINE_FEATURES)
 _ONLINE_NAME_IDX = list(zip(ONLINE_FEATURES, _ONLINE_IDX, strict=True))
 # Time kept for scoring and replying per restaurant of a batch, on top of PREDICTION_DEADLINE_RESERVE_MS.
 RESERVE_PER_ROW_SECONDS = 0.00005
-_QUALITY_NAMES = {q: Quality.Name(q) for q in (Quality.COMPLETE, Quality.STALE, Quality.MISSING)}
+# plain ints: attribute access on a protobuf enum wrapper is a Python __getattr__ call, per row
+COMPLETE, STALE, MISSING = Quality.COMPLETE, Quality.STALE, Quality.MISSING
+_QUALITY_NAMES = {q: Quality.Name(q) for q in (COMPLETE, STALE, MISSING)}
 
 
 class RequestIds:
@@ -76,7 +80,7 @@ class _Row:
     ages: list[float | None]  # seconds since the store changed the feature; None = unknown
     stale: list[str]
     missing: list[str]
-    quality: QualityValue = Quality.COMPLETE
+    quality: QualityValue = COMPLETE
 
 
 class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
@@ -94,6 +98,11 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         self._reader = reader
         self._models = models
         self._budgets = [budgets[name] for name in ONLINE_FEATURES]
+        # (name, position in the canonical row, staleness budget) per online feature
+        self._online_spec = [
+            (name, k, budget)
+            for name, k, budget in zip(ONLINE_FEATURES, _ONLINE_IDX, self._budgets, strict=True)
+        ]
         self._max_batch = max_batch
         self._reserve = deadline_reserve_seconds
         self._log = prediction_log
@@ -140,16 +149,16 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         )
         customer = (request.customer_location.lat, request.customer_location.lng)
         rows = self._rows(found, customer, now)
-        model, (point, low, high), degradations = await self._score(
+        model, (points, lows, highs), degradations = await self._score(
             context, "PredictEta", model, rows, degradation
         )
         row = rows[0]
         request_id = request.request_id or self._ids.next()
         reply = eta_pb2.PredictEtaResponse(
             restaurant_id=request.restaurant_id,
-            eta_minutes=float(point[0]),
-            eta_low_minutes=float(low[0]),
-            eta_high_minutes=float(high[0]),
+            eta_minutes=points[0],
+            eta_low_minutes=lows[0],
+            eta_high_minutes=highs[0],
             model_version=model.version,
             feature_quality=row.quality,
             stale_features=row.stale,
@@ -158,7 +167,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             request_id=request_id,
         )
         self._add_feature_values(reply.features, model, row, now)
-        self._account(model, rows, point, low, high, request_id, now)
+        self._account(model, rows, points, lows, highs, request_id, now)
         span = trace.get_current_span()
         if span.is_recording():
             span.set_attributes(
@@ -209,12 +218,11 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         found, degradation = await self._reader.read(wanted, now_ms=now, budget_seconds=budget)
         customer = (request.customer_location.lat, request.customer_location.lng)
         rows = self._rows(found, customer, now)
-        model, (point, low, high), degradations = await self._score(
+        model, (points, lows, highs), degradations = await self._score(
             context, "PredictEtaBatch", model, rows, degradation
         )
         request_id = request.request_id or self._ids.next()
         columns = model.columns
-        points, lows, highs = point.tolist(), low.tolist(), high.tolist()
         etas = []
         for i, row in enumerate(rows):
             values, ages = row.values, row.ages
@@ -238,7 +246,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             etas=etas,
             degradations=degradations,
         )
-        self._account(model, rows, point, low, high, request_id, now)
+        self._account(model, rows, points, lows, highs, request_id, now)
         span = trace.get_current_span()
         if span.is_recording():
             span.set_attributes(
@@ -246,8 +254,8 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
                     "eta.model.version": model.version,
                     "eta.request_id": request_id,
                     "eta.restaurants": len(rows),
-                    "eta.rows_stale": sum(1 for r in rows if r.quality == Quality.STALE),
-                    "eta.rows_missing": sum(1 for r in rows if r.quality == Quality.MISSING),
+                    "eta.rows_stale": sum(1 for r in rows if r.quality == STALE),
+                    "eta.rows_missing": sum(1 for r in rows if r.quality == MISSING),
                 }
             )
         return reply
@@ -287,7 +295,8 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
     ) -> list[_Row]:
         hour = float(F.hour_of_week(now))
         clat, clng = customer
-        budgets = self._budgets
+        spec = self._online_spec
+        haversine = F.haversine_km
         rows = []
         for feats in found:
             values = [0.0] * _K
@@ -295,23 +304,24 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             stale: list[str] = []
             missing: list[str] = []
             readings = feats.readings
-            for j, name in enumerate(ONLINE_FEATURES):
+            for name, k, budget in spec:
                 reading = readings[name]
-                k = _ONLINE_IDX[j]
                 value = values[k] = reading.value
                 updated = reading.updated_ms
-                age = None if updated is None else max(0.0, (now - updated) / 1000.0)
-                ages[k] = age
+                if updated is None:
+                    age = None
+                else:
+                    age = ages[k] = max(0.0, (now - updated) / 1000.0)
                 if not reading.present or math.isnan(value):  # NaN: the store had nothing to average
                     missing.append(name)
-                elif age is not None and age > budgets[j]:
+                elif age is not None and age > budget:
                     stale.append(name)
             location = feats.location
             assert location is not None
-            values[_DISTANCE_IDX] = F.haversine_km(location[0], location[1], clat, clng)
+            values[_DISTANCE_IDX] = haversine(location[0], location[1], clat, clng)
             values[_HOUR_IDX] = hour
             ages[_DISTANCE_IDX] = ages[_HOUR_IDX] = 0.0
-            quality = Quality.MISSING if missing else (Quality.STALE if stale else Quality.COMPLETE)
+            quality = MISSING if missing else (STALE if stale else COMPLETE)
             rows.append(_Row(feats, values, ages, stale, missing, quality))
         return rows
 
@@ -322,11 +332,10 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         model: ServingModel,
         rows: list[_Row],
         degradation: DegradationValue | None,
-    ) -> tuple[ServingModel, tuple[Array, Array, Array], list[DegradationValue]]:
-        """Score every row in one call. If the model fails, the heuristic answers (if allowed), else the
-        call is UNAVAILABLE with the reason."""
+    ) -> tuple[ServingModel, _Ranges, list[DegradationValue]]:
+        """Score every row in one call (one row without numpy). If the model fails, the heuristic answers
+        (if allowed), else the call is UNAVAILABLE with the reason."""
         degradations = [] if degradation is None else [degradation]
-        matrix = np.array([row.values for row in rows], dtype=np.float64)
         started = time.perf_counter()
         span = (
             tracer.start_span(
@@ -336,7 +345,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             else None
         )
         try:
-            result = model.predict(matrix)
+            result = _predict(model, rows)
         except Exception as exc:  # a broken model must not fail the call while a fallback exists
             heuristic = self._models.heuristic
             if heuristic is None or model is heuristic:
@@ -349,7 +358,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             metrics.FALLBACKS.labels("model_error").inc(len(rows))
             if span is not None:
                 span.record_exception(exc)
-            model, result = heuristic, heuristic.predict(matrix)
+            model, result = heuristic, _predict(heuristic, rows)
         finally:
             if span is not None:
                 span.end()
@@ -390,33 +399,40 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         self,
         model: ServingModel,
         rows: list[_Row],
-        point: Array,
-        low: Array,
-        high: Array,
+        points: list[float],
+        lows: list[float],
+        highs: list[float],
         request_id: str,
         now: int,
     ) -> None:
-        """Metrics and the prediction log, for every row."""
+        """Metrics and the prediction log, for every row (counters summed first: one ``inc`` per label
+        and call, as each takes a lock)."""
         observed: list[list[float | None]] = []
+        qualities: Counter[QualityValue] = Counter()
+        stale: Counter[str] = Counter()
+        missing: Counter[str] = Counter()
         for row in rows:
-            self._quality_counters[row.quality].inc()
-            for name in row.stale:
-                self._stale_counters[name].inc()
-            for name in row.missing:
-                self._missing_counters[name].inc()
+            qualities[row.quality] += 1
+            if row.stale:
+                stale.update(row.stale)
             if not row.missing:
                 observed.append([row.ages[k] for k in _ONLINE_IDX])
             else:
-                missing = row.missing
-                ages = row.ages
-                observed.append([None if name in missing else ages[k] for name, k in _ONLINE_NAME_IDX])
+                missing.update(row.missing)
+                ages, absent = row.ages, row.missing
+                observed.append([None if name in absent else ages[k] for name, k in _ONLINE_NAME_IDX])
+        for quality, n in qualities.items():
+            self._quality_counters[quality].inc(n)
+        for name, n in stale.items():
+            self._stale_counters[name].inc(n)
+        for name, n in missing.items():
+            self._missing_counters[name].inc(n)
         metrics.FEATURE_AGE.observe_rows(observed)
         plog = self._log
         if plog is None:
             return
         columns = model.columns
         names = model.feature_names
-        points, lows, highs = point.tolist(), low.tolist(), high.tolist()
         for i, row in enumerate(rows):
             plog.add(
                 LoggedPrediction(
@@ -433,6 +449,14 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
                 )
             )
         metrics.LOG_BUFFERED.set(len(plog))
+
+
+def _predict(model: ServingModel, rows: list[_Row]) -> _Ranges:
+    if len(rows) == 1:
+        point, low, high = model.predict_one(rows[0].values)
+        return [point], [low], [high]
+    point_a, low_a, high_a = model.predict(np.array([row.values for row in rows], dtype=np.float64))
+    return point_a.tolist(), low_a.tolist(), high_a.tolist()
 
 
 async def _abort(context: Context, code: grpc.StatusCode, details: str) -> NoReturn:

@@ -25,6 +25,7 @@ from typing import Any
 from eta_common.config import DatabaseSettings, env_float
 from eta_common.logs import configure_logging
 from trainer.run import train_and_register
+from trainer.train import ROUNDS
 
 __all__ = ["build_accuracy_parser", "build_parser", "main", "train_and_register"]
 
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="most recent share of orders held out for evaluation (default: 0.2)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=300, help="boosting rounds per quantile model (default: 300)"
+        "--rounds", type=int, default=ROUNDS, help=f"boosting rounds per quantile model (default: {ROUNDS})"
     )
     parser.add_argument(
         "--calibration-folds",

@@ -39,7 +39,7 @@ from trainer.evaluate import (
     quantile_calibration,
     restaurant_mean_baseline,
 )
-from trainer.train import fit_calibrated_models
+from trainer.train import ROUNDS, fit_calibrated_models
 
 __all__ = ["MIN_ROWS", "TrainingOptions", "train_and_register"]
 
@@ -53,7 +53,7 @@ class TrainingOptions:
     history_days: float = 28.0
     holdout_fraction: float = 0.2
     force_promote: bool = False
-    rounds: int = 300
+    rounds: int = ROUNDS
     folds: int = 5  # time blocks for the conformal calibration of the range
     as_of_ms: int | None = None  # end of the history used (default: now)
     report_dir: Path | None = None
@@ -66,7 +66,7 @@ async def train_and_register(
     history_days: float = 28.0,
     holdout_fraction: float = 0.2,
     force_promote: bool = False,
-    rounds: int = 300,
+    rounds: int = ROUNDS,
     folds: int = 5,
     as_of_ms: int | None = None,
     report_dir: Path | None = None,

@@ -41,6 +41,7 @@ from trainer.dataset import TrainingSet
 
 __all__ = [
     "PARAMS",
+    "ROUNDS",
     "Calibration",
     "conformal_offset",
     "fit_calibrated_models",
@@ -51,9 +52,12 @@ __all__ = [
 Array = npt.NDArray[np.float64]
 LOW, MID, HIGH = QUANTILES
 
+# 150 rounds at 0.1: the same holdout quality as 300 at 0.05 (bench model_quality) with half the trees,
+# i.e. half the scoring time per prediction in the ETA service.
+ROUNDS = 150
 PARAMS: dict[str, object] = {
     "objective": "quantile",
-    "learning_rate": 0.05,
+    "learning_rate": 0.1,
     "num_leaves": 15,
     "min_data_in_leaf": 40,
     "feature_fraction": 0.9,
@@ -90,7 +94,7 @@ class Calibration:
         }
 
 
-def fit_quantile_models(train: TrainingSet, *, rounds: int = 300) -> dict[float, lgb.Booster]:
+def fit_quantile_models(train: TrainingSet, *, rounds: int = ROUNDS) -> dict[float, lgb.Booster]:
     dataset = lgb.Dataset(train.X, label=train.y, feature_name=train.feature_names, free_raw_data=False)
     return {q: lgb.train({**PARAMS, "alpha": q}, dataset, num_boost_round=rounds) for q in QUANTILES}
 
@@ -121,7 +125,7 @@ def _predict(booster: lgb.Booster, X: Array) -> Array:
 
 
 def fit_calibrated_models(
-    train: TrainingSet, *, rounds: int = 300, folds: int = 5, min_rows_per_fold: int = 50
+    train: TrainingSet, *, rounds: int = ROUNDS, folds: int = 5, min_rows_per_fold: int = 50
 ) -> tuple[dict[float, lgb.Booster], Calibration]:
     """Fit p10/p50/p90 on all of ``train`` and calibrate the range with out-of-fold conformal scores
     over ``folds`` contiguous time blocks (see the module docstring).

@@ -59,6 +59,7 @@ class Infra:
                     RestaurantUpdate("deg-1", "PLACED", "o0", now - 30 * 60_000 + 5_000, *WHERE),
                     RestaurantUpdate("deg-1", "ORDER_ACCEPTED", "o0", now - 29 * 60_000),
                     RestaurantUpdate("deg-1", "ORDER_READY", "o0", now - 15 * 60_000),
+                    RestaurantUpdate("deg-1", "PICKED_UP", "o0", now - 10 * 60_000),
                     RestaurantUpdate("deg-1", "OPENED", "", now - 3600_000),
                     DriverUpdate("deg-drv", "ONLINE", now - 1_000, *WHERE),
                 ],

@@ -32,7 +32,14 @@ from devstack.stack import LocalStack, ServicePorts
 from eta.v1 import eta_pb2, eta_pb2_grpc, events_pb2
 from eta_common import features as F
 from eta_common.db.migrate import apply_migrations
-from eta_common.online_store import DriverUpdate, OnlineStore, RestaurantUpdate
+from eta_common.online_store import (
+    BULK_NEARBY_MIN,
+    DriverUpdate,
+    OnlineStore,
+    RestaurantUpdate,
+    decode_geohashes,
+    driver_keys,
+)
 from eta_common.timeutil import now_ms
 from prediction.config import ONLINE_FEATURES
 from prediction.models import QuantileModel, load_model
@@ -76,8 +83,8 @@ class Serving:
 
 
 async def write_exact_restaurants(store: OnlineStore, now: int, count: int = 10) -> None:
-    """``exact-k``: k+1 orders placed 2 min ago and in the kitchen, one order 40 min ago ready after 9 min,
-    kitchen OPENED; three free drivers on the spot."""
+    """``exact-k``: k+1 orders placed 2 min ago and in the kitchen, one order 40 min ago ready after 9 min
+    and picked up 4 min later, kitchen OPENED; three free drivers on the spot."""
     updates: list[RestaurantUpdate | DriverUpdate] = []
     lat, lng = EXACT_AT
     for k in range(count):
@@ -89,6 +96,7 @@ async def write_exact_restaurants(store: OnlineStore, now: int, count: int = 10)
             RestaurantUpdate(rid, "PLACED", f"{rid}-old", now - 40 * MIN, lat, lng),
             RestaurantUpdate(rid, "ORDER_ACCEPTED", f"{rid}-old", now - 39 * MIN),
             RestaurantUpdate(rid, "ORDER_READY", f"{rid}-old", now - 30 * MIN),
+            RestaurantUpdate(rid, "PICKED_UP", f"{rid}-old", now - 26 * MIN),
             RestaurantUpdate(rid, "OPENED", "", now - 3 * 3600_000),
         ]
     updates += [DriverUpdate(f"exact-drv-{d}", "ONLINE", now - 5_000, lat, lng) for d in range(EXACT_DRIVERS)]
@@ -104,6 +112,7 @@ def expected_exact(k: int) -> dict[str, float]:
         F.MEAN_PREP_MINUTES_24H.name: 9.0,
         F.KITCHEN_BUSY: 0.0,
         F.FREE_DRIVERS_NEARBY: EXACT_DRIVERS,
+        F.MEAN_PICKUP_WAIT_30.name: 4.0,
     }
 
 
@@ -259,6 +268,7 @@ async def test_stale_and_missing_features_are_named_per_feature_budget(serving: 
             RestaurantUpdate("stale-1", "PLACED", "b", now - 50 * MIN, lat, lng),
             RestaurantUpdate("stale-1", "ORDER_ACCEPTED", "b", now - 49 * MIN),
             RestaurantUpdate("stale-1", "ORDER_READY", "b", now - 40 * MIN),
+            RestaurantUpdate("stale-1", "PICKED_UP", "b", now - 20 * MIN),
             RestaurantUpdate("stale-1", "BUSY", "", now - 60 * MIN),
         ],
         now_ms=now - 7000_000,
@@ -280,6 +290,7 @@ async def test_stale_and_missing_features_are_named_per_feature_budget(serving: 
         F.ORDERS_IN_KITCHEN,
         F.MEAN_PREP_MINUTES_60.name,
         F.KITCHEN_BUSY,
+        F.MEAN_PICKUP_WAIT_30.name,
     }
     assert list(stale.missing_features) == []
     ages = {f.name: f.age_seconds for f in stale.features}
@@ -426,6 +437,37 @@ async def test_the_lean_client_reads_exactly_what_redis_py_reads(serving: Servin
     finally:
         await lean.close()
         await reference.close()
+
+
+async def test_a_batch_read_counts_free_drivers_exactly_as_one_restaurant_reads(serving: Serving) -> None:
+    """From BULK_NEARBY_MIN restaurants on, free drivers are fetched once around the batch and counted
+    in the service; every value must equal the per-restaurant read (counted by Redis' own GEOSEARCH)."""
+    store = OnlineStore(cast(aioredis.Redis, LeanRedis.from_url(serving.redis.url)))
+    client = aioredis.Redis.from_url(serving.redis.url)
+    rng = np.random.default_rng(4)
+    try:
+        wanted = [(rid, (lat + rng.uniform(-0.03, 0.03), lng + rng.uniform(-0.05, 0.05)))
+                  for rid, (lat, lng) in list(serving.city.items())[:60]]  # fmt: skip
+        wanted += [(f"exact-{k}", EXACT_AT) for k in range(3)]
+        assert len(wanted) >= BULK_NEARBY_MIN
+        at = now_ms()
+        batch = await store.read_restaurants(wanted, now_ms=at)
+        one_by_one = [(await store.read_restaurants([item], now_ms=at))[0] for item in wanted]
+        assert batch == one_by_one
+        counts = [f.readings[F.FREE_DRIVERS_NEARBY].value for f in batch]
+        assert len(set(counts)) > 3  # the locations really differ in supply
+        # the decoded positions are exactly Redis' own
+        raw = await client.execute_command(
+            "GEOSEARCH", driver_keys()["free"], "FROMLONLAT", 13.405, 52.52, "BYRADIUS", 50, "km",
+            "WITHHASH", "WITHCOORD",
+        )  # fmt: skip
+        lat, lng = decode_geohashes([int(member[1]) for member in raw])
+        assert [(float(m[2][1]), float(m[2][0])) for m in raw] == list(
+            zip(lat.tolist(), lng.tolist(), strict=True)
+        )
+    finally:
+        await store.close()
+        await client.aclose()
 
 
 async def test_a_promoted_model_is_picked_up_atomically_while_requests_flow(serving: Serving) -> None:

@@ -57,7 +57,8 @@ def test_customer_batch_features_compare_with_the_refresh_before_serving() -> No
             event("order", "PLACED", "o2", "c1", boundary - 10 * MIN, boundary - 10 * MIN),
         ]
     )
-    now, before = {CF.CUSTOMER_ORDERS_28D: 2.0}, {CF.CUSTOMER_ORDERS_28D: 1.0}
+    now: dict[str, float | None] = {CF.CUSTOMER_ORDERS_28D: 2.0}
+    before: dict[str, float | None] = {CF.CUSTOMER_ORDERS_28D: 1.0}
     events = [placed("a", boundary - MIN, boundary - MIN)]
     served = [
         ServedRow(boundary + 20 * MIN, "r1", now, "current", "c1"),

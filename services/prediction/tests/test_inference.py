@@ -64,3 +64,20 @@ def test_heuristic_is_distance_and_kitchen_load() -> None:
     np.testing.assert_allclose(point, [10 + 5 + 6, 10 + 10])
     np.testing.assert_allclose(low, point * 0.65)
     np.testing.assert_allclose(high, point * 1.35)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_predict_one_matches_predict(blob: bytes, fast: bool) -> None:
+    model = load_model("v1", blob)
+    if not fast:
+        model._fast = None  # the Booster.predict fallback
+    rows = _rows(9, seed=11)
+    point, low, high = model.predict(rows)
+    for i, row in enumerate(rows.tolist()):
+        assert model.predict_one(row) == (point[i], low[i], high[i])
+
+
+def test_heuristic_predict_one_matches_predict() -> None:
+    rows = _rows(3, seed=5)
+    point, low, high = HeuristicModel().predict(rows)
+    assert HeuristicModel().predict_one(rows[1].tolist()) == (point[1], low[1], high[1])

@@ -8,6 +8,8 @@ import json
 import math
 from typing import Any
 
+import pytest
+
 from prediction import metrics
 from prediction.prediction_log import COLUMNS, LoggedPrediction, PredictionLog, features_document
 
@@ -39,6 +41,13 @@ def test_the_features_document_is_the_models_input_with_null_for_missing() -> No
         "orders_in_kitchen": 1.0,
         "mean_prep_minutes_last_60_min": None,
     }
+
+
+@pytest.mark.parametrize("values", [(1.0, math.nan), (0.1 + 0.2, 1e-7), (3.0, 1234567.125)])
+def test_the_document_is_the_text_json_dumps_writes(values: tuple[float, float]) -> None:
+    document = features_document(row(1, values))
+    expected = {n: None if math.isnan(v) else v for n, v in zip(row(1).names, values, strict=True)}
+    assert document == json.dumps(expected, separators=(",", ":"))
 
 
 def test_the_document_is_what_the_consistency_check_reads() -> None:

@@ -74,8 +74,16 @@ class _Transport(asyncio.Transport):
         self.closed = True
 
 
-async def test_replies_split_across_reads_reach_their_pipelines_in_order() -> None:
+def _protocol(parser: str) -> _RespProtocol:
     protocol = _RespProtocol()
+    if parser == "python":
+        protocol._reader = None  # what runs where hiredis is not installed
+    return protocol
+
+
+@pytest.mark.parametrize("parser", ["hiredis", "python"])
+async def test_replies_split_across_reads_reach_their_pipelines_in_order(parser: str) -> None:
+    protocol = _protocol(parser)
     protocol.connection_made(_Transport())
     first = protocol.send(b"...", 2)
     second = protocol.send(b"...", 1)
@@ -84,6 +92,23 @@ async def test_replies_split_across_reads_reach_their_pipelines_in_order() -> No
         protocol.data_received(stream[i : i + 3])
     assert await first == [1, b"hello"]
     assert await second == [[b"a", None]]
+
+
+async def test_pipelines_sent_in_one_loop_iteration_leave_in_one_write() -> None:
+    transport = _Transport()
+    protocol = _RespProtocol()
+    protocol.connection_made(transport)
+    first, second = protocol.send(b"*1\r\n$4\r\nPING\r\n", 1), protocol.send(b"*1\r\n$4\r\nECHO\r\n", 1)
+    assert transport.written == []  # written once this iteration ends
+    await asyncio.sleep(0)
+    assert transport.written == [b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nECHO\r\n"]
+    protocol.data_received(b"+PONG\r\n$1\r\nx\r\n")
+    assert (await first, await second) == ([b"PONG"], [b"x"])
+    third = protocol.send(b"...", 1)
+    await asyncio.sleep(0)
+    assert transport.written[1:] == [b"..."]  # a later iteration: its own write
+    protocol.data_received(b":1\r\n")
+    assert await third == [1]
 
 
 async def test_a_pipeline_its_caller_gave_up_on_is_read_and_discarded() -> None:
@@ -108,9 +133,10 @@ async def test_losing_the_connection_fails_every_waiting_pipeline() -> None:
         protocol.send(b"...", 1)
 
 
-async def test_a_protocol_error_closes_the_connection() -> None:
+@pytest.mark.parametrize("parser", ["hiredis", "python"])
+async def test_a_protocol_error_closes_the_connection(parser: str) -> None:
     transport = _Transport()
-    protocol = _RespProtocol()
+    protocol = _protocol(parser)
     protocol.connection_made(transport)
     waiting = protocol.send(b"...", 1)
     protocol.data_received(b"?what\r\n")
