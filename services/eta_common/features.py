@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from eta_common.customer_features import CUSTOMER_DEFAULTS, CUSTOMER_FEATURE_NAMES
+
 __all__ = [
     "DEFAULTS",
     "DISTANCE_KM",
@@ -132,6 +134,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     MEAN_PREP_MINUTES_24H.name,
     ORDERS_WAITING_FOR_DRIVER,
     MEAN_PICKUP_WAIT_30.name,
+    # per customer, batch (eta_common.customer_features)
+    *CUSTOMER_FEATURE_NAMES,
 )
 
 # Value used when the online store has nothing for a feature (documented fallback). NaN lets LightGBM
@@ -152,6 +156,8 @@ DEFAULTS: dict[str, float] = {
     ORDERS_WAITING_FOR_DRIVER: math.nan,
     # no order picked up in the window: unknown, like the prep means
     MEAN_PICKUP_WAIT_30.name: math.nan,
+    # no customer on the request, or no refresh yet: unknown
+    **CUSTOMER_DEFAULTS,
 }
 
 

@@ -55,6 +55,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from eta_common import features as F
+from eta_common.customer_features import (
+    CUSTOMER_MEAN_DELIVERY_28D,
+    CUSTOMER_ORDERS_28D,
+    CUSTOMER_READ_REPLIES,
+    CustomerFeatures,
+    parse_customer_read,
+    queue_customer_read,
+)
 from eta_common.event_facts import EventFacts, event_facts
 
 __all__ = ["FeatureReading", "OnlineStore", "RestaurantFeatures", "driver_keys", "restaurant_keys"]
@@ -656,31 +664,43 @@ class OnlineStore:
         pipe.evalsha(self._sha["count_nearby"], 1, self._free_key, location[1], location[0], _RADIUS)
 
     async def read_restaurants(
-        self, requests: Sequence[tuple[str, tuple[float, float]]], *, now_ms: int
+        self,
+        requests: Sequence[tuple[str, tuple[float, float]]],
+        *,
+        now_ms: int,
+        customer_id: str = "",
     ) -> list[RestaurantFeatures]:
-        """Features of many restaurants (id, location) in one round trip, e.g. for a home feed."""
+        """Features of many restaurants (id, location) in one round trip, e.g. for a home feed; with a
+        ``customer_id``, the customer's batch history features too (the same for every restaurant)."""
         if not requests:
             return []
 
         if len(requests) >= BULK_NEARBY_MIN:
-            return await self._read_bulk(requests, now_ms)
+            return await self._read_bulk(requests, now_ms, customer_id)
 
         def build(pipe: Any) -> None:
             self._queue_city(pipe, now_ms)
+            if customer_id:
+                queue_customer_read(pipe, customer_id)
             for restaurant_id, location in requests:
                 self._queue_read(pipe, restaurant_id, now_ms)
                 self._queue_nearby(pipe, location)
 
         results = await self._run(build)
         city = _City.of(results[0])
+        base = 1 + (CUSTOMER_READ_REPLIES if customer_id else 0)
+        customer = parse_customer_read(results[1:base]) if customer_id else _NO_CUSTOMER
         assemble = self._assemble
-        return [
-            assemble(rid, now_ms, results[1 + 2 * i], city, results[2 + 2 * i], location)
-            for i, (rid, location) in enumerate(requests)
-        ]
+        return _with_customer(
+            [
+                assemble(rid, now_ms, results[base + 2 * i], city, results[base + 1 + 2 * i], location)
+                for i, (rid, location) in enumerate(requests)
+            ],
+            customer,
+        )
 
     async def _read_bulk(
-        self, requests: Sequence[tuple[str, tuple[float, float]]], now_ms: int
+        self, requests: Sequence[tuple[str, tuple[float, float]]], now_ms: int, customer_id: str = ""
     ) -> list[RestaurantFeatures]:
         """read_restaurants for many restaurants: the free drivers around all of them in one GEOSEARCH
         (a disc around their centroid that holds every restaurant's supply disc), counted here."""
@@ -702,6 +722,8 @@ class OnlineStore:
                 unit="km",
                 withhash=True,
             )
+            if customer_id:
+                queue_customer_read(pipe, customer_id)
             for restaurant_id, _location in requests:
                 self._queue_read(pipe, restaurant_id, now_ms)
 
@@ -709,11 +731,16 @@ class OnlineStore:
         city = _City.of(results[0])
         lat, lng = decode_geohashes([int(member[1]) for member in results[1]])
         nearby = count_within([location for _, location in requests], lat, lng, F.SUPPLY_RADIUS_KM)
+        base = 2 + (CUSTOMER_READ_REPLIES if customer_id else 0)
+        customer = parse_customer_read(results[2:base]) if customer_id else _NO_CUSTOMER
         assemble = self._assemble
-        return [
-            assemble(rid, now_ms, results[2 + i], city, nearby[i], location)
-            for i, (rid, location) in enumerate(requests)
-        ]
+        return _with_customer(
+            [
+                assemble(rid, now_ms, results[base + i], city, nearby[i], location)
+                for i, (rid, location) in enumerate(requests)
+            ],
+            customer,
+        )
 
     async def read_restaurant(
         self, restaurant_id: str, *, now_ms: int, location: tuple[float, float] | None = None
@@ -779,6 +806,7 @@ class OnlineStore:
         out.readings[F.ORDERS_WAITING_FOR_DRIVER] = dispatch.reading(
             F.ORDERS_WAITING_FOR_DRIVER, backlog, backlog_known
         )
+        out.readings.update(_UNKNOWN_CUSTOMER)  # replaced when the read names a customer
         return out
 
 
@@ -814,6 +842,28 @@ class _City:
     @classmethod
     def of(cls, raw: Sequence[Any]) -> _City:
         return cls(int(raw[0]), _Provenance.of(raw[1:4]), _Provenance.of(raw[4:7]))
+
+
+_NO_CUSTOMER = CustomerFeatures(math.nan, math.nan, None)
+_UNKNOWN_CUSTOMER = {
+    name: FeatureReading(name, math.nan, False) for name in (CUSTOMER_ORDERS_28D, CUSTOMER_MEAN_DELIVERY_28D)
+}
+
+
+def _with_customer(found: list[RestaurantFeatures], customer: CustomerFeatures) -> list[RestaurantFeatures]:
+    """Attach the customer's batch features (as of their refresh boundary) to every restaurant's read."""
+    if customer is _NO_CUSTOMER:
+        return found  # _assemble already says "unknown"
+    known = customer.as_of_ms
+    orders = FeatureReading(
+        CUSTOMER_ORDERS_28D, customer.orders_last_28_days, known is not None, known, known
+    )
+    mean = customer.mean_delivery_minutes_last_28_days
+    delivery = FeatureReading(CUSTOMER_MEAN_DELIVERY_28D, mean, not math.isnan(mean), known, known)
+    for features in found:
+        features.readings[CUSTOMER_ORDERS_28D] = orders
+        features.readings[CUSTOMER_MEAN_DELIVERY_28D] = delivery
+    return found
 
 
 def update_from_event(event: Any) -> RestaurantUpdate | DriverUpdate | None:

@@ -44,6 +44,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from eta_common import customer_features as CF
 from eta_common import features as F
 from eta_common.config import (
     ConfigError,
@@ -69,7 +70,8 @@ ONLINE_FEATURES: tuple[str, ...] = tuple(name for name in F.FEATURE_NAMES if nam
 # transient overload signal) older than an hour says little about now; drivers move ~500 m a minute, so a
 # supply picture older than a minute is already wrong near the 3 km edge; city-wide dispatch events come
 # every ~40 s (p99 ~10 min in a simulated week), so 15 min without one is a real stall; the pickup wait,
-# like the other windowed means, gets its window's length. Everything else
+# like the other windowed means, gets its window's length; the customer history is refreshed hourly (its
+# age is measured from the refresh boundary), so two periods means a refresh was missed. Everything else
 # (orders in the kitchen) uses PREDICTION_STALENESS_BUDGET_SECONDS.
 DEFAULT_STALENESS_BUDGETS: Mapping[str, float] = MappingProxyType(
     {
@@ -81,6 +83,8 @@ DEFAULT_STALENESS_BUDGETS: Mapping[str, float] = MappingProxyType(
         F.FREE_DRIVERS_NEARBY: 60.0,
         F.ORDERS_WAITING_FOR_DRIVER: 900.0,
         F.MEAN_PICKUP_WAIT_30.name: 1800.0,
+        CF.CUSTOMER_ORDERS_28D: 2 * CF.CUSTOMER_REFRESH_MS / 1000,
+        CF.CUSTOMER_MEAN_DELIVERY_28D: 2 * CF.CUSTOMER_REFRESH_MS / 1000,
     }
 )
 REDIS_CLIENTS = ("lean", "redis-py")

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = (
     "served_at", "request_id", "restaurant_id", "model_version", "eta_minutes", "eta_low_minutes",
-    "eta_high_minutes", "feature_quality", "features",
+    "eta_high_minutes", "feature_quality", "features", "customer_id",
 )  # fmt: skip
 _ENCODE_CHUNK = 64  # rows encoded between yields to the event loop (keeps request latency flat)
 
@@ -55,6 +55,7 @@ class LoggedPrediction(NamedTuple):
     quality: str
     names: Sequence[str]  # the model's features (shared, not copied)
     values: Sequence[float]  # aligned with names; NaN = missing
+    customer_id: str = ""  # '' when the request named none
 
 
 Sink = Callable[[list[tuple[Any, ...]]], Awaitable[None]]
@@ -88,7 +89,7 @@ def features_document(row: LoggedPrediction) -> str:
 def _record(row: LoggedPrediction) -> tuple[Any, ...]:
     return (
         datetime_from_ms(row.served_ms), row.request_id, row.restaurant_id, row.model_version, row.eta,
-        row.low, row.high, row.quality, features_document(row),
+        row.low, row.high, row.quality, features_document(row), row.customer_id or None,
     )  # fmt: skip
 
 

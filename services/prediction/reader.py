@@ -158,11 +158,17 @@ class FeatureReader:
         self._first = asyncio.Lock()
 
     async def read(
-        self, requests: Sequence[tuple[str, Location]], *, now_ms: int, budget_seconds: float | None
+        self,
+        requests: Sequence[tuple[str, Location]],
+        *,
+        now_ms: int,
+        budget_seconds: float | None,
+        customer_id: str = "",
     ) -> tuple[list[RestaurantFeatures], DegradationValue | None]:
-        """Features of every (restaurant_id, location), and the degradation if defaults were used."""
+        """Features of every (restaurant_id, location) — with the customer's history features when
+        ``customer_id`` is given — and the degradation if defaults were used."""
         if not trace.get_current_span().is_recording():  # not sampled: no child spans either
-            return await self._read(requests, now_ms, budget_seconds, None)
+            return await self._read(requests, now_ms, budget_seconds, None, customer_id)
         # A plain (not current) span: nothing runs under it, so no context switch is needed.
         span = tracer.start_span(
             "redis read features",
@@ -174,7 +180,7 @@ class FeatureReader:
             },
         )
         try:
-            found, degradation = await self._read(requests, now_ms, budget_seconds, span)
+            found, degradation = await self._read(requests, now_ms, budget_seconds, span, customer_id)
             if degradation is not None:
                 span.set_attribute("eta.degradation", Degradation.Name(degradation))
             else:
@@ -189,6 +195,7 @@ class FeatureReader:
         now_ms: int,
         budget_seconds: float | None,
         span: Span | None,
+        customer_id: str = "",
     ) -> tuple[list[RestaurantFeatures], DegradationValue | None]:
         breaker = self._breaker
         if not breaker.allow():
@@ -202,10 +209,14 @@ class FeatureReader:
         try:
             async with asyncio.timeout(timeout):
                 if self._warm:
-                    found = await self._store.read_restaurants(requests, now_ms=now_ms)
+                    found = await self._store.read_restaurants(
+                        requests, now_ms=now_ms, customer_id=customer_id
+                    )
                 else:
                     async with self._first:
-                        found = await self._store.read_restaurants(requests, now_ms=now_ms)
+                        found = await self._store.read_restaurants(
+                            requests, now_ms=now_ms, customer_id=customer_id
+                        )
                     self._warm = True
         except TimeoutError:
             if client_bound:

@@ -429,6 +429,10 @@ class LeanPipeline:
         self._commands.append(("EVALSHA", sha, numkeys, *keys_and_args))
         return self
 
+    def get(self, name: str) -> LeanPipeline:
+        self._commands.append(("GET", name))
+        return self
+
     def hmget(self, name: str, keys: str | Sequence[str], *args: str) -> LeanPipeline:
         fields = [keys] if isinstance(keys, str) else list(keys)
         self._commands.append(("HMGET", name, *fields, *args))

@@ -145,7 +145,10 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         now = now_ms()
         rloc = (request.restaurant_location.lat, request.restaurant_location.lng)
         found, degradation = await self._reader.read(
-            [(request.restaurant_id, rloc)], now_ms=now, budget_seconds=budget
+            [(request.restaurant_id, rloc)],
+            now_ms=now,
+            budget_seconds=budget,
+            customer_id=request.customer_id,
         )
         customer = (request.customer_location.lat, request.customer_location.lng)
         rows = self._rows(found, customer, now)
@@ -167,7 +170,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             request_id=request_id,
         )
         self._add_feature_values(reply.features, model, row, now)
-        self._account(model, rows, points, lows, highs, request_id, now)
+        self._account(model, rows, points, lows, highs, request_id, now, request.customer_id)
         span = trace.get_current_span()
         if span.is_recording():
             span.set_attributes(
@@ -215,7 +218,9 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         model = await self._model(context, "PredictEtaBatch")
         now = now_ms()
         wanted = [(item.restaurant_id, (item.location.lat, item.location.lng)) for item in restaurants]
-        found, degradation = await self._reader.read(wanted, now_ms=now, budget_seconds=budget)
+        found, degradation = await self._reader.read(
+            wanted, now_ms=now, budget_seconds=budget, customer_id=request.customer_id
+        )
         customer = (request.customer_location.lat, request.customer_location.lng)
         rows = self._rows(found, customer, now)
         model, (points, lows, highs), degradations = await self._score(
@@ -246,7 +251,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             etas=etas,
             degradations=degradations,
         )
-        self._account(model, rows, points, lows, highs, request_id, now)
+        self._account(model, rows, points, lows, highs, request_id, now, request.customer_id)
         span = trace.get_current_span()
         if span.is_recording():
             span.set_attributes(
@@ -404,6 +409,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         highs: list[float],
         request_id: str,
         now: int,
+        customer_id: str = "",
     ) -> None:
         """Metrics and the prediction log, for every row (counters summed first: one ``inc`` per label
         and call, as each takes a lock)."""
@@ -446,6 +452,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
                     _QUALITY_NAMES[row.quality],
                     names,
                     [row.values[c] for c in columns],
+                    customer_id,
                 )
             )
         metrics.LOG_BUFFERED.set(len(plog))

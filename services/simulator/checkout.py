@@ -56,6 +56,7 @@ class CheckoutEta:
             restaurant_location=order.restaurant_location,
             customer_location=order.customer_location,
             request_id=order.order_id,
+            customer_id=order.customer_id,  # the customer's history features
         )
         self.stats.calls += 1
         try:

@@ -24,7 +24,7 @@ from eta_common.db.migrate import apply_migrations
 from eta_common.online_store import DriverUpdate, OnlineStore, RestaurantUpdate
 from eta_common.timeutil import now_ms
 from prediction.config import ONLINE_FEATURES
-from prediction.tests.support import RedisProxy, register, synthetic_bundle
+from prediction.tests.support import RedisProxy, register, seed_customer, synthetic_bundle
 from tests.integration.conftest import poll_until
 
 pytestmark = pytest.mark.integration
@@ -37,6 +37,7 @@ REQUEST = eta_pb2.PredictEtaRequest(
     restaurant_id="deg-1",
     restaurant_location=events_pb2.GeoPoint(lat=WHERE[0], lng=WHERE[1]),
     customer_location=events_pb2.GeoPoint(lat=WHERE[0] + 0.02, lng=WHERE[1] + 0.02),
+    customer_id="deg-customer",
 )
 
 
@@ -67,6 +68,7 @@ class Infra:
             )
         finally:
             await store.close()
+        await seed_customer(self.postgres.url, self.redis.url, REQUEST.customer_id, now)
 
 
 @dataclass

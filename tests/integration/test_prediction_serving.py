@@ -30,6 +30,7 @@ from grpc_status import rpc_status
 from devstack.infra import ChildProcess, start_postgres, start_redis
 from devstack.stack import LocalStack, ServicePorts
 from eta.v1 import eta_pb2, eta_pb2_grpc, events_pb2
+from eta_common import customer_features as CF
 from eta_common import features as F
 from eta_common.db.migrate import apply_migrations
 from eta_common.online_store import (
@@ -44,7 +45,14 @@ from eta_common.timeutil import now_ms
 from prediction.config import ONLINE_FEATURES
 from prediction.models import QuantileModel, load_model
 from prediction.redis_client import LeanRedis
-from prediction.tests.support import RedisProxy, populate_city, register, synthetic_bundle
+from prediction.tests.support import (
+    SEEDED_CUSTOMER,
+    RedisProxy,
+    populate_city,
+    register,
+    seed_customer,
+    synthetic_bundle,
+)
 from tests.integration.conftest import poll_until
 
 pytestmark = pytest.mark.integration
@@ -103,6 +111,9 @@ async def write_exact_restaurants(store: OnlineStore, now: int, count: int = 10)
     await store.apply(updates, now_ms=now)
 
 
+EXACT_CUSTOMER = "cust-exact"
+
+
 def expected_exact(k: int) -> dict[str, float]:
     return {
         F.NUM_ORDERS_10.name: k + 1,
@@ -113,6 +124,7 @@ def expected_exact(k: int) -> dict[str, float]:
         F.KITCHEN_BUSY: 0.0,
         F.FREE_DRIVERS_NEARBY: EXACT_DRIVERS,
         F.MEAN_PICKUP_WAIT_30.name: 4.0,
+        **SEEDED_CUSTOMER,
     }
 
 
@@ -122,6 +134,7 @@ def exact_request(k: int, request_id: str = "") -> eta_pb2.PredictEtaRequest:
         restaurant_location=events_pb2.GeoPoint(lat=EXACT_AT[0], lng=EXACT_AT[1]),
         customer_location=events_pb2.GeoPoint(lat=EXACT_AT[0] + 0.02, lng=EXACT_AT[1] + 0.03),
         request_id=request_id,
+        customer_id=EXACT_CUSTOMER,
     )
 
 
@@ -150,6 +163,7 @@ async def serving(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ser
         city = (await populate_city(store, now_ms=now_ms(), restaurants=120)).restaurants
         await write_exact_restaurants(store, now_ms())
         await store.close()
+        await seed_customer(postgres.url, redis.url, EXACT_CUSTOMER, now_ms())
         await proxy.start()
         stack.redis_url, stack.database_url = proxy.url, postgres.url
         stack.start_service(
@@ -190,7 +204,9 @@ async def test_one_round_trip_per_prediction_with_every_feature_and_its_age(serv
         for feature in reply.features:
             if feature.name in ONLINE_FEATURES:
                 assert feature.present
-                assert 0 <= feature.age_seconds < 600
+                # streaming values were written just now; the customer's are as of the hourly refresh
+                batch = feature.name in CF.CUSTOMER_FEATURE_NAMES
+                assert 0 <= feature.age_seconds < (CF.CUSTOMER_REFRESH_MS / 1000 + 600 if batch else 600)
                 assert feature.HasField("updated_at")
                 assert feature.HasField("event_time")
         # the range is the registry model's own prediction on exactly these features
@@ -215,6 +231,7 @@ def batch_request(
             for rid, (lat, lng) in ids
         ],
         request_id=request_id,
+        customer_id=EXACT_CUSTOMER,
     )
 
 
@@ -233,14 +250,7 @@ async def test_a_batch_of_100_restaurants_is_one_round_trip_in_request_order(ser
             assert values[name] == value, (k, name)
         ages = dict(zip(names, eta.feature_ages_seconds, strict=True))
         assert 0 < ages[F.NUM_ORDERS_10.name] < 600
-        single = await serving.stub.PredictEta(
-            eta_pb2.PredictEtaRequest(
-                restaurant_id=f"exact-{k}",
-                restaurant_location=events_pb2.GeoPoint(lat=EXACT_AT[0], lng=EXACT_AT[1]),
-                customer_location=events_pb2.GeoPoint(lat=EXACT_AT[0] + 0.02, lng=EXACT_AT[1] + 0.03),
-            ),
-            timeout=5,
-        )
+        single = await serving.stub.PredictEta(exact_request(k), timeout=5)
         assert eta.eta_minutes == single.eta_minutes
     assert all(e.eta_low_minutes <= e.eta_minutes <= e.eta_high_minutes for e in reply.etas)
 
@@ -279,6 +289,7 @@ async def test_stale_and_missing_features_are_named_per_feature_budget(serving: 
             restaurant_id="stale-1",
             restaurant_location=events_pb2.GeoPoint(lat=lat, lng=lng),
             customer_location=events_pb2.GeoPoint(lat=lat + 0.01, lng=lng),
+            customer_id=EXACT_CUSTOMER,
         ),
         timeout=5,
     )
@@ -306,7 +317,8 @@ async def test_stale_and_missing_features_are_named_per_feature_budget(serving: 
         timeout=5,
     )
     assert missing.feature_quality == Quality.MISSING
-    # city-level features are known for any restaurant; the restaurant's own ones are missing
+    # city-level features are known for any restaurant; the restaurant's own ones are missing, and so are
+    # the customer's (the request names none)
     assert set(missing.missing_features) == set(ONLINE_FEATURES) - {
         F.FREE_DRIVERS_NEARBY,
         F.ORDERS_WAITING_FOR_DRIVER,

@@ -26,6 +26,7 @@ import pytest
 
 from devstack.infra import ChildProcess, start_postgres
 from eta.v1 import events_pb2
+from eta_common import customer_features as CF
 from eta_common import features as F
 from eta_common.db.archive import ArchivedEvent, archive_events
 from eta_common.db.migrate import apply_migrations
@@ -81,6 +82,7 @@ class Ev:
     lat: float | None = None
     lng: float | None = None
     customer: tuple[float, float] | None = None
+    customer_id: str = "cust"
 
     def proto(self) -> events_pb2.Event:
         ts = timestamp_from_ms(self.event_ms)
@@ -120,7 +122,7 @@ class Ev:
             assert self.lat is not None
             assert self.lng is not None
             assert self.customer is not None
-            order.customer_id = "cust"
+            order.customer_id = self.customer_id
             order.restaurant_location.CopyFrom(events_pb2.GeoPoint(lat=self.lat, lng=self.lng))
             order.customer_location.CopyFrom(events_pb2.GeoPoint(lat=self.customer[0], lng=self.customer[1]))
         return events_pb2.Event(order=order)
@@ -229,6 +231,33 @@ def brute_force(events: list[Ev], restaurant_id: str, at: tuple[float, float], t
     return out
 
 
+def brute_force_customer(events: list[Ev], customer_id: str, t: int) -> dict[str, float]:
+    """The customer's batch features served at ``t``: as of the hourly boundary at or before ``t``, from
+    what was archived (ingested) by then, late or not (eta_common.customer_features)."""
+    r = t - t % CF.CUSTOMER_REFRESH_MS
+    placed: dict[str, int] = {}
+    for e in events:
+        oid = e.order_id or ""
+        if (
+            oid
+            and (e.kind, e.type) == ("order", "PLACED")
+            and e.customer_id == customer_id
+            and e.ingest_ms <= r
+            and r - CF.CUSTOMER_HISTORY_MS < e.event_ms <= r
+        ):
+            placed[oid] = min(e.event_ms, placed.get(oid, e.event_ms))
+    delivered: dict[str, int] = {}
+    for e in events:
+        oid = e.order_id or ""
+        if (e.kind, e.type) == ("order", "DELIVERED") and oid in placed and max(e.event_ms, e.ingest_ms) <= r:
+            delivered[oid] = min(e.event_ms, delivered.get(oid, e.event_ms))
+    minutes = [(delivered[o] - placed[o]) / MIN for o in delivered]
+    return {
+        CF.CUSTOMER_ORDERS_28D: float(len(placed)),
+        CF.CUSTOMER_MEAN_DELIVERY_28D: sum(minutes) / len(minutes) if minutes else math.nan,
+    }
+
+
 def _assert_rows_match(data: TrainingSet, events: list[Ev], *, sample: int | None = None) -> int:
     placed = {e.order_id: e for e in events if e.type == "PLACED" and e.kind == "order"}
     indices = list(range(len(data)))
@@ -243,6 +272,7 @@ def _assert_rows_match(data: TrainingSet, events: list[Ev], *, sample: int | Non
         expected = brute_force(events, p.restaurant_id or "", (p.lat, p.lng), p.event_ms)
         expected[F.DISTANCE_KM] = F.haversine_km(p.lat, p.lng, *p.customer)
         expected[F.HOUR_OF_WEEK] = float(F.hour_of_week(p.event_ms))
+        expected.update(brute_force_customer(events, p.customer_id, p.event_ms))
         got = dict(zip(data.feature_names, data.X[i].tolist(), strict=True))
         for name in F.FEATURE_NAMES:
             want, have = expected[name], got[name]
@@ -384,7 +414,8 @@ def _random_history(rng: random.Random) -> list[Ev]:
             oid = f"{rid}-o{k}"
             t0 = T_RANDOM + rng.randrange(6 * HOUR)
             customer = (lat + rng.uniform(-0.03, 0.03), lng + rng.uniform(-0.04, 0.04))
-            add("order", "PLACED", t0, restaurant_id=rid, order_id=oid, lat=lat, lng=lng, customer=customer)
+            add("order", "PLACED", t0, restaurant_id=rid, order_id=oid, lat=lat, lng=lng, customer=customer,
+                customer_id=f"cust-{k % 7}")  # fmt: skip
             accepted = t0 + rng.randrange(30_000, 180_000)
             add("kitchen", "ORDER_ACCEPTED", accepted, restaurant_id=rid, order_id=oid)
             if rng.random() < 0.1:
@@ -443,7 +474,8 @@ async def test_a_simulated_day_matches_the_brute_force(pool: asyncpg.Pool, postg
     rows = await pool.fetch(
         "SELECT event_id, kind, type, (extract(epoch FROM event_time) * 1000)::bigint AS e, "
         "(extract(epoch FROM ingest_time) * 1000)::bigint AS i, restaurant_id, driver_id, order_id, "
-        "lat, lng, customer_lat, customer_lng FROM events WHERE event_time >= $1",
+        "lat, lng, customer_lat, customer_lng, coalesce(customer_id, '') AS customer_id FROM events "
+        "WHERE event_time >= $1",
         datetime_from_ms(T_SIM_END - 2 * DAY),
     )
     events = [
@@ -459,6 +491,7 @@ async def test_a_simulated_day_matches_the_brute_force(pool: asyncpg.Pool, postg
             r["lat"],
             r["lng"],
             None if r["customer_lat"] is None else (r["customer_lat"], r["customer_lng"]),
+            r["customer_id"],
         )
         for r in rows
     ]

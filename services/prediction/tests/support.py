@@ -10,11 +10,16 @@ from dataclasses import dataclass
 
 import asyncpg
 import numpy as np
+import redis.asyncio as aioredis
 
+from eta.v1 import events_pb2
+from eta_common import customer_features as CF
 from eta_common import features as F
+from eta_common.db.archive import ArchivedEvent, archive_events
 from eta_common.db.registry import promote, register_model
 from eta_common.model_bundle import dump_bundle
 from eta_common.online_store import DriverUpdate, OnlineStore, RestaurantUpdate
+from eta_common.timeutil import timestamp_from_ms
 from trainer.dataset import TrainingSet
 from trainer.train import fit_quantile_models
 
@@ -213,3 +218,42 @@ class RedisProxy:
             writer.close()
             if upstream is not None:
                 upstream[1].close()
+
+
+DAY_MS = 24 * 3_600_000
+# What seed_customer's history gives: two orders in the last 28 days, one delivered in 30 minutes.
+SEEDED_CUSTOMER: dict[str, float] = {CF.CUSTOMER_ORDERS_28D: 2.0, CF.CUSTOMER_MEAN_DELIVERY_28D: 30.0}
+
+
+async def seed_customer(database_url: str, redis_url: str, customer_id: str, now_ms: int) -> None:
+    """Archive a small order history for ``customer_id`` in PostgreSQL and serve it through the real hourly
+    batch refresh (values: :data:`SEEDED_CUSTOMER`)."""
+    boundary = CF.as_of_boundary(now_ms)
+    at = events_pb2.GeoPoint(lat=52.5, lng=13.4)
+
+    def order(
+        event_id: str, order_id: str, kind: events_pb2.OrderEvent.Type.ValueType, event_ms: int
+    ) -> ArchivedEvent:
+        event = events_pb2.Event(
+            order=events_pb2.OrderEvent(
+                event_id=f"{customer_id}-{event_id}", event_time=timestamp_from_ms(event_ms),
+                order_id=f"{customer_id}-{order_id}", restaurant_id="seeded", customer_id=customer_id,
+                type=kind, restaurant_location=at, customer_location=at, driver_id="seeded-driver",
+            )
+        )  # fmt: skip
+        return ArchivedEvent(event, event_ms + 1_000)
+
+    placed, delivered = events_pb2.OrderEvent.PLACED, events_pb2.OrderEvent.DELIVERED
+    history = [
+        order("e1", "o1", placed, boundary - 2 * DAY_MS),
+        order("e2", "o1", delivered, boundary - 2 * DAY_MS + 30 * 60_000),
+        order("e3", "o2", placed, boundary - DAY_MS),
+    ]
+    conn = await asyncpg.connect(database_url)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await archive_events(conn, history)
+        await CF.refresh_customer_features(conn, client, boundary)
+    finally:
+        await conn.close()
+        await client.aclose()

@@ -37,7 +37,7 @@ class FakeStore:
         self.delay = 0.0
 
     async def read_restaurants(
-        self, requests: Sequence[tuple[str, tuple[float, float]]], *, now_ms: int
+        self, requests: Sequence[tuple[str, tuple[float, float]]], *, now_ms: int, customer_id: str = ""
     ) -> list[RestaurantFeatures]:
         self.calls += 1
         if self.delay:
@@ -186,7 +186,7 @@ async def test_first_reads_go_one_at_a_time_until_one_succeeded() -> None:
             self.most = 0
 
         async def read_restaurants(
-            self, requests: Sequence[tuple[str, tuple[float, float]]], *, now_ms: int
+            self, requests: Sequence[tuple[str, tuple[float, float]]], *, now_ms: int, customer_id: str = ""
         ) -> list[RestaurantFeatures]:
             self.active += 1
             self.most = max(self.most, self.active)

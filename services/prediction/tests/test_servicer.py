@@ -69,6 +69,7 @@ class Reader:
         self.readings: dict[str, dict[str, FeatureReading]] = {}
         self.degradation: Any = None
         self.budgets: list[float | None] = []
+        self.customers: list[str] = []
 
     async def read(
         self,
@@ -76,8 +77,10 @@ class Reader:
         *,
         now_ms: int,
         budget_seconds: float | None,
+        customer_id: str = "",
     ) -> tuple[list[RestaurantFeatures], Any]:
         self.budgets.append(budget_seconds)
+        self.customers.append(customer_id)
         if self.degradation is not None:
             return [default_features(rid, loc, NOW) for rid, loc in requests], self.degradation
         return [
@@ -347,3 +350,20 @@ async def test_a_bad_restaurant_in_a_batch_is_pointed_at(model: ServingModel) ->
         await servicer.PredictEtaBatch(request, context)
     assert "restaurants[1].location.lng" in context.details
     assert "restaurants[2].restaurant_id" in context.details
+
+
+async def test_the_customer_reaches_the_read_and_the_log(model: ServingModel) -> None:
+    servicer, reader, log = make(model)
+    reader.readings["r1"] = fresh()
+    request = single(request_id="order-9")
+    request.customer_id = "cust-00042"
+    await servicer.PredictEta(request, Context())
+    batch = eta_pb2.PredictEtaBatchRequest(
+        customer_location=CUSTOMER,
+        restaurants=[eta_pb2.RestaurantLocation(restaurant_id="r1", location=RESTAURANT)],
+        customer_id="cust-00042",
+    )
+    await servicer.PredictEtaBatch(batch, Context())
+    await servicer.PredictEta(single(), Context())  # no customer: none is invented
+    assert reader.customers == ["cust-00042", "cust-00042", ""]
+    assert [row.customer_id for row in log.rows] == ["cust-00042", "cust-00042", ""]
