@@ -150,10 +150,15 @@ def _split_method(full_method: str) -> tuple[str, str]:
 
 
 class TracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Server span per RPC (rpc.* semantic conventions), parented by the caller's ``traceparent``."""
+    """Server span per RPC (rpc.* semantic conventions), parented by the caller's ``traceparent``.
+
+    Cheap per call: the traced handler is built once per method (the call's metadata is read from its
+    context), and a call without trace headers skips the propagator."""
 
     def __init__(self, tracer_name: str = "eta.grpc.server") -> None:
         self._tracer = trace.get_tracer(tracer_name)
+        # method -> (the handler it wraps, the traced handler)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -164,27 +169,45 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
         method = handler_call_details.method
         if handler is None or handler.unary_unary is None or method.startswith("/grpc."):
             return handler
-        metadata = {key: value for key, value in (handler_call_details.invocation_metadata or ())}
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        traced = self._traced(method, handler)
+        self._wrapped[method] = (handler, traced)
+        return traced
+
+    def _traced(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         service, method_name = _split_method(method)
         inner = handler.unary_unary
         tracer = self._tracer
+        name = method.lstrip("/")
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method_name}
+        fields = propagate.get_global_textmap().fields
 
         async def traced(request: Any, servicer_context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            parent = propagate.extract({k: v for k, v in metadata.items() if isinstance(v, str)})
+            parent = None
+            carrier = {
+                key: value
+                for key, value in (servicer_context.invocation_metadata() or ())
+                if key in fields and isinstance(value, str)
+            }
+            if carrier:
+                parent = propagate.extract(carrier)
             with tracer.start_as_current_span(
-                method.lstrip("/"),
+                name,
                 context=parent,
                 kind=SpanKind.SERVER,
-                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method_name},
+                attributes=attributes,
                 record_exception=True,
                 set_status_on_exception=True,
             ) as span:
                 response = await inner(request, servicer_context)
-                code = servicer_context.code()
-                status_code = code.value[0] if isinstance(code, grpc.StatusCode) else int(code or 0)
-                span.set_attribute("rpc.grpc.status_code", status_code)
-                if status_code != 0:
-                    span.set_status(Status(StatusCode.ERROR))
+                if span.is_recording():
+                    code = servicer_context.code()
+                    status_code = code.value[0] if isinstance(code, grpc.StatusCode) else int(code or 0)
+                    span.set_attribute("rpc.grpc.status_code", status_code)
+                    if status_code != 0:
+                        span.set_status(Status(StatusCode.ERROR))
                 return response
 
         return grpc.unary_unary_rpc_method_handler(
