@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from devstack.trace_report import hop_stats, render
 from eta.v1 import eta_pb2, eta_pb2_grpc, events_pb2
+from eta_common import customer_features as CF
 from eta_common import features as F
 
 __all__ = ["LiveView", "SpanTail"]
@@ -28,6 +29,8 @@ SHORT = {
     F.KITCHEN_BUSY: "busy",
     F.FREE_DRIVERS_NEARBY: "drivers",
     F.ORDERS_WAITING_FOR_DRIVER: "backlog",
+    F.MEAN_PICKUP_WAIT_30.name: "pickup30",
+    CF.CUSTOMER_ORDERS_28D: "c.orders",
 }
 
 
@@ -76,6 +79,17 @@ async def discover_restaurants(redis_url: str, limit: int) -> list[Restaurant]:
     return found[:limit]
 
 
+async def discover_customer(redis_url: str) -> str:
+    """A customer with history features in the online store ('' when the batch refresh has not run)."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        async for key in client.scan_iter(match="cust:{*}", count=500):
+            return str(key)[len("cust:{") : -1]
+    finally:
+        await client.aclose()
+    return ""
+
+
 class LiveView:
     def __init__(
         self, prediction_target: str, redis_url: str, traces_dir: Path, *, restaurants: int = 6
@@ -85,12 +99,15 @@ class LiveView:
         self._redis_url = redis_url
         self._tail = SpanTail(traces_dir)
         self._count = restaurants
+        self._customer = ""  # asks as one customer with history (its features are part of the answer)
 
     async def close(self) -> None:
         await self._channel.close()
 
     async def render(self, header: str) -> str:
         restaurants = await discover_restaurants(self._redis_url, self._count)
+        if not self._customer:
+            self._customer = await discover_customer(self._redis_url)
         rows: list[str] = []
         model = "?"
         names = list(SHORT)
@@ -105,6 +122,7 @@ class LiveView:
                 restaurant_id=r.restaurant_id,
                 restaurant_location=events_pb2.GeoPoint(lat=r.lat, lng=r.lng),
                 customer_location=events_pb2.GeoPoint(lat=r.lat + 0.016, lng=r.lng + 0.026),
+                customer_id=self._customer,
             )
             try:
                 reply = await self._stub.PredictEta(request, timeout=2)

@@ -56,6 +56,7 @@ values as of its ``as_of`` (which may be newer than the marker while a refresh i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -187,6 +188,20 @@ async def read_marker(redis_client: Any) -> int | None:
     return _int_or_none(await redis_client.get(MARKER_KEY))
 
 
+async def _fetch_customer_rows(pool: asyncpg.Pool | asyncpg.Connection, as_of_ms: int) -> list[Any]:
+    """Run :data:`CUSTOMER_SQL` with nested loops off: the planner estimates one row for the ``placed``
+    CTE (right after a bulk load even more so) and would join it to the deliveries in a nested loop —
+    measured 2 s (67 s during ``make run``'s start-up) against 14 ms with hash joins on 3 simulated days."""
+    acquire = pool.acquire() if isinstance(pool, asyncpg.Pool) else contextlib.nullcontext(pool)
+    async with acquire as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_nestloop = off")
+        return list(
+            await conn.fetch(
+                CUSTOMER_SQL, datetime_from_ms(as_of_ms), datetime_from_ms(as_of_ms - CUSTOMER_HISTORY_MS)
+            )
+        )
+
+
 async def refresh_customer_features(
     pool: asyncpg.Pool | asyncpg.Connection,
     redis_client: aioredis.Redis,
@@ -206,9 +221,7 @@ async def refresh_customer_features(
     if marker is not None and marker > as_of_ms:
         raise StaleRefreshError(f"a newer refresh (as of {marker}) already completed")
     started = time.perf_counter()
-    rows = await pool.fetch(
-        CUSTOMER_SQL, datetime_from_ms(as_of_ms), datetime_from_ms(as_of_ms - CUSTOMER_HISTORY_MS)
-    )
+    rows = await _fetch_customer_rows(pool, as_of_ms)
     queried = time.perf_counter()
     log.info(
         "customer features computed",
