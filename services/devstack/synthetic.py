@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
@@ -121,6 +122,23 @@ def random_stream(
             )
         )
 
+    def kitchen_event(
+        etype: KitchenType.Type.ValueType, when: int, rid: str, **extra: Any
+    ) -> events_pb2.Event:
+        kitchen = events_pb2.KitchenEvent(
+            event_id=eid(), event_time=timestamp_from_ms(when), restaurant_id=rid, type=etype, **extra
+        )
+        return events_pb2.Event(kitchen=kitchen)
+
+    def order_event(
+        etype: OrderType.Type.ValueType, when: int, rid: str, oid: str, **extra: Any
+    ) -> events_pb2.Event:
+        order = events_pb2.OrderEvent(
+            event_id=eid(), event_time=timestamp_from_ms(when), order_id=oid, restaurant_id=rid, type=etype,
+            **extra,
+        )  # fmt: skip
+        return events_pb2.Event(order=order)
+
     for minute in range(minutes):
         t = start_ms + minute * MIN
         for _ in range(int(orders_per_minute) + (1 if rng.random() < orders_per_minute % 1 else 0)):
@@ -152,68 +170,22 @@ def random_stream(
                     driver_event(driver, DriverType.ASSIGNED, placed + rng.randrange(5_000, 240_000), oid)
                 )
             accepted = placed + rng.randrange(20_000, 90_000)
-            events.append(
-                events_pb2.Event(
-                    kitchen=events_pb2.KitchenEvent(
-                        event_id=eid(),
-                        event_time=timestamp_from_ms(accepted),
-                        restaurant_id=rid,
-                        order_id=oid,
-                        type=KitchenType.ORDER_ACCEPTED,
-                    )
-                )
-            )
+            events.append(kitchen_event(KitchenType.ORDER_ACCEPTED, accepted, rid, order_id=oid))
             if rng.random() < 0.05:
-                events.append(
-                    events_pb2.Event(
-                        order=events_pb2.OrderEvent(
-                            event_id=eid(),
-                            event_time=timestamp_from_ms(accepted + MIN),
-                            order_id=oid,
-                            restaurant_id=rid,
-                            type=OrderType.CANCELLED,
-                        )
-                    )
-                )
+                events.append(order_event(OrderType.CANCELLED, accepted + MIN, rid, oid))
             else:
                 ready = accepted + rng.randrange(4 * MIN, 20 * MIN)
                 events.append(
-                    events_pb2.Event(
-                        kitchen=events_pb2.KitchenEvent(
-                            event_id=eid(),
-                            event_time=timestamp_from_ms(ready),
-                            restaurant_id=rid,
-                            order_id=oid,
-                            type=KitchenType.ORDER_READY,
-                            restaurant_location=loc,
-                        )
-                    )
+                    kitchen_event(KitchenType.ORDER_READY, ready, rid, order_id=oid, restaurant_location=loc)
                 )
                 if rng.random() < 0.8:  # a driver picks it up (the pickup wait)
-                    events.append(
-                        events_pb2.Event(
-                            order=events_pb2.OrderEvent(
-                                event_id=eid(),
-                                event_time=timestamp_from_ms(ready + rng.randrange(0, 10 * MIN)),
-                                order_id=oid,
-                                restaurant_id=rid,
-                                driver_id=rng.choice(city.drivers),
-                                type=OrderType.PICKED_UP,
-                            )
-                        )
-                    )
+                    picked = ready + rng.randrange(0, 10 * MIN)
+                    driver = rng.choice(city.drivers)
+                    events.append(order_event(OrderType.PICKED_UP, picked, rid, oid, driver_id=driver))
         if rng.random() < 0.1:
             rid = rng.choice(rids)
-            events.append(
-                events_pb2.Event(
-                    kitchen=events_pb2.KitchenEvent(
-                        event_id=eid(),
-                        event_time=timestamp_from_ms(t + rng.randrange(MIN)),
-                        restaurant_id=rid,
-                        type=rng.choice([KitchenType.BUSY, KitchenType.OPENED]),
-                    )
-                )
-            )
+            when = t + rng.randrange(MIN)
+            events.append(kitchen_event(rng.choice([KitchenType.BUSY, KitchenType.OPENED]), when, rid))
         for driver in city.drivers:
             if rng.random() < 0.4:
                 etype = rng.choice(

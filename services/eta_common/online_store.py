@@ -306,27 +306,21 @@ for w = 1, nwin do
 end
 local base = 2 + nwin
 out[i] = redis.call('ZCOUNT', kitchen, '(' .. (t - tonumber(ARGV[base + 1])), '+inf'); i = i + 1
-local nmean = tonumber(ARGV[base + 2])
-for w = 1, nmean do
-  local members = redis.call('ZRANGEBYSCORE', prep, '(' .. (t - tonumber(ARGV[base + 2 + w])), t)
-  local sum, n = 0, 0
-  for _, m in ipairs(members) do
-    local sep = string.find(m, ':[^:]*$')
-    sum = sum + tonumber(string.sub(m, sep + 1)); n = n + 1
+-- the windowed means: members are "order_id:value_ms"; appends the window's sum and count
+local function means(zset, first)
+  local count = tonumber(ARGV[first])
+  for w = 1, count do
+    local members = redis.call('ZRANGEBYSCORE', zset, '(' .. (t - tonumber(ARGV[first + w])), t)
+    local sum, n = 0, 0
+    for _, m in ipairs(members) do
+      local sep = string.find(m, ':[^:]*$')
+      sum = sum + tonumber(string.sub(m, sep + 1)); n = n + 1
+    end
+    out[i] = tostring(sum); out[i + 1] = n; i = i + 2
   end
-  out[i] = tostring(sum); out[i + 1] = n; i = i + 2
+  return first + count + 1
 end
-local pbase = base + 2 + nmean
-local npickup = tonumber(ARGV[pbase + 1])
-for w = 1, npickup do
-  local members = redis.call('ZRANGEBYSCORE', pickup, '(' .. (t - tonumber(ARGV[pbase + 1 + w])), t)
-  local sum, n = 0, 0
-  for _, m in ipairs(members) do
-    local sep = string.find(m, ':[^:]*$')
-    sum = sum + tonumber(string.sub(m, sep + 1)); n = n + 1
-  end
-  out[i] = tostring(sum); out[i + 1] = n; i = i + 2
-end
+means(pickup, means(prep, base + 2))
 local fields = redis.call('HMGET', meta, 'status', 'lat', 'lng', 'u:orders', 'e:orders', 't:orders',
   'u:kitchen', 'e:kitchen', 't:kitchen', 'u:status', 'e:status', 't:status',
   'u:pickup', 'e:pickup', 't:pickup')
