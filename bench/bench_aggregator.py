@@ -7,9 +7,10 @@ Setup (all real, on this machine): Tansu broker, Redis, PostgreSQL; one aggregat
    same loop again parsing each record's protobuf envelope (the least any consumer of these topics does).
 3. Aggregator: a fresh consumer group processes the same N records; records/s from its Prometheus
    counters (Redis-applied) and until every event is archived in PostgreSQL.
-4. Where the aggregator's time goes, per record: its own CPU (``process_cpu_seconds_total``), Redis'
-   server-side script time (``INFO commandstats``: what any client would pay for these updates: its
-   inverse is a ceiling no client-side optimisation can lift) and the archive's wall time per row
+4. Where the time goes, per record: the CPU of each process (aggregator, Redis, PostgreSQL, broker;
+   from ``/proc``), Redis' server-side script time (``INFO commandstats``: what any client would pay
+   for these updates: its inverse is a ceiling no client-side optimisation can lift) and the archive's
+   wall time per row
    (``eta_aggregator_batch_seconds{stage="postgres"}``: the INSERT, plus waits for the shared event loop).
 5. Latency: events sent through ``PublishEvents`` at ~1k/s (batches of 10 every 10 ms); latency is the
    aggregator's recorded Redis apply time (``events.applied_at``) minus the client's ack time.
@@ -119,7 +120,6 @@ async def _bare_consume(
 class AggregatorRun:
     online_rate: float
     archived_rate: float
-    cpu_us_per_record: float
     redis_us_per_record: float
     postgres_us_per_record: float
     # CPU µs per record of each process (aggregator, redis, postgres, broker) over the run
@@ -138,7 +138,6 @@ async def _aggregator_rate(stack: LocalStack, total_records: int, unique: int) -
         done = await asyncio.to_thread(_counter, url, prefix)
         if done and started is None:
             started = (time.perf_counter(), done)
-            cpu_start = await asyncio.to_thread(_counter, url, "process_cpu_seconds_total")
             redis_start = await _evalsha_usec(redis)
             meter = CpuMeter(stack)
             meter_start = meter.read()
@@ -158,7 +157,6 @@ async def _aggregator_rate(stack: LocalStack, total_records: int, unique: int) -
         await conn.close()
     archived_rate = (unique - started[1]) / max(time.perf_counter() - started[0], 1e-9)
     meter_end = meter.read()
-    cpu = await asyncio.to_thread(_counter, url, "process_cpu_seconds_total") - cpu_start
     redis_usec = await _evalsha_usec(redis) - redis_start
     await redis.aclose()
     postgres_s = await asyncio.to_thread(_counter, url, 'eta_aggregator_batch_seconds_sum{stage="postgres"}')
@@ -166,7 +164,6 @@ async def _aggregator_rate(stack: LocalStack, total_records: int, unique: int) -
     return AggregatorRun(
         online_rate,
         archived_rate,
-        cpu / records * 1e6,
         redis_usec / records,
         postgres_s / unique * 1e6,
         CpuMeter.per_record_us(meter_start, meter_end, records),
@@ -305,7 +302,6 @@ async def _run(quick: bool) -> BenchResult:
             "bare_cpu_us_per_record": bare_cpu_total,
             "pipeline_cpu_us_per_record": pipeline_cpu,
             **{f"cpu_us_per_record_{name}": us for name, us in pipeline.items()},
-            "aggregator_cpu_us_per_record_prometheus": agg.cpu_us_per_record,
             "pipeline_ceiling_records_per_s": cores * 1e6 / pipeline_cpu,
             "redis_script_us_per_record": agg.redis_us_per_record,
             "redis_ceiling_records_per_s": 1e6 / agg.redis_us_per_record,

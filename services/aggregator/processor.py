@@ -60,8 +60,6 @@ class PreparedBatch:
     """A decoded batch, ready for its Redis round trip."""
 
     updates: list[Update] = field(default_factory=list)
-    # ingest time (ms) of each update, parallel to ``updates`` (for the ingest → visible histogram)
-    ingest_ms: list[int] = field(default_factory=list)
     # archive rows without their applied time yet:
     # (event, facts, ingest_ms, topic, partition, offset, index in ``updates`` or -1)
     rows: list[tuple[Any, EventFacts, int, str, int, int, int]] = field(default_factory=list)
@@ -85,14 +83,10 @@ class BatchProcessor:
         self._allowed_lateness_ms = allowed_lateness_ms
         self._group_id = group_id
 
-    async def apply(self, records: Sequence[Any]) -> list[ArchivedEvent]:
-        """Apply the batch's online effects; returns the rows to archive (one per decodable record)."""
-        return await self.apply_prepared(self.prepare(records))
-
     def prepare(self, records: Sequence[Any]) -> PreparedBatch:
         """Decode the records, drop late ones from the online path, start the spans of sampled ones."""
         batch = PreparedBatch()
-        updates, ingest, rows, outcomes = batch.updates, batch.ingest_ms, batch.rows, batch.outcomes
+        updates, rows, outcomes = batch.updates, batch.rows, batch.outcomes
         lateness = self._allowed_lateness_ms
         links: list[Link] = []
         for record in records:
@@ -121,13 +115,12 @@ class BatchProcessor:
                 outcomes[(record.topic, "no_online_effect")] += 1
                 update = None
             parent = sampled_parent_from_headers(record.headers) if record.headers else None
-            index = -1
             if parent is not None:
-                index = self._trace(batch, record, facts, update, ingest_ms, late, parent, links)
-            elif update is not None:
+                update = self._trace(batch, record, facts, update, late, parent, links)
+            index = -1
+            if update is not None:
                 index = len(updates)
                 updates.append(update)
-                ingest.append(ingest_ms)
             rows.append((event, facts, ingest_ms, record.topic, record.partition, record.offset, index))
         if rows:
             # one batch serves many producers: link each sampled one (their traces continue in the process
@@ -145,12 +138,12 @@ class BatchProcessor:
         record: Any,
         facts: EventFacts,
         update: Update | None,
-        ingest_ms: int,
         late: bool,
         parent: Any,
         links: list[Link],
-    ) -> int:
-        """Start the consumer span of a record whose producer was sampled; returns its update's index."""
+    ) -> Update | None:
+        """Start the consumer span of a record whose producer was sampled; returns its update, carrying
+        the span as the feature's provenance (the caller appends it to the batch next)."""
         links.append(Link(trace.get_current_span(parent).get_span_context()))
         span = tracer.start_span(
             f"{record.topic} process",
@@ -177,15 +170,13 @@ class BatchProcessor:
                 update = update._replace(writer=f"{ctx.trace_id:032x}-{ctx.span_id:016x}")
             entity = update.restaurant_id if isinstance(update, RestaurantUpdate) else update.driver_id
             index = len(batch.updates)
-            batch.updates.append(update)
-            batch.ingest_ms.append(ingest_ms)
         batch.traced.append(_Traced(index, span, entity))
-        return index
+        return update
 
     async def apply_prepared(self, batch: PreparedBatch) -> list[ArchivedEvent]:
         """The Redis round trip of a prepared batch, then its metrics and spans; returns its archive rows."""
         if batch.batch_span is None:
-            self._count(batch, [])
+            self._count(batch, [], [])
             return []
         changed: list[int] = []
         applied: int | None = None
@@ -200,11 +191,10 @@ class BatchProcessor:
         finally:
             for traced in batch.traced:
                 traced.span.end()
-        self._count(batch, changed)
+        applied_rows = [row for row in batch.rows if row[6] >= 0]  # in the order of batch.updates
+        self._count(batch, [row[3] for row in applied_rows], changed)
         if applied is not None:
-            metrics.INGEST_TO_VISIBLE.observe_many(
-                max(0, applied - ingest) / 1000 for ingest in batch.ingest_ms
-            )
+            metrics.INGEST_TO_VISIBLE.observe_many(max(0, applied - row[2]) / 1000 for row in applied_rows)
         return [
             ArchivedEvent(event, ingest_ms, topic, partition, offset, None if index < 0 else applied, facts)
             for event, facts, ingest_ms, topic, partition, offset, index in batch.rows
@@ -253,10 +243,10 @@ class BatchProcessor:
             traced.span.set_attribute("eta.freshness.event_to_visible_ms", applied - update.event_ms)
 
     @staticmethod
-    def _count(batch: PreparedBatch, changed: list[int]) -> None:
+    def _count(batch: PreparedBatch, topics: list[str], changed: list[int]) -> None:
+        """Metrics of the batch; ``topics`` and ``changed`` are per applied update."""
         outcomes = batch.outcomes
         if changed:
-            topics = [row[3] for row in batch.rows if row[6] >= 0]
             for topic, did_change in zip(topics, changed, strict=True):
                 outcomes[(topic, "applied" if did_change else "no_change")] += 1
         for (topic, outcome), count in outcomes.items():
