@@ -28,12 +28,13 @@ key                            type    content
                                        ASSIGNED with an order id)
 =============================  ======  ===========================================================
 
-Scripts: ``apply_restaurant`` (one call per restaurant in a batch, on ``rst:{R}``), ``apply_city`` (one
-call per batch, on ``drv:{C}``: every driver update in order, plus the batch's PLACED and CANCELLED
-order events forwarded as *dispatch* entries — the same events also go to their restaurant's call), and
-the reads ``read_restaurant`` (``rst:{R}``) and ``read_city`` (``drv:{C}``: the backlog count and the
-city groups' freshness). ASSIGNED updates the driver's state only when newer than the driver's last
-event, but settles its order regardless (an assignment is a fact about the order).
+Scripts: ``apply_restaurant`` (one call per restaurant in a batch, on ``rst:{R}``), ``apply_city`` (one call
+per batch, on ``drv:{C}``: every driver update in order, plus the batch's PLACED and CANCELLED order events
+forwarded as *dispatch* entries — the same events also go to their restaurant's call), and reads are plain
+pipelined commands (per restaurant: a ZCOUNT per count window and for the kitchen, a ZRANGEBYSCORE per mean
+window, the meta HMGET; per city: the backlog ZCOUNT and the meta HMGET). ASSIGNED updates the driver's state
+only when newer than the driver's last event, but settles its order regardless (an assignment is a fact about
+the order).
 
 Every update is idempotent (set members are ids; first-write-wins per order field; state changes only
 for strictly newer event times), so at-least-once delivery and crash replays cannot double count. The
@@ -282,61 +283,55 @@ end
 return table.concat(out)
 """
 
-# The city-level values of a read. KEYS: meta, waiting. ARGV: t, waiting TTL (ms).
-# Returns: orders waiting (PLACED after t − TTL), then u:/e:/t: of the drivers and dispatch groups.
-_READ_CITY = """
-local meta, waiting = KEYS[1], KEYS[2]
-local t = tonumber(ARGV[1])
-local out = {redis.call('ZCOUNT', waiting, '(' .. (t - tonumber(ARGV[2])), '+inf')}
-local fields = redis.call('HMGET', meta, 'u:drivers', 'e:drivers', 't:drivers',
-  'u:dispatch', 'e:dispatch', 't:dispatch')
-for i, v in ipairs(fields) do out[i + 1] = v or false end
-return out
-"""
-
-_READ_RESTAURANT = """
-local placed, kitchen, prep, meta, pickup = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local t = tonumber(ARGV[1])
-local out = {}
-local i = 1
-local nwin = tonumber(ARGV[2])
-for w = 1, nwin do
-  out[i] = redis.call('ZCOUNT', placed, '(' .. (t - tonumber(ARGV[2 + w])), t)
-  i = i + 1
-end
-local base = 2 + nwin
-out[i] = redis.call('ZCOUNT', kitchen, '(' .. (t - tonumber(ARGV[base + 1])), '+inf'); i = i + 1
--- the windowed means: members are "order_id:value_ms"; appends the window's sum and count
-local function means(zset, first)
-  local count = tonumber(ARGV[first])
-  for w = 1, count do
-    local members = redis.call('ZRANGEBYSCORE', zset, '(' .. (t - tonumber(ARGV[first + w])), t)
-    local sum, n = 0, 0
-    for _, m in ipairs(members) do
-      local sep = string.find(m, ':[^:]*$')
-      sum = sum + tonumber(string.sub(m, sep + 1)); n = n + 1
-    end
-    out[i] = tostring(sum); out[i + 1] = n; i = i + 2
-  end
-  return first + count + 1
-end
-means(pickup, means(prep, base + 2))
-local fields = redis.call('HMGET', meta, 'status', 'lat', 'lng', 'u:orders', 'e:orders', 't:orders',
-  'u:kitchen', 'e:kitchen', 't:kitchen', 'u:status', 'e:status', 't:status',
-  'u:pickup', 'e:pickup', 't:pickup')
-for _, v in ipairs(fields) do out[i] = v or false; i = i + 1 end
-return out
-"""
+# Reads are plain commands in one pipeline, not scripts: Redis 6.2 turns every reply of a command called
+# from Lua into Lua values and the script's result back into a reply, which made a restaurant read script
+# cost ~70 µs of Redis CPU against ~25 µs for the same commands pipelined (measured here; see the README's
+# design section). Every command touches one key, so reads stay cluster-friendly. A read is not atomic
+# across its commands: an update landing between two of them can make one group's value a few
+# milliseconds newer than another's, never a wrong value.
+# The fields of drv:{C}:meta a read takes: the freshness of the drivers and dispatch groups.
+_CITY_FIELDS = ("u:drivers", "e:drivers", "t:drivers", "u:dispatch", "e:dispatch", "t:dispatch")
+# The fields of rst:{R}:meta a read takes: status, location, then u:/e:/t: of four groups.
+_META_FIELDS = (
+    "status", "lat", "lng", "u:orders", "e:orders", "t:orders", "u:kitchen", "e:kitchen", "t:kitchen",
+    "u:status", "e:status", "t:status", "u:pickup", "e:pickup", "t:pickup",
+)  # fmt: skip
+_NWIN, _NMEAN, _NPICKUP = len(F.WINDOW_COUNTS), len(F.WINDOW_MEANS), len(F.PICKUP_WAIT_MEANS)
+# replies per restaurant: a ZCOUNT per count window, the kitchen ZCOUNT, a ZRANGEBYSCORE per mean window
+# (prep, then pickup wait), the meta HMGET
+RESTAURANT_READ_REPLIES = _NWIN + 1 + _NMEAN + _NPICKUP + 1
 
 
-# Free drivers within the radius of a point, counted server-side. KEYS: free (geo).
-# ARGV: lng, lat, radius_km.
-_COUNT_NEARBY = """
-return #redis.call('GEOSEARCH', KEYS[1], 'FROMLONLAT', ARGV[1], ARGV[2], 'BYRADIUS', ARGV[3], 'km')
-"""
-_RADIUS = str(F.SUPPLY_RADIUS_KM)
+@dataclass(frozen=True, slots=True)
+class _Bounds:
+    """The score ranges of one read at ``now`` (exclusive lower bounds as Redis range strings)."""
+
+    now: int
+    counts: tuple[str, ...]
+    kitchen: str
+    prep: tuple[str, ...]
+    pickup: tuple[str, ...]
+    waiting: str
+
+    @classmethod
+    def at(cls, now: int) -> _Bounds:
+        return cls(
+            now,
+            tuple(f"({now - w.window_ms}" for w in F.WINDOW_COUNTS),
+            f"({now - F.KITCHEN_ORDER_TTL_MS}",
+            tuple(f"({now - m.window_ms}" for m in F.WINDOW_MEANS),
+            tuple(f"({now - m.window_ms}" for m in F.PICKUP_WAIT_MEANS),
+            f"({now - F.WAITING_ORDER_TTL_MS}",
+        )
+
+
+def _sum_values(members: Sequence[bytes]) -> float:
+    """Sum of the values of window members ``<order_id>:<value>`` (the text after the last colon)."""
+    return sum(float(m[m.rindex(b":") + 1 :]) for m in members)
+
+
 # From this many restaurants on, a read fetches the free drivers around the whole batch once (GEOSEARCH
-# WITHHASH, ~20 µs in Redis) and counts per restaurant here, instead of one count_nearby per restaurant
+# WITHHASH, ~20 µs in Redis) and counts per restaurant here, instead of one GEOSEARCH per restaurant
 # (~25 µs each in Redis): same counts, a fraction of the Redis time for a home feed.
 BULK_NEARBY_MIN = 8
 _GEO_STEP = 26  # Redis GEO: 52-bit geohashes, 26 bits per coordinate
@@ -386,21 +381,6 @@ def count_within(
     distance = 2.0 * F.EARTH_RADIUS_M * np.arcsin(np.sqrt(u * u + np.cos(lat1) * np.cos(lat2) * v * v))
     counts: list[int] = np.count_nonzero(distance <= km * 1000.0, axis=1).tolist()
     return counts
-
-
-# The constant arguments of read_restaurant after ``now``, as text (encoded once by the lean client).
-_READ_ARGS = tuple(
-    str(x)
-    for x in (
-        len(F.WINDOW_COUNTS),
-        *(w.window_ms for w in F.WINDOW_COUNTS),
-        F.KITCHEN_ORDER_TTL_MS,
-        len(F.WINDOW_MEANS),
-        *(m.window_ms for m in F.WINDOW_MEANS),
-        len(F.PICKUP_WAIT_MEANS),
-        *(m.window_ms for m in F.PICKUP_WAIT_MEANS),
-    )
-)
 
 
 def restaurant_keys(restaurant_id: str) -> dict[str, str]:
@@ -510,9 +490,6 @@ class OnlineStore:
         self._sources = {
             "apply_restaurant": _APPLY_RESTAURANT,
             "apply_city": _APPLY_CITY,
-            "read_restaurant": _READ_RESTAURANT,
-            "read_city": _READ_CITY,
-            "count_nearby": _COUNT_NEARBY,
         }
         self._sha: dict[str, str] = {}
         self._free_key = driver_keys(city)["free"]
@@ -530,9 +507,10 @@ class OnlineStore:
             name: str(await self.client.script_load(source)) for name, source in self._sources.items()
         }
 
-    async def _run(self, build: Callable[[Any], None]) -> list[Any]:
-        """Build a pipeline with ``build(pipe)`` and execute it (one round trip)."""
-        if not self._sha:
+    async def _run(self, build: Callable[[Any], None], *, scripts: bool = True) -> list[Any]:
+        """Build a pipeline with ``build(pipe)`` and execute it (one round trip). ``scripts=False``: the
+        pipeline calls no script (reads), so none are loaded first."""
+        if scripts and not self._sha:
             await self._load_scripts()
         for attempt in (1, 2):
             pipe = self.client.pipeline(transaction=False)
@@ -540,7 +518,7 @@ class OnlineStore:
             try:
                 return list(await pipe.execute())
             except NoScriptError:
-                if attempt == 2:
+                if attempt == 2 or not scripts:
                     raise
                 await self._load_scripts()
         raise AssertionError("unreachable")
@@ -635,27 +613,38 @@ class OnlineStore:
     async def mark_initialized(self, now_ms: int) -> None:
         await self.client.set(INITIALIZED_KEY, str(now_ms))
 
-    def _queue_read(self, pipe: Any, restaurant_id: str, now_ms: int) -> None:
+    @staticmethod
+    def _queue_read(pipe: Any, restaurant_id: str, bounds: _Bounds) -> None:
+        """The :data:`RESTAURANT_READ_REPLIES` commands of one restaurant's read."""
         tag = f"rst:{{{restaurant_id}}}"  # restaurant_keys(), without building the dict on the hot path
-        pipe.evalsha(
-            self._sha["read_restaurant"],
-            5,
-            f"{tag}:placed",
-            f"{tag}:kitchen",
-            f"{tag}:prep",
-            f"{tag}:meta",
-            f"{tag}:pickup",
-            now_ms,
-            *_READ_ARGS,
-        )
+        now = bounds.now
+        placed = f"{tag}:placed"
+        for low in bounds.counts:
+            pipe.zcount(placed, low, now)
+        pipe.zcount(f"{tag}:kitchen", bounds.kitchen, "+inf")
+        prep = f"{tag}:prep"
+        for low in bounds.prep:
+            pipe.zrangebyscore(prep, low, now)
+        pickup = f"{tag}:pickup"
+        for low in bounds.pickup:
+            pipe.zrangebyscore(pickup, low, now)
+        pipe.hmget(f"{tag}:meta", _META_FIELDS)
 
-    def _queue_city(self, pipe: Any, now_ms: int) -> None:
+    def _queue_city(self, pipe: Any, bounds: _Bounds) -> None:
+        """Two replies: the backlog count and the city groups' freshness."""
         keys = driver_keys(self.city)
-        pipe.evalsha(self._sha["read_city"], 2, keys["meta"], keys["waiting"], now_ms, F.WAITING_ORDER_TTL_MS)
+        pipe.zcount(keys["waiting"], bounds.waiting, "+inf")
+        pipe.hmget(keys["meta"], _CITY_FIELDS)
 
     def _queue_nearby(self, pipe: Any, location: tuple[float, float]) -> None:
-        # counted inside Redis: the reply is one integer, not every driver id in the radius
-        pipe.evalsha(self._sha["count_nearby"], 1, self._free_key, location[1], location[0], _RADIUS)
+        """The free drivers' ids within the supply radius (the read counts them)."""
+        pipe.geosearch(
+            self._free_key,
+            longitude=location[1],
+            latitude=location[0],
+            radius=F.SUPPLY_RADIUS_KM,
+            unit="km",
+        )
 
     async def read_restaurants(
         self,
@@ -665,76 +654,76 @@ class OnlineStore:
         customer_id: str = "",
     ) -> list[RestaurantFeatures]:
         """Features of many restaurants (id, location) in one round trip, e.g. for a home feed; with a
-        ``customer_id``, the customer's batch history features too (the same for every restaurant)."""
+        ``customer_id``, the customer's batch history features too (the same for every restaurant).
+
+        From :data:`BULK_NEARBY_MIN` restaurants on, the free drivers around all of them come from one
+        GEOSEARCH (a disc around their centroid that holds every restaurant's supply disc) and are
+        counted here; below that, one GEOSEARCH per restaurant."""
         if not requests:
             return []
-
-        if len(requests) >= BULK_NEARBY_MIN:
-            return await self._read_bulk(requests, now_ms, customer_id)
-
-        def build(pipe: Any) -> None:
-            self._queue_city(pipe, now_ms)
-            if customer_id:
-                queue_customer_read(pipe, customer_id)
-            for restaurant_id, location in requests:
-                self._queue_read(pipe, restaurant_id, now_ms)
-                self._queue_nearby(pipe, location)
-
-        results = await self._run(build)
-        city = _City.of(results[0])
-        base = 1 + (CUSTOMER_READ_REPLIES if customer_id else 0)
-        customer = parse_customer_read(results[1:base]) if customer_id else _NO_CUSTOMER
-        assemble = self._assemble
-        return _with_customer(
-            [
-                assemble(rid, now_ms, results[base + 2 * i], city, results[base + 1 + 2 * i], location)
-                for i, (rid, location) in enumerate(requests)
-            ],
-            customer,
-        )
-
-    async def _read_bulk(
-        self, requests: Sequence[tuple[str, tuple[float, float]]], now_ms: int, customer_id: str = ""
-    ) -> list[RestaurantFeatures]:
-        """read_restaurants for many restaurants: the free drivers around all of them in one GEOSEARCH
-        (a disc around their centroid that holds every restaurant's supply disc), counted here."""
-        lats = [location[0] for _, location in requests]
-        lngs = [location[1] for _, location in requests]
-        centre = (sum(lats) / len(lats), sum(lngs) / len(lngs))
-        spread = max(
-            F.haversine_km(centre[0], centre[1], lat, lng) for lat, lng in zip(lats, lngs, strict=True)
-        )
-        radius = spread + F.SUPPLY_RADIUS_KM + 0.01  # margin: extra drivers are filtered out below
-
-        def build(pipe: Any) -> None:
-            self._queue_city(pipe, now_ms)
-            pipe.geosearch(
-                self._free_key,
-                longitude=centre[1],
-                latitude=centre[0],
-                radius=radius,
-                unit="km",
-                withhash=True,
+        bounds = _Bounds.at(now_ms)
+        bulk = len(requests) >= BULK_NEARBY_MIN
+        if bulk:
+            lats = [location[0] for _, location in requests]
+            lngs = [location[1] for _, location in requests]
+            centre = (sum(lats) / len(lats), sum(lngs) / len(lngs))
+            spread = max(
+                F.haversine_km(centre[0], centre[1], lat, lng) for lat, lng in zip(lats, lngs, strict=True)
             )
+            radius = spread + F.SUPPLY_RADIUS_KM + 0.01  # margin: extra drivers are filtered out below
+        queue_read = self._queue_read
+
+        def build(pipe: Any) -> None:
+            self._queue_city(pipe, bounds)
             if customer_id:
                 queue_customer_read(pipe, customer_id)
-            for restaurant_id, _location in requests:
-                self._queue_read(pipe, restaurant_id, now_ms)
+            if bulk:
+                pipe.geosearch(
+                    self._free_key,
+                    longitude=centre[1],
+                    latitude=centre[0],
+                    radius=radius,
+                    unit="km",
+                    withhash=True,
+                )
+                for restaurant_id, _location in requests:
+                    queue_read(pipe, restaurant_id, bounds)
+            else:
+                for restaurant_id, location in requests:
+                    queue_read(pipe, restaurant_id, bounds)
+                    self._queue_nearby(pipe, location)
 
-        results = await self._run(build)
-        city = _City.of(results[0])
-        lat, lng = decode_geohashes([int(member[1]) for member in results[1]])
-        nearby = count_within([location for _, location in requests], lat, lng, F.SUPPLY_RADIUS_KM)
-        base = 2 + (CUSTOMER_READ_REPLIES if customer_id else 0)
-        customer = parse_customer_read(results[2:base]) if customer_id else _NO_CUSTOMER
+        results = await self._run(build, scripts=False)
+        city = _City.of(results[0], results[1])
+        base = 2
+        customer = _NO_CUSTOMER
+        if customer_id:
+            customer = parse_customer_read(results[base : base + CUSTOMER_READ_REPLIES])
+            base += CUSTOMER_READ_REPLIES
+        n = RESTAURANT_READ_REPLIES
         assemble = self._assemble
-        return _with_customer(
-            [
-                assemble(rid, now_ms, results[base + i], city, nearby[i], location)
+        if bulk:
+            lat, lng = decode_geohashes([int(member[1]) for member in results[base]])
+            nearby = count_within([location for _, location in requests], lat, lng, F.SUPPLY_RADIUS_KM)
+            base += 1
+            found = [
+                assemble(rid, now_ms, results[base + n * i : base + n * (i + 1)], city, nearby[i], location)
                 for i, (rid, location) in enumerate(requests)
-            ],
-            customer,
-        )
+            ]
+        else:
+            step = n + 1
+            found = [
+                assemble(
+                    rid,
+                    now_ms,
+                    results[base + step * i : base + step * i + n],
+                    city,
+                    len(results[base + step * i + n]),
+                    location,
+                )
+                for i, (rid, location) in enumerate(requests)
+            ]
+        return _with_customer(found, customer)
 
     async def read_restaurant(
         self, restaurant_id: str, *, now_ms: int, location: tuple[float, float] | None = None
@@ -743,65 +732,73 @@ class OnlineStore:
         (the restaurant's stored location is read first)."""
         if location is not None:
             return (await self.read_restaurants([(restaurant_id, location)], now_ms=now_ms))[0]
+        bounds = _Bounds.at(now_ms)
 
         def build(pipe: Any) -> None:
-            self._queue_city(pipe, now_ms)
-            self._queue_read(pipe, restaurant_id, now_ms)
+            self._queue_city(pipe, bounds)
+            self._queue_read(pipe, restaurant_id, bounds)
 
-        city_raw, raw = await self._run(build)
-        city = _City.of(city_raw)
+        results = await self._run(build, scripts=False)
+        city = _City.of(results[0], results[1])
+        raw = results[2:]
         nearby = None
-        # status, lat, lng follow the values
-        fields = len(F.WINDOW_COUNTS) + 1 + 2 * len(F.WINDOW_MEANS) + 2 * len(F.PICKUP_WAIT_MEANS)
-        lat, lng = raw[fields + 1], raw[fields + 2]
+        _status, lat, lng = raw[-1][:3]
         if lat not in (False, None):
             location = (float(lat), float(lng))
-            (nearby,) = await self._run(lambda pipe: self._queue_nearby(pipe, location))
+            (drivers,) = await self._run(lambda pipe: self._queue_nearby(pipe, location), scripts=False)
+            nearby = len(drivers)
         return self._assemble(restaurant_id, now_ms, raw, city, nearby, location)
 
     def _assemble(
         self,
         restaurant_id: str,
         now_ms: int,
-        raw: list[Any],
+        raw: Sequence[Any],
         city: _City,
         nearby: int | None,
         location: tuple[float, float] | None,
     ) -> RestaurantFeatures:
-        nwin = len(F.WINDOW_COUNTS)
-        counts = [int(x) for x in raw[:nwin]]
-        in_kitchen = int(raw[nwin])
-        nmean = len(F.WINDOW_MEANS)
-        preps = [(float(raw[nwin + 1 + 2 * k]), int(raw[nwin + 2 + 2 * k])) for k in range(nmean)]
-        pbase, npickup = nwin + 1 + 2 * nmean, len(F.PICKUP_WAIT_MEANS)
-        waits = [(float(raw[pbase + 2 * k]), int(raw[pbase + 1 + 2 * k])) for k in range(npickup)]
-        status, _lat, _lng, *groups = raw[pbase + 2 * npickup :]
+        """One restaurant's features from the :data:`RESTAURANT_READ_REPLIES` replies of its read."""
+        in_kitchen = int(raw[_NWIN])
+        means = raw[_NWIN + 1 : _NWIN + 1 + _NMEAN + _NPICKUP]
+        status, _lat, _lng, *groups = raw[-1]
         orders, kitchen, status_meta, pickup = (_Provenance.of(groups[i : i + 3]) for i in (0, 3, 6, 9))
         waiting, drivers, dispatch = city.waiting, city.drivers, city.dispatch
-        out = RestaurantFeatures(restaurant_id=restaurant_id, as_of_ms=now_ms, location=location)
-        for window, count in zip(F.WINDOW_COUNTS, counts, strict=True):
-            out.readings[window.name] = orders.reading(window.name, float(count), orders.updated is not None)
-        out.readings[F.ORDERS_IN_KITCHEN] = kitchen.reading(
+        readings: dict[str, FeatureReading] = {}
+        orders_known = orders.updated is not None
+        for k, window in enumerate(F.WINDOW_COUNTS):
+            readings[window.name] = orders.reading(window.name, float(raw[k]), orders_known)
+        readings[F.ORDERS_IN_KITCHEN] = kitchen.reading(
             F.ORDERS_IN_KITCHEN, float(in_kitchen), kitchen.updated is not None
         )
-        for mean, (prep_sum_ms, prep_n) in zip(F.WINDOW_MEANS, preps, strict=True):
-            prep = prep_sum_ms / prep_n / 60_000.0 if prep_n else F.DEFAULTS[mean.name]
-            out.readings[mean.name] = kitchen.reading(mean.name, prep, prep_n > 0)
-        for wait, (wait_sum_ms, wait_n) in zip(F.PICKUP_WAIT_MEANS, waits, strict=True):
-            value = wait_sum_ms / wait_n / 60_000.0 if wait_n else math.nan
-            out.readings[wait.name] = pickup.reading(wait.name, value, wait_n > 0)
+        for k, mean in enumerate(F.WINDOW_MEANS):
+            members = means[k]
+            if members:
+                readings[mean.name] = kitchen.reading(
+                    mean.name, _sum_values(members) / len(members) / 60_000.0, True
+                )
+            else:
+                readings[mean.name] = kitchen.reading(mean.name, F.DEFAULTS[mean.name], False)
+        for k, wait in enumerate(F.PICKUP_WAIT_MEANS):
+            members = means[_NMEAN + k]
+            if members:
+                readings[wait.name] = pickup.reading(
+                    wait.name, _sum_values(members) / len(members) / 60_000.0, True
+                )
+            else:
+                readings[wait.name] = pickup.reading(wait.name, math.nan, False)
         busy = 1.0 if status in (b"BUSY", "BUSY") else 0.0
-        out.readings[F.KITCHEN_BUSY] = status_meta.reading(F.KITCHEN_BUSY, busy, status not in (None, False))
+        readings[F.KITCHEN_BUSY] = status_meta.reading(F.KITCHEN_BUSY, busy, status not in (None, False))
         known = nearby is not None and drivers.updated is not None
         free = float(nearby) if nearby is not None and known else F.DEFAULTS[F.FREE_DRIVERS_NEARBY]
-        out.readings[F.FREE_DRIVERS_NEARBY] = drivers.reading(F.FREE_DRIVERS_NEARBY, free, known)
+        readings[F.FREE_DRIVERS_NEARBY] = drivers.reading(F.FREE_DRIVERS_NEARBY, free, known)
         backlog_known = dispatch.updated is not None
         backlog = float(waiting) if backlog_known else F.DEFAULTS[F.ORDERS_WAITING_FOR_DRIVER]
-        out.readings[F.ORDERS_WAITING_FOR_DRIVER] = dispatch.reading(
+        readings[F.ORDERS_WAITING_FOR_DRIVER] = dispatch.reading(
             F.ORDERS_WAITING_FOR_DRIVER, backlog, backlog_known
         )
-        out.readings.update(_UNKNOWN_CUSTOMER)  # replaced when the read names a customer
-        return out
+        readings.update(_UNKNOWN_CUSTOMER)  # replaced when the read names a customer
+        return RestaurantFeatures(restaurant_id, now_ms, readings, location)
 
 
 @dataclass(slots=True)
@@ -834,8 +831,9 @@ class _City:
     dispatch: _Provenance
 
     @classmethod
-    def of(cls, raw: Sequence[Any]) -> _City:
-        return cls(int(raw[0]), _Provenance.of(raw[1:4]), _Provenance.of(raw[4:7]))
+    def of(cls, waiting: Any, fields: Sequence[Any]) -> _City:
+        """From the replies of the backlog ZCOUNT and the HMGET of :data:`_CITY_FIELDS`."""
+        return cls(int(waiting), _Provenance.of(fields[0:3]), _Provenance.of(fields[3:6]))
 
 
 _NO_CUSTOMER = CustomerFeatures(math.nan, math.nan, None)

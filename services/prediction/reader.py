@@ -152,10 +152,6 @@ class FeatureReader:
         self._timeout = timeout_seconds
         self._breaker = breaker
         self._on_timeout = on_timeout
-        # OnlineStore loads its scripts on first use and a concurrent first caller can see them half
-        # loaded; until one read succeeded, reads go one at a time.
-        self._warm = False
-        self._first = asyncio.Lock()
 
     async def read(
         self,
@@ -208,16 +204,7 @@ class FeatureReader:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
-                if self._warm:
-                    found = await self._store.read_restaurants(
-                        requests, now_ms=now_ms, customer_id=customer_id
-                    )
-                else:
-                    async with self._first:
-                        found = await self._store.read_restaurants(
-                            requests, now_ms=now_ms, customer_id=customer_id
-                        )
-                    self._warm = True
+                found = await self._store.read_restaurants(requests, now_ms=now_ms, customer_id=customer_id)
         except TimeoutError:
             if client_bound:
                 breaker.abandon()

@@ -4,7 +4,8 @@ Why it exists: profiling the service showed the redis-py 8 asyncio client spendi
 one-restaurant feature read (connection-pool checkout, per-command timeouts and tasks, the pure-Python
 RESP parser reading line by line) — more than the gRPC stack and the model together. This client does
 only what :class:`eta_common.online_store.OnlineStore` needs for reads — ``script_load``, ``pipeline()``
-with ``evalsha`` / ``hmget`` / ``geosearch``, ``execute`` and ``aclose`` — over **one** connection:
+with ``evalsha`` / ``get`` / ``hmget`` / ``zcount`` / ``zrangebyscore`` / ``geosearch``, ``execute``
+and ``aclose`` — over **one** connection:
 
 * a pipeline is encoded into one buffer and written at once (one round trip), and concurrent callers
   simply queue their pipelines on the same connection (Redis answers in order), so there is no pool;
@@ -431,6 +432,14 @@ class LeanPipeline:
 
     def get(self, name: str) -> LeanPipeline:
         self._commands.append(("GET", name))
+        return self
+
+    def zcount(self, name: str, min: Any, max: Any) -> LeanPipeline:
+        self._commands.append(("ZCOUNT", name, min, max))
+        return self
+
+    def zrangebyscore(self, name: str, min: Any, max: Any) -> LeanPipeline:
+        self._commands.append(("ZRANGEBYSCORE", name, min, max))
         return self
 
     def hmget(self, name: str, keys: str | Sequence[str], *args: str) -> LeanPipeline:

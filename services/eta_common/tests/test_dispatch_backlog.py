@@ -344,17 +344,30 @@ async def test_nan_until_known_and_freshness_of_its_own_group(store: OnlineStore
 
 
 class _Recorder:
-    """Wraps a redis-py pipeline and records the keys of every EVALSHA."""
+    """Wraps a redis-py pipeline and records the keys of every EVALSHA, and the command and key of every
+    read command."""
 
-    def __init__(self, pipe: Any, calls: list[list[str]]) -> None:
+    def __init__(self, pipe: Any, calls: list[list[str]], reads: list[tuple[str, str]]) -> None:
         self._pipe = pipe
         self._calls = calls
+        self._reads = reads
 
     def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
         self._calls.append([str(k) for k in keys_and_args[:numkeys]])
         return self._pipe.evalsha(sha, numkeys, *keys_and_args)
 
+    def _read(self, command: str) -> Any:
+        real = getattr(self._pipe, command)
+
+        def record(name: str, *args: Any, **kwargs: Any) -> Any:
+            self._reads.append((command, name))
+            return real(name, *args, **kwargs)
+
+        return record
+
     def __getattr__(self, name: str) -> Any:
+        if name in ("zcount", "zrangebyscore", "hmget", "geosearch", "get"):
+            return self._read(name)
         return getattr(self._pipe, name)
 
 
@@ -362,20 +375,31 @@ async def test_every_script_call_stays_in_one_cluster_slot(
     store: OnlineStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[list[str]] = []
+    reads: list[tuple[str, str]] = []
     real = store.client.pipeline
     monkeypatch.setattr(
-        store.client, "pipeline", lambda transaction=False: _Recorder(real(transaction), calls)
+        store.client, "pipeline", lambda transaction=False: _Recorder(real(transaction), calls, reads)
     )
     t = T0
     events = [placed("o1", t - MIN), placed("o2", t - MIN, restaurant="r2"), cancelled("o2", t)]
     events += [assigned("d1", "o1", t), driver("d2", "LOCATION", t)]
     await store.apply([to_update(e) for e in events], now_ms=t)
     await store.read_restaurants([("r1", AT), ("r2", AT)], now_ms=t)
-    assert len(calls) == 2 + 1 + 1 + 2 + 2  # apply: r1, r2, city; read: city, r1, r2, nearby x2
+    assert len(calls) == 2 + 1  # apply: r1, r2, city (reads call no script)
     city_tag = "{" + store.city + "}"
     for keys in calls:
         tags = {key[key.index("{") : key.index("}") + 1] for key in keys}
         assert len(tags) == 1, keys
     city_calls = [keys for keys in calls if city_tag in keys[0]]
-    assert len(city_calls) == 4  # apply_city, read_city, and one free-driver count per restaurant
+    assert len(city_calls) == 1  # apply_city
+    # the read: plain commands, one key each: the city's backlog and meta, then per restaurant its
+    # windows and meta and the free drivers around it
+    per_restaurant = [("zcount", "placed")] * len(F.WINDOW_COUNTS) + [("zcount", "kitchen")]
+    per_restaurant += [("zrangebyscore", "prep")] * len(F.WINDOW_MEANS)
+    per_restaurant += [("zrangebyscore", "pickup")] * len(F.PICKUP_WAIT_MEANS) + [("hmget", "meta")]
+    expected = [("zcount", f"drv:{city_tag}:waiting"), ("hmget", f"drv:{city_tag}:meta")]
+    for rid in ("r1", "r2"):
+        expected += [(command, f"rst:{{{rid}}}:{suffix}") for command, suffix in per_restaurant]
+        expected.append(("geosearch", f"drv:{city_tag}:free"))
+    assert reads == expected
     assert set(driver_keys(store.city).values()) == set(city_calls[0])  # apply_city: every city key

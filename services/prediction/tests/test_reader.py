@@ -172,7 +172,7 @@ async def test_a_cancelled_read_does_not_count_as_a_failure() -> None:
 
 async def test_an_unexpected_store_failure_still_gives_an_answer() -> None:
     store = FakeStore()
-    store.fail = KeyError("read_restaurant")  # e.g. a half-loaded script table
+    store.fail = KeyError("read_restaurant")  # a bug in the read
     found, degradation = await _reader(store, Clock()).read([("a", WHERE)], now_ms=1, budget_seconds=None)
     assert degradation == Degradation.ONLINE_STORE_UNAVAILABLE
     _assert_defaults(found)
