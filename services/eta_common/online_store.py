@@ -65,6 +65,7 @@ from eta_common.customer_features import (
     queue_customer_read,
 )
 from eta_common.event_facts import EventFacts, event_facts
+from eta_common.feature_block import COLUMN, DEFAULT_ROW, FeatureBlock, K
 
 __all__ = ["FeatureReading", "OnlineStore", "RestaurantFeatures", "driver_keys", "restaurant_keys"]
 
@@ -653,6 +654,18 @@ class OnlineStore:
         now_ms: int,
         customer_id: str = "",
     ) -> list[RestaurantFeatures]:
+        """:meth:`read_block` as one :class:`RestaurantFeatures` per restaurant."""
+        if not requests:
+            return []
+        return (await self.read_block(requests, now_ms=now_ms, customer_id=customer_id)).restaurants()
+
+    async def read_block(
+        self,
+        requests: Sequence[tuple[str, tuple[float, float]]],
+        *,
+        now_ms: int,
+        customer_id: str = "",
+    ) -> FeatureBlock:
         """Features of many restaurants (id, location) in one round trip, e.g. for a home feed; with a
         ``customer_id``, the customer's batch history features too (the same for every restaurant).
 
@@ -660,7 +673,7 @@ class OnlineStore:
         GEOSEARCH (a disc around their centroid that holds every restaurant's supply disc) and are
         counted here; below that, one GEOSEARCH per restaurant."""
         if not requests:
-            return []
+            return FeatureBlock.defaults(requests, now_ms)
         bounds = _Bounds.at(now_ms)
         bulk = len(requests) >= BULK_NEARBY_MIN
         if bulk:
@@ -701,29 +714,26 @@ class OnlineStore:
             customer = parse_customer_read(results[base : base + CUSTOMER_READ_REPLIES])
             base += CUSTOMER_READ_REPLIES
         n = RESTAURANT_READ_REPLIES
-        assemble = self._assemble
+        nearby: list[int | None]
         if bulk:
             lat, lng = decode_geohashes([int(member[1]) for member in results[base]])
-            nearby = count_within([location for _, location in requests], lat, lng, F.SUPPLY_RADIUS_KM)
+            counted = count_within([location for _, location in requests], lat, lng, F.SUPPLY_RADIUS_KM)
+            nearby = list(counted)
             base += 1
-            found = [
-                assemble(rid, now_ms, results[base + n * i : base + n * (i + 1)], city, nearby[i], location)
-                for i, (rid, location) in enumerate(requests)
-            ]
+            raws = [results[base + n * i : base + n * (i + 1)] for i in range(len(requests))]
         else:
             step = n + 1
-            found = [
-                assemble(
-                    rid,
-                    now_ms,
-                    results[base + step * i : base + step * i + n],
-                    city,
-                    len(results[base + step * i + n]),
-                    location,
-                )
-                for i, (rid, location) in enumerate(requests)
-            ]
-        return _with_customer(found, customer)
+            raws = [results[base + step * i : base + step * i + n] for i in range(len(requests))]
+            nearby = [len(results[base + step * i + n]) for i in range(len(requests))]
+        return _block(
+            [rid for rid, _ in requests],
+            [location for _, location in requests],
+            now_ms,
+            raws,
+            city,
+            nearby,
+            customer,
+        )
 
     async def read_restaurant(
         self, restaurant_id: str, *, now_ms: int, location: tuple[float, float] | None = None
@@ -747,58 +757,114 @@ class OnlineStore:
             location = (float(lat), float(lng))
             (drivers,) = await self._run(lambda pipe: self._queue_nearby(pipe, location), scripts=False)
             nearby = len(drivers)
-        return self._assemble(restaurant_id, now_ms, raw, city, nearby, location)
+        block = _block([restaurant_id], [location], now_ms, [raw], city, [nearby], _NO_CUSTOMER)
+        return block.restaurant(0)
 
-    def _assemble(
-        self,
-        restaurant_id: str,
-        now_ms: int,
-        raw: Sequence[Any],
-        city: _City,
-        nearby: int | None,
-        location: tuple[float, float] | None,
-    ) -> RestaurantFeatures:
-        """One restaurant's features from the :data:`RESTAURANT_READ_REPLIES` replies of its read."""
-        in_kitchen = int(raw[_NWIN])
-        means = raw[_NWIN + 1 : _NWIN + 1 + _NMEAN + _NPICKUP]
-        status, _lat, _lng, *groups = raw[-1]
-        orders, kitchen, status_meta, pickup = (_Provenance.of(groups[i : i + 3]) for i in (0, 3, 6, 9))
-        waiting, drivers, dispatch = city.waiting, city.drivers, city.dispatch
-        readings: dict[str, FeatureReading] = {}
-        orders_known = orders.updated is not None
-        for k, window in enumerate(F.WINDOW_COUNTS):
-            readings[window.name] = orders.reading(window.name, float(raw[k]), orders_known)
-        readings[F.ORDERS_IN_KITCHEN] = kitchen.reading(
-            F.ORDERS_IN_KITCHEN, float(in_kitchen), kitchen.updated is not None
-        )
-        for k, mean in enumerate(F.WINDOW_MEANS):
-            members = means[k]
+
+def _num(raw: Any) -> float:
+    """A stored number (bytes/str), NaN when absent."""
+    return math.nan if raw is None or raw is False or raw in {b"", ""} else float(raw)
+
+
+_C = COLUMN
+_COUNT_COLUMNS = [_C[w.name] for w in F.WINDOW_COUNTS]
+_KITCHEN_COLUMN = _C[F.ORDERS_IN_KITCHEN]
+# per mean window, prep then pickup wait (an empty window keeps the default: NaN, not present)
+_MEAN_COLUMNS = [_C[m.name] for m in F.WINDOW_MEANS] + [_C[m.name] for m in F.PICKUP_WAIT_MEANS]
+_BUSY_COLUMN = _C[F.KITCHEN_BUSY]
+_FREE_COLUMN = _C[F.FREE_DRIVERS_NEARBY]
+_BACKLOG_COLUMN = _C[F.ORDERS_WAITING_FOR_DRIVER]
+_CUSTOMER_ORDERS_COLUMN = _C[CUSTOMER_ORDERS_28D]
+_CUSTOMER_MEAN_COLUMN = _C[CUSTOMER_MEAN_DELIVERY_28D]
+# The columns each restaurant group's provenance applies to, with the positions of its u:/e:/t: fields
+# in _META_FIELDS: orders, kitchen (count and prep means), status, pickup wait.
+_GROUPS = (
+    (_COUNT_COLUMNS, 3),
+    ([_KITCHEN_COLUMN, *(_C[m.name] for m in F.WINDOW_MEANS)], 6),
+    ([_BUSY_COLUMN], 9),
+    ([_C[m.name] for m in F.PICKUP_WAIT_MEANS], 12),
+)
+_NO_WRITERS: tuple[None, ...] = (None,) * K
+
+
+def _block(
+    restaurant_ids: list[str],
+    locations: list[tuple[float, float] | None],
+    now_ms: int,
+    raws: Sequence[Sequence[Any]],
+    city: _City,
+    nearby: Sequence[int | None],
+    customer: CustomerFeatures,
+) -> FeatureBlock:
+    """The block of a read from each restaurant's :data:`RESTAURANT_READ_REPLIES` replies: each row
+    starts from a copy of the defaults with the city's and the customer's values in place."""
+    nan = math.nan
+    # the row every restaurant starts from: defaults, plus what the city and the customer say
+    base_values, base_present = list(DEFAULT_ROW), [False] * K
+    base_updated, base_event = [nan] * K, [nan] * K
+    drivers, dispatch = city.drivers, city.dispatch
+    for k, group in ((_FREE_COLUMN, drivers), (_BACKLOG_COLUMN, dispatch)):
+        base_updated[k] = nan if group.updated is None else float(group.updated)
+        base_event[k] = nan if group.event is None else float(group.event)
+    if dispatch.updated is not None:
+        base_values[_BACKLOG_COLUMN], base_present[_BACKLOG_COLUMN] = float(city.waiting), True
+    drivers_known = drivers.updated is not None
+    if customer is not _NO_CUSTOMER:
+        known_at = customer.as_of_ms
+        at = nan if known_at is None else float(known_at)
+        mean = customer.mean_delivery_minutes_last_28_days
+        base_values[_CUSTOMER_ORDERS_COLUMN] = customer.orders_last_28_days
+        base_present[_CUSTOMER_ORDERS_COLUMN] = known_at is not None
+        base_values[_CUSTOMER_MEAN_COLUMN] = mean
+        base_present[_CUSTOMER_MEAN_COLUMN] = not math.isnan(mean)
+        for k in (_CUSTOMER_ORDERS_COLUMN, _CUSTOMER_MEAN_COLUMN):
+            base_updated[k] = base_event[k] = at
+    city_refs = (drivers.writer, dispatch.writer)
+    values_rows: list[list[float]] = []
+    present_rows: list[list[bool]] = []
+    updated_rows: list[list[float]] = []
+    event_rows: list[list[float]] = []
+    writers: list[Sequence[Any]] = []
+    mean_end = _NWIN + 1 + _NMEAN + _NPICKUP
+    for raw, count in zip(raws, nearby, strict=True):
+        meta = raw[-1]
+        values, present = base_values.copy(), base_present.copy()
+        updated, event = base_updated.copy(), base_event.copy()
+        for columns, at in _GROUPS:
+            u, e = _num(meta[at]), _num(meta[at + 1])
+            for k in columns:
+                updated[k] = u
+                event[k] = e
+        orders_known = not math.isnan(updated[_COUNT_COLUMNS[0]])
+        for j, k in enumerate(_COUNT_COLUMNS):
+            values[k], present[k] = float(raw[j]), orders_known
+        kitchen_known = not math.isnan(updated[_KITCHEN_COLUMN])
+        values[_KITCHEN_COLUMN], present[_KITCHEN_COLUMN] = float(raw[_NWIN]), kitchen_known
+        for members, k in zip(raw[_NWIN + 1 : mean_end], _MEAN_COLUMNS, strict=True):
             if members:
-                readings[mean.name] = kitchen.reading(
-                    mean.name, _sum_values(members) / len(members) / 60_000.0, True
-                )
-            else:
-                readings[mean.name] = kitchen.reading(mean.name, F.DEFAULTS[mean.name], False)
-        for k, wait in enumerate(F.PICKUP_WAIT_MEANS):
-            members = means[_NMEAN + k]
-            if members:
-                readings[wait.name] = pickup.reading(
-                    wait.name, _sum_values(members) / len(members) / 60_000.0, True
-                )
-            else:
-                readings[wait.name] = pickup.reading(wait.name, math.nan, False)
-        busy = 1.0 if status in (b"BUSY", "BUSY") else 0.0
-        readings[F.KITCHEN_BUSY] = status_meta.reading(F.KITCHEN_BUSY, busy, status not in (None, False))
-        known = nearby is not None and drivers.updated is not None
-        free = float(nearby) if nearby is not None and known else F.DEFAULTS[F.FREE_DRIVERS_NEARBY]
-        readings[F.FREE_DRIVERS_NEARBY] = drivers.reading(F.FREE_DRIVERS_NEARBY, free, known)
-        backlog_known = dispatch.updated is not None
-        backlog = float(waiting) if backlog_known else F.DEFAULTS[F.ORDERS_WAITING_FOR_DRIVER]
-        readings[F.ORDERS_WAITING_FOR_DRIVER] = dispatch.reading(
-            F.ORDERS_WAITING_FOR_DRIVER, backlog, backlog_known
-        )
-        readings.update(_UNKNOWN_CUSTOMER)  # replaced when the read names a customer
-        return RestaurantFeatures(restaurant_id, now_ms, readings, location)
+                values[k], present[k] = _sum_values(members) / len(members) / 60_000.0, True
+        status = meta[0]
+        values[_BUSY_COLUMN] = 1.0 if status in {b"BUSY", "BUSY"} else 0.0
+        present[_BUSY_COLUMN] = status is not None and status is not False
+        if drivers_known and count is not None:
+            values[_FREE_COLUMN], present[_FREE_COLUMN] = float(count), True
+        values_rows.append(values)
+        present_rows.append(present)
+        updated_rows.append(updated)
+        event_rows.append(event)
+        refs = (meta[5], meta[8], meta[11], meta[14])
+        if refs == (None, None, None, None) and city_refs == (None, None):
+            writers.append(_NO_WRITERS)
+        else:
+            per_column: list[Any] = [None] * K
+            for ref, (columns, _at) in zip(refs, _GROUPS, strict=True):
+                for k in columns:
+                    per_column[k] = ref
+            per_column[_FREE_COLUMN], per_column[_BACKLOG_COLUMN] = city_refs
+            writers.append(per_column)
+    return FeatureBlock(
+        restaurant_ids, locations, now_ms, values_rows, present_rows, updated_rows, event_rows, writers
+    )
 
 
 @dataclass(slots=True)
@@ -837,25 +903,6 @@ class _City:
 
 
 _NO_CUSTOMER = CustomerFeatures(math.nan, math.nan, None)
-_UNKNOWN_CUSTOMER = {
-    name: FeatureReading(name, math.nan, False) for name in (CUSTOMER_ORDERS_28D, CUSTOMER_MEAN_DELIVERY_28D)
-}
-
-
-def _with_customer(found: list[RestaurantFeatures], customer: CustomerFeatures) -> list[RestaurantFeatures]:
-    """Attach the customer's batch features (as of their refresh boundary) to every restaurant's read."""
-    if customer is _NO_CUSTOMER:
-        return found  # _assemble already says "unknown"
-    known = customer.as_of_ms
-    orders = FeatureReading(
-        CUSTOMER_ORDERS_28D, customer.orders_last_28_days, known is not None, known, known
-    )
-    mean = customer.mean_delivery_minutes_last_28_days
-    delivery = FeatureReading(CUSTOMER_MEAN_DELIVERY_28D, mean, not math.isnan(mean), known, known)
-    for features in found:
-        features.readings[CUSTOMER_ORDERS_28D] = orders
-        features.readings[CUSTOMER_MEAN_DELIVERY_28D] = delivery
-    return found
 
 
 def update_from_event(event: Any) -> RestaurantUpdate | DriverUpdate | None:

@@ -28,19 +28,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeAlias
 
+import numpy as np
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanContext, SpanKind, TraceFlags
 from redis.exceptions import RedisError
 
 from eta.v1 import eta_pb2
-from eta_common import features as F
-from eta_common.online_store import FeatureReading, OnlineStore, RestaurantFeatures
+from eta_common.feature_block import ONLINE_COLUMNS, ONLINE_NAMES, FeatureBlock, parse_writer
+from eta_common.online_store import OnlineStore, RestaurantFeatures
 from prediction import metrics
-from prediction.config import ONLINE_FEATURES
 
 __all__ = ["CircuitBreaker", "FeatureReader", "default_features"]
 
@@ -50,34 +51,32 @@ Degradation = eta_pb2.Degradation
 DegradationValue: TypeAlias = eta_pb2.Degradation.ValueType
 Location = tuple[float, float]
 
-_DEFAULT_READINGS = {name: FeatureReading(name, F.DEFAULTS[name], False) for name in ONLINE_FEATURES}
+MAX_WRITER_LINKS = 16
 
 
 def default_features(restaurant_id: str, location: Location, now_ms: int) -> RestaurantFeatures:
     """The documented defaults for every online feature, all flagged not present."""
-    return RestaurantFeatures(restaurant_id, now_ms, dict(_DEFAULT_READINGS), location)
+    return FeatureBlock.defaults([(restaurant_id, location)], now_ms).restaurant(0)
 
 
-MAX_WRITER_LINKS = 16
-
-
-def _describe(span: Span, found: Sequence[RestaurantFeatures], now_ms: int) -> None:
+def _describe(span: Span, block: FeatureBlock, now_ms: int) -> None:
     """Feature ages as attributes (the oldest across a batch) and links to the aggregator spans that
     wrote the values (feature provenance, when those spans were sampled)."""
-    attributes: dict[str, float] = {}
-    writers: dict[tuple[int, int], str] = {}
-    for name in ONLINE_FEATURES:
-        oldest: float | None = None
-        for features in found:
-            reading = features.readings[name]
-            age = reading.age_seconds(now_ms)
-            if age is not None and (oldest is None or age > oldest):
-                oldest = age
-            if reading.writer is not None and len(writers) < MAX_WRITER_LINKS:
-                writers.setdefault(reading.writer, name)
-        if oldest is not None:
-            attributes[f"eta.feature_age_s.{name}"] = oldest
+    # fmin ignores NaN (unknown) and gives NaN for a column with no known age
+    updated = np.array(block.updated_ms, dtype=np.float64)[:, ONLINE_COLUMNS]
+    oldest = ((now_ms - np.fmin.reduce(updated, axis=0)) / 1000.0).tolist()
+    attributes = {
+        f"eta.feature_age_s.{name}": max(0.0, age)
+        for name, age in zip(ONLINE_NAMES, oldest, strict=True)
+        if not math.isnan(age)
+    }
     span.set_attributes(attributes)  # one call: each call takes the span's lock
+    writers: dict[tuple[int, int], str] = {}
+    for refs in block.writers:
+        for name, k in zip(ONLINE_NAMES, ONLINE_COLUMNS, strict=True):
+            writer = parse_writer(refs[k])
+            if writer is not None and len(writers) < MAX_WRITER_LINKS:
+                writers.setdefault(writer, name)
     for (trace_id, span_id), name in writers.items():
         context = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
         span.add_link(context, {"eta.feature": name})
@@ -160,7 +159,7 @@ class FeatureReader:
         now_ms: int,
         budget_seconds: float | None,
         customer_id: str = "",
-    ) -> tuple[list[RestaurantFeatures], DegradationValue | None]:
+    ) -> tuple[FeatureBlock, DegradationValue | None]:
         """Features of every (restaurant_id, location) — with the customer's history features when
         ``customer_id`` is given — and the degradation if defaults were used."""
         if not trace.get_current_span().is_recording():  # not sampled: no child spans either
@@ -192,7 +191,7 @@ class FeatureReader:
         budget_seconds: float | None,
         span: Span | None,
         customer_id: str = "",
-    ) -> tuple[list[RestaurantFeatures], DegradationValue | None]:
+    ) -> tuple[FeatureBlock, DegradationValue | None]:
         breaker = self._breaker
         if not breaker.allow():
             metrics.FALLBACKS.labels("redis_circuit_open").inc(len(requests))
@@ -204,7 +203,7 @@ class FeatureReader:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
-                found = await self._store.read_restaurants(requests, now_ms=now_ms, customer_id=customer_id)
+                found = await self._store.read_block(requests, now_ms=now_ms, customer_id=customer_id)
         except TimeoutError:
             if client_bound:
                 breaker.abandon()
@@ -235,5 +234,5 @@ class FeatureReader:
         return found, None
 
     @staticmethod
-    def _defaults(requests: Sequence[tuple[str, Location]], now_ms: int) -> list[RestaurantFeatures]:
-        return [default_features(rid, location, now_ms) for rid, location in requests]
+    def _defaults(requests: Sequence[tuple[str, Location]], now_ms: int) -> FeatureBlock:
+        return FeatureBlock.defaults(requests, now_ms)

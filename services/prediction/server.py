@@ -15,7 +15,7 @@ import math
 import secrets
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeAlias
 
@@ -25,9 +25,9 @@ from opentelemetry import trace
 
 from eta.v1 import eta_pb2, eta_pb2_grpc
 from eta_common import features as F
+from eta_common.feature_block import ONLINE_NAMES, FeatureBlock, Rows
 from eta_common.geo import check_point
 from eta_common.grpc_errors import abort_bad_request
-from eta_common.online_store import RestaurantFeatures
 from eta_common.timeutil import now_ms
 from prediction import metrics
 from prediction.config import ONLINE_FEATURES
@@ -72,15 +72,19 @@ class RequestIds:
 
 
 @dataclass(slots=True)
-class _Row:
-    """One scored restaurant, in the canonical feature layout (``eta_common.features.FEATURE_NAMES``)."""
+class _Rows:
+    """The scored restaurants of a call: the read block with the request-time features filled in, and
+    each row's feature ages, stale and missing features, and quality."""
 
-    features: RestaurantFeatures
-    values: list[float]
-    ages: list[float | None]  # seconds since the store changed the feature; None = unknown
-    stale: list[str]
-    missing: list[str]
-    quality: QualityValue = COMPLETE
+    block: FeatureBlock
+    values: Rows  # the block's rows (canonical layout): the model's input
+    ages: Rows  # seconds since the store changed the feature; NaN = unknown
+    stale: list[list[str]]
+    missing: list[list[str]]
+    quality: list[QualityValue]
+
+    def __len__(self) -> int:
+        return len(self.quality)
 
 
 class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
@@ -97,19 +101,17 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
     ) -> None:
         self._reader = reader
         self._models = models
-        self._budgets = [budgets[name] for name in ONLINE_FEATURES]
         # (name, position in the canonical row, staleness budget) per online feature
         self._online_spec = [
-            (name, k, budget)
-            for name, k, budget in zip(ONLINE_FEATURES, _ONLINE_IDX, self._budgets, strict=True)
+            (name, k, budgets[name]) for name, k in zip(ONLINE_NAMES, _ONLINE_IDX, strict=True)
         ]
         self._max_batch = max_batch
         self._reserve = deadline_reserve_seconds
         self._log = prediction_log
         self._ids = request_ids or RequestIds()
         self._quality_counters = {q: metrics.QUALITY.labels(name) for q, name in _QUALITY_NAMES.items()}
-        self._stale_counters = {name: metrics.STALE_FEATURES.labels(name) for name in ONLINE_FEATURES}
-        self._missing_counters = {name: metrics.MISSING_FEATURES.labels(name) for name in ONLINE_FEATURES}
+        self._stale_counters = {name: metrics.STALE_FEATURES.labels(name) for name in ONLINE_NAMES}
+        self._missing_counters = {name: metrics.MISSING_FEATURES.labels(name) for name in ONLINE_NAMES}
         self._heuristic_fallbacks = metrics.FALLBACKS.labels("heuristic_model")
 
     def can_answer(self) -> bool:
@@ -144,18 +146,18 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         model = await self._model(context, "PredictEta")
         now = now_ms()
         rloc = (request.restaurant_location.lat, request.restaurant_location.lng)
-        found, degradation = await self._reader.read(
+        block, degradation = await self._reader.read(
             [(request.restaurant_id, rloc)],
             now_ms=now,
             budget_seconds=budget,
             customer_id=request.customer_id,
         )
         customer = (request.customer_location.lat, request.customer_location.lng)
-        rows = self._rows(found, customer, now)
+        rows = self._rows(block, customer, now)
         model, (points, lows, highs), degradations = await self._score(
             context, "PredictEta", model, rows, degradation
         )
-        row = rows[0]
+        quality = rows.quality[0]
         request_id = request.request_id or self._ids.next()
         reply = eta_pb2.PredictEtaResponse(
             restaurant_id=request.restaurant_id,
@@ -163,20 +165,20 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             eta_low_minutes=lows[0],
             eta_high_minutes=highs[0],
             model_version=model.version,
-            feature_quality=row.quality,
-            stale_features=row.stale,
-            missing_features=row.missing,
+            feature_quality=quality,
+            stale_features=rows.stale[0],
+            missing_features=rows.missing[0],
             degradations=degradations,
             request_id=request_id,
         )
-        self._add_feature_values(reply.features, model, row, now)
+        self._add_feature_values(reply.features, model, rows, now)
         self._account(model, rows, points, lows, highs, request_id, now, request.customer_id)
         span = trace.get_current_span()
         if span.is_recording():
             span.set_attributes(
                 {
                     "eta.model.version": model.version,
-                    "eta.feature_quality": _QUALITY_NAMES[row.quality],
+                    "eta.feature_quality": _QUALITY_NAMES[quality],
                     "eta.request_id": request_id,
                 }
             )
@@ -218,32 +220,33 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         model = await self._model(context, "PredictEtaBatch")
         now = now_ms()
         wanted = [(item.restaurant_id, (item.location.lat, item.location.lng)) for item in restaurants]
-        found, degradation = await self._reader.read(
+        block, degradation = await self._reader.read(
             wanted, now_ms=now, budget_seconds=budget, customer_id=request.customer_id
         )
         customer = (request.customer_location.lat, request.customer_location.lng)
-        rows = self._rows(found, customer, now)
+        rows = self._rows(block, customer, now)
         model, (points, lows, highs), degradations = await self._score(
             context, "PredictEtaBatch", model, rows, degradation
         )
         request_id = request.request_id or self._ids.next()
         columns = model.columns
-        etas = []
-        for i, row in enumerate(rows):
-            values, ages = row.values, row.ages
-            etas.append(
-                eta_pb2.RestaurantEta(
-                    restaurant_id=row.features.restaurant_id,
-                    eta_minutes=points[i],
-                    eta_low_minutes=lows[i],
-                    eta_high_minutes=highs[i],
-                    feature_quality=row.quality,
-                    feature_values=[0.0 if math.isnan(v) else v for v in (values[c] for c in columns)],
-                    feature_ages_seconds=[a or 0.0 for a in (ages[c] for c in columns)],
-                    stale_features=row.stale,
-                    missing_features=row.missing,
-                )
+        ids, qualities, values, ages = block.restaurant_ids, rows.quality, rows.values, rows.ages
+        isnan = math.isnan
+        etas = [
+            eta_pb2.RestaurantEta(
+                restaurant_id=ids[i],
+                eta_minutes=points[i],
+                eta_low_minutes=lows[i],
+                eta_high_minutes=highs[i],
+                feature_quality=quality,
+                # the model's inputs and their ages: NaN (missing / unknown) as 0 on the wire
+                feature_values=[0.0 if isnan(v) else v for v in [values[i][c] for c in columns]],
+                feature_ages_seconds=[0.0 if isnan(a) else a for a in [ages[i][c] for c in columns]],
+                stale_features=rows.stale[i],
+                missing_features=rows.missing[i],
             )
+            for i, quality in enumerate(qualities)
+        ]
         reply = eta_pb2.PredictEtaBatchResponse(
             request_id=request_id,
             model_version=model.version,
@@ -259,8 +262,8 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
                     "eta.model.version": model.version,
                     "eta.request_id": request_id,
                     "eta.restaurants": len(rows),
-                    "eta.rows_stale": sum(1 for r in rows if r.quality == STALE),
-                    "eta.rows_missing": sum(1 for r in rows if r.quality == MISSING),
+                    "eta.rows_stale": qualities.count(STALE),
+                    "eta.rows_missing": qualities.count(MISSING),
                 }
             )
         return reply
@@ -295,47 +298,50 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             )
         return model
 
-    def _rows(
-        self, found: Sequence[RestaurantFeatures], customer: tuple[float, float], now: int
-    ) -> list[_Row]:
+    def _rows(self, block: FeatureBlock, customer: tuple[float, float], now: int) -> _Rows:
+        """Add the request-time features, then per row: each online feature's age, whether it is missing
+        (absent, or NaN: the store had nothing) or stale (older than its budget), and the quality."""
         hour = float(F.hour_of_week(now))
         clat, clng = customer
         spec = self._online_spec
-        haversine = F.haversine_km
-        rows = []
-        for feats in found:
-            values = [0.0] * _K
-            ages: list[float | None] = [None] * _K
+        haversine, isnan, nan = F.haversine_km, math.isnan, math.nan
+        all_ages: Rows = []
+        all_stale: list[list[str]] = []
+        all_missing: list[list[str]] = []
+        quality: list[QualityValue] = []
+        for values, present, updated, location in zip(
+            block.values, block.present, block.updated_ms, block.locations, strict=True
+        ):
+            ages = [nan] * _K
             stale: list[str] = []
             missing: list[str] = []
-            readings = feats.readings
             for name, k, budget in spec:
-                reading = readings[name]
-                value = values[k] = reading.value
-                updated = reading.updated_ms
-                if updated is None:
-                    age = None
-                else:
-                    age = ages[k] = max(0.0, (now - updated) / 1000.0)
-                if not reading.present or math.isnan(value):  # NaN: the store had nothing to average
+                changed = updated[k]
+                if not isnan(changed):  # known
+                    age = ages[k] = max(0.0, (now - changed) / 1000.0)
+                    if not present[k] or isnan(values[k]):
+                        missing.append(name)
+                    elif age > budget:
+                        stale.append(name)
+                elif not present[k] or isnan(values[k]):
                     missing.append(name)
-                elif age is not None and age > budget:
-                    stale.append(name)
-            location = feats.location
-            assert location is not None
-            values[_DISTANCE_IDX] = haversine(location[0], location[1], clat, clng)
+            values[_DISTANCE_IDX] = (
+                haversine(location[0], location[1], clat, clng) if location is not None else nan
+            )
             values[_HOUR_IDX] = hour
             ages[_DISTANCE_IDX] = ages[_HOUR_IDX] = 0.0
-            quality = MISSING if missing else (STALE if stale else COMPLETE)
-            rows.append(_Row(feats, values, ages, stale, missing, quality))
-        return rows
+            all_ages.append(ages)
+            all_stale.append(stale)
+            all_missing.append(missing)
+            quality.append(MISSING if missing else (STALE if stale else COMPLETE))
+        return _Rows(block, block.values, all_ages, all_stale, all_missing, quality)
 
     async def _score(
         self,
         context: Context,
         method: str,
         model: ServingModel,
-        rows: list[_Row],
+        rows: _Rows,
         degradation: DegradationValue | None,
     ) -> tuple[ServingModel, _Ranges, list[DegradationValue]]:
         """Score every row in one call (one row without numpy). If the model fails, the heuristic answers
@@ -374,36 +380,51 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         return model, result, degradations
 
     @staticmethod
-    def _add_feature_values(out: Any, model: ServingModel, row: _Row, now: int) -> None:
-        """The model's features as ``FeatureValue`` (same rules as ``eta_common.feature_proto``), built
-        in place: a third of the cost of constructing messages and copying them in."""
-        readings = row.features.readings
-        add = out.add
+    def _add_feature_values(out: Any, model: ServingModel, rows: _Rows, now: int) -> None:
+        """Row 0's model features as ``FeatureValue`` (same rules as ``eta_common.feature_proto``),
+        built in place: a third of the cost of constructing messages and copying them in. Timestamps go
+        in as dicts, one per distinct time (a feature group shares its times)."""
+        block = rows.block
+        values, present = rows.values[0], block.present[0]
+        updated_row, event_row = block.updated_ms[0], block.event_ms[0]
+        add, isnan = out.add, math.isnan
+        stamps: dict[float, dict[str, int]] = {}
         for name, column in zip(model.feature_names, model.columns, strict=True):
+            value = values[column]
             if name not in _ONLINE_SET:  # request-time: always present, age 0
-                add(name=name, value=row.values[column], present=True)
+                add(name=name, value=value, present=True)
                 continue
-            reading = readings[name]
-            value, present = reading.value, reading.present
-            if math.isnan(value):
-                value, present = 0.0, False
-            updated, event = reading.updated_ms, reading.event_ms
-            if updated is None:
-                feature = add(name=name, value=value, present=present)
-            else:
-                feature = add(
-                    name=name, value=value, present=present, age_seconds=max(0.0, (now - updated) / 1000.0)
+            here = present[column]
+            if isnan(value):  # NaN: nothing to average, or an unknown default
+                value, here = 0.0, False
+            updated, event = updated_row[column], event_row[column]
+            if isnan(updated):  # unknown
+                if isnan(event):
+                    add(name=name, value=value, present=here)
+                else:
+                    add(name=name, value=value, present=here, event_time=_stamp(stamps, event))
+            elif isnan(event):
+                add(
+                    name=name,
+                    value=value,
+                    present=here,
+                    age_seconds=max(0.0, (now - updated) / 1000.0),
+                    updated_at=_stamp(stamps, updated),
                 )
-                feature.updated_at.seconds, rest = divmod(updated, 1000)
-                feature.updated_at.nanos = rest * 1_000_000
-            if event is not None:
-                feature.event_time.seconds, rest = divmod(event, 1000)
-                feature.event_time.nanos = rest * 1_000_000
+            else:
+                add(
+                    name=name,
+                    value=value,
+                    present=here,
+                    age_seconds=max(0.0, (now - updated) / 1000.0),
+                    updated_at=_stamp(stamps, updated),
+                    event_time=_stamp(stamps, event),
+                )
 
     def _account(
         self,
         model: ServingModel,
-        rows: list[_Row],
+        rows: _Rows,
         points: list[float],
         lows: list[float],
         highs: list[float],
@@ -413,22 +434,25 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
     ) -> None:
         """Metrics and the prediction log, for every row (counters summed first: one ``inc`` per label
         and call, as each takes a lock)."""
+        qualities = rows.quality
+        for quality, counter in self._quality_counters.items():
+            n = qualities.count(quality)
+            if n:
+                counter.inc(n)
         observed: list[list[float | None]] = []
-        qualities: Counter[QualityValue] = Counter()
         stale: Counter[str] = Counter()
         missing: Counter[str] = Counter()
-        for row in rows:
-            qualities[row.quality] += 1
-            if row.stale:
-                stale.update(row.stale)
-            if not row.missing:
-                observed.append([row.ages[k] for k in _ONLINE_IDX])
-            else:
-                missing.update(row.missing)
-                ages, absent = row.ages, row.missing
-                observed.append([None if name in absent else ages[k] for name, k in _ONLINE_NAME_IDX])
-        for quality, n in qualities.items():
-            self._quality_counters[quality].inc(n)
+        nan_to_none = _nan_to_none
+        for ages, row_stale, row_missing in zip(rows.ages, rows.stale, rows.missing, strict=True):
+            if row_stale:
+                stale.update(row_stale)
+            if not row_missing:
+                observed.append([nan_to_none(ages[k]) for k in _ONLINE_IDX])
+            else:  # a missing feature has no age to report
+                missing.update(row_missing)
+                observed.append(
+                    [None if name in row_missing else nan_to_none(ages[k]) for name, k in _ONLINE_NAME_IDX]
+                )
         for name, n in stale.items():
             self._stale_counters[name].inc(n)
         for name, n in missing.items():
@@ -437,32 +461,46 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         plog = self._log
         if plog is None:
             return
-        columns = model.columns
-        names = model.feature_names
-        for i, row in enumerate(rows):
+        names, columns = model.feature_names, model.columns
+        ids = rows.block.restaurant_ids
+        version = model.version
+        for i, (values, quality) in enumerate(zip(rows.values, qualities, strict=True)):
             plog.add(
                 LoggedPrediction(
                     now,
                     request_id,
-                    row.features.restaurant_id,
-                    model.version,
+                    ids[i],
+                    version,
                     points[i],
                     lows[i],
                     highs[i],
-                    _QUALITY_NAMES[row.quality],
+                    _QUALITY_NAMES[quality],
                     names,
-                    [row.values[c] for c in columns],
+                    [values[c] for c in columns],
                     customer_id,
                 )
             )
         metrics.LOG_BUFFERED.set(len(plog))
 
 
-def _predict(model: ServingModel, rows: list[_Row]) -> _Ranges:
+def _stamp(stamps: dict[float, dict[str, int]], ms: float) -> dict[str, int]:
+    """A ``Timestamp`` (as the dict protobuf accepts) of epoch milliseconds, made once per call."""
+    stamp = stamps.get(ms)
+    if stamp is None:
+        seconds, rest = divmod(int(ms), 1000)
+        stamp = stamps[ms] = {"seconds": seconds, "nanos": rest * 1_000_000}
+    return stamp
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def _predict(model: ServingModel, rows: _Rows) -> _Ranges:
     if len(rows) == 1:
-        point, low, high = model.predict_one(rows[0].values)
+        point, low, high = model.predict_one(rows.values[0])
         return [point], [low], [high]
-    point_a, low_a, high_a = model.predict(np.array([row.values for row in rows], dtype=np.float64))
+    point_a, low_a, high_a = model.predict(np.array(rows.values, dtype=np.float64))
     return point_a.tolist(), low_a.tolist(), high_a.tolist()
 
 

@@ -14,6 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from eta.v1 import eta_pb2
 from eta_common import features as F
+from eta_common.feature_block import FeatureBlock
 from eta_common.online_store import FeatureReading, OnlineStore, RestaurantFeatures
 from prediction.config import ONLINE_FEATURES
 from prediction.reader import CircuitBreaker, FeatureReader
@@ -36,20 +37,25 @@ class FakeStore:
         self.fail: Exception | None = None
         self.delay = 0.0
 
-    async def read_restaurants(
+    async def read_block(
         self, requests: Sequence[tuple[str, tuple[float, float]]], *, now_ms: int, customer_id: str = ""
-    ) -> list[RestaurantFeatures]:
+    ) -> FeatureBlock:
         self.calls += 1
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.fail is not None:
             raise self.fail
-        return [
-            RestaurantFeatures(
-                rid, now_ms, {n: FeatureReading(n, 1.0, True, now_ms - 1000) for n in ONLINE_FEATURES}, loc
-            )
-            for rid, loc in requests
-        ]
+        return FeatureBlock.from_features(
+            [
+                RestaurantFeatures(
+                    rid,
+                    now_ms,
+                    {n: FeatureReading(n, 1.0, True, now_ms - 1000) for n in ONLINE_FEATURES},
+                    loc,
+                )
+                for rid, loc in requests
+            ]
+        )
 
 
 def _reader(store: FakeStore, clock: Clock, **kwargs: Any) -> FeatureReader:
@@ -57,8 +63,8 @@ def _reader(store: FakeStore, clock: Clock, **kwargs: Any) -> FeatureReader:
     return FeatureReader(cast(OnlineStore, store), timeout_seconds=0.05, breaker=breaker, **kwargs)
 
 
-def _assert_defaults(found: list[RestaurantFeatures]) -> None:
-    for features in found:
+def _assert_defaults(block: FeatureBlock) -> None:
+    for features in block.restaurants():
         assert set(features.readings) == set(ONLINE_FEATURES)
         for name, reading in features.readings.items():
             assert not reading.present
@@ -72,7 +78,7 @@ async def test_a_healthy_store_is_read_once_for_the_whole_batch() -> None:
         [("a", WHERE), ("b", WHERE)], now_ms=10_000, budget_seconds=None
     )
     assert degradation is None
-    assert [f.restaurant_id for f in found] == ["a", "b"]
+    assert found.restaurant_ids == ["a", "b"]
     assert store.calls == 1
 
 
@@ -126,7 +132,7 @@ async def test_repeated_failures_open_the_circuit_then_one_probe_closes_it() -> 
     store.fail = None
     found, degradation = await reader.read([("a", WHERE)], now_ms=1, budget_seconds=None)
     assert (store.calls, degradation) == (3, None)
-    assert found[0].readings[ONLINE_FEATURES[0]].present
+    assert found.restaurant(0).readings[ONLINE_FEATURES[0]].present
     await reader.read([("a", WHERE)], now_ms=1, budget_seconds=None)
     assert store.calls == 4  # closed again
 
@@ -187,14 +193,14 @@ async def test_reads_run_concurrently_from_the_first() -> None:
             self.active = 0
             self.most = 0
 
-        async def read_restaurants(
+        async def read_block(
             self, requests: Sequence[tuple[str, tuple[float, float]]], *, now_ms: int, customer_id: str = ""
-        ) -> list[RestaurantFeatures]:
+        ) -> FeatureBlock:
             self.active += 1
             self.most = max(self.most, self.active)
             await asyncio.sleep(0.01)
             self.active -= 1
-            return await super().read_restaurants(requests, now_ms=now_ms)
+            return await super().read_block(requests, now_ms=now_ms)
 
     store = Counting()
     reader = FeatureReader(

@@ -13,6 +13,7 @@ import pytest
 
 from eta.v1 import eta_pb2, events_pb2
 from eta_common import features as F
+from eta_common.feature_block import FeatureBlock
 from eta_common.feature_proto import to_feature_value
 from eta_common.online_store import FeatureReading, RestaurantFeatures
 from prediction.config import DEFAULT_STALENESS_BUDGETS, ONLINE_FEATURES
@@ -78,14 +79,19 @@ class Reader:
         now_ms: int,
         budget_seconds: float | None,
         customer_id: str = "",
-    ) -> tuple[list[RestaurantFeatures], Any]:
+    ) -> tuple[FeatureBlock, Any]:
         self.budgets.append(budget_seconds)
         self.customers.append(customer_id)
         if self.degradation is not None:
-            return [default_features(rid, loc, NOW) for rid, loc in requests], self.degradation
-        return [
-            RestaurantFeatures(rid, NOW, dict(self.readings.get(rid, fresh())), loc) for rid, loc in requests
-        ], None
+            return FeatureBlock.from_features(
+                [default_features(rid, loc, NOW) for rid, loc in requests]
+            ), self.degradation
+        return FeatureBlock.from_features(
+            [
+                RestaurantFeatures(rid, NOW, dict(self.readings.get(rid, fresh())), loc)
+                for rid, loc in requests
+            ]
+        ), None
 
 
 class Log:
