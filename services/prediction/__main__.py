@@ -100,8 +100,8 @@ def build(settings: config.PredictionSettings) -> GrpcService:
         await models.refresh_forever(state["pool"], settings.model_refresh_seconds)
 
     async def write_log() -> None:
-        if prediction_log is not None:
-            await prediction_log.run()
+        assert prediction_log is not None
+        await prediction_log.run()
 
     async def stop() -> None:
         if prediction_log is not None:
@@ -115,7 +115,8 @@ def build(settings: config.PredictionSettings) -> GrpcService:
         register=[lambda server: eta_pb2_grpc.add_EtaServiceServicer_to_server(servicer, server)],
         service_names=[SERVICE],
         on_start=[start],
-        background=[refresh, write_log],
+        # a background task that returns stops the service: the log writer runs only when enabled
+        background=[refresh, write_log] if prediction_log is not None else [refresh],
         on_stop=[stop],
         interceptors=[admission],
     )

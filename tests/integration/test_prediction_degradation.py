@@ -304,3 +304,26 @@ async def test_without_any_model_it_is_not_serving_until_one_is_promoted(ready: 
         assert list(reply.degradations) == []
     finally:
         await stop(service)
+
+
+async def test_with_the_prediction_log_off_it_serves_and_logs_nothing(ready: Infra) -> None:
+    service = await start(
+        ready,
+        "nolog",
+        redis_url=ready.redis.url,
+        database_url=ready.postgres.url,
+        env={"PREDICTION_LOG_ENABLED": "false"},
+    )
+    try:
+        await poll_until(
+            lambda: service.eta.PredictEta(REQUEST, timeout=5),
+            lambda reply: reply.model_version == "v1",
+            timeout=10,
+        )
+        await asyncio.sleep(0.5)  # several refresh periods: the service must still be up
+        reply = await service.eta.PredictEta(REQUEST, timeout=5)
+        assert reply.feature_quality == Quality.COMPLETE
+        assert await service.health() == SERVING
+        assert service.metric("eta_prediction_log_rows_total", result="written") == 0
+    finally:
+        await stop(service)
