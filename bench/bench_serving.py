@@ -320,6 +320,8 @@ def _start_eta(
             "LOG_LEVEL": "WARNING",
             "OTEL_SERVICE_NAME": "eta-prediction",
             "OTEL_TRACES_SAMPLER": "always_on" if tracing else "always_off",
+            # the servers share compiled models (the first compiles, the others load the object files)
+            "PREDICTION_MODEL_CACHE_DIR": str(workdir / "model-cache"),
         }
     )
     env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
@@ -329,6 +331,22 @@ def _start_eta(
     server = _spawn(f"eta-{tag}", [sys.executable, "-m", "prediction"], env, port, workdir)
     server.metrics_port = metrics_port
     return server
+
+
+def _wait_for_scorer(server: Server, timeout: float = 180.0) -> str:
+    """Wait until the server scores with its compiled model (it starts on LightGBM's fast path and
+    compiles in the background); returns the scorer it ended with ("compiled", or "fast" on timeout)."""
+    deadline = time.monotonic() + timeout
+    scorer = ""
+    while time.monotonic() < deadline:
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as response:
+            match = re.search(r'eta_prediction_model_info\{[^}]*scorer="(\w*)"', response.read().decode())
+            scorer = match[1] if match else ""
+            if scorer == "compiled":
+                return scorer
+        time.sleep(0.5)
+    return scorer or "unknown"
 
 
 def _start_echo(workdir: Path, response_bytes: int) -> Server:
@@ -563,6 +581,8 @@ def run(quick: bool) -> BenchResult:
             servers.append(traced)
             recorded = _start_eta(workdir, redis.url, postgres.url, tracing=True, export=False, tag="rec")
             servers.append(recorded)
+            scorers = {server.name: _wait_for_scorer(server) for server in (eta, traced, recorded)}
+            notes.append("model scorer per server: " + ", ".join(f"{k}={v}" for k, v in scorers.items()))
             reply_bytes = asyncio.run(_reply_size(eta, single[0]))
             echo = _start_echo(workdir, reply_bytes)
             servers.append(echo)

@@ -43,7 +43,11 @@ def _online_store(settings: config.PredictionSettings) -> tuple[OnlineStore, Lea
 
 def build(settings: config.PredictionSettings) -> GrpcService:
     store, lean = _online_store(settings)
-    models = ModelHolder(heuristic_fallback=settings.heuristic_fallback)
+    models = ModelHolder(
+        heuristic_fallback=settings.heuristic_fallback,
+        compile_trees=settings.model_compile,
+        cache_dir=settings.model_cache_dir,
+    )
     reader = FeatureReader(
         store,
         timeout_seconds=settings.redis_timeout_ms / 1000.0,

@@ -7,7 +7,13 @@ Model
   ``PREDICTION_MODEL_REFRESH_SECONDS`` [30] how often the registry is polled for a newly promoted model
   (hot reload, no restart). ``PREDICTION_HEURISTIC_FALLBACK`` [true] answer with the documented heuristic
   (``heuristic-v0``) while no registry model is loaded; with ``false`` the service reports NOT_SERVING
-  and answers UNAVAILABLE until a model is loaded.
+  and answers UNAVAILABLE until a model is loaded. ``PREDICTION_MODEL_COMPILE`` [true] compile each
+  loaded model's trees to machine code (lleaves/LLVM: seconds per model, in a worker thread while the
+  model already serves on LightGBM's fast path) and then score through it; with ``false``, or when
+  compiling fails or disagrees with LightGBM, the model stays on the fast path.
+  ``PREDICTION_MODEL_CACHE_DIR`` [empty: no cache] a directory for the compiled object files (named by
+  model version, quantile and a hash of the model text, the compiler versions and the host CPU), so a
+  restart loads a known model in milliseconds instead of compiling it again.
 
 Freshness
   ``PREDICTION_STALENESS_BUDGET_SECONDS`` [300] the staleness budget of every online feature that has no
@@ -120,6 +126,8 @@ class PredictionSettings:
     database: DatabaseSettings
     model_refresh_seconds: float = 30.0
     heuristic_fallback: bool = True
+    model_compile: bool = True
+    model_cache_dir: str = ""
     staleness_budget_seconds: float = 300.0
     staleness_budgets: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_STALENESS_BUDGETS))
     redis_timeout_ms: float = 50.0
@@ -155,6 +163,8 @@ class PredictionSettings:
                 "PREDICTION_MODEL_REFRESH_SECONDS", cls.model_refresh_seconds, minimum=0.1
             ),
             heuristic_fallback=env_bool("PREDICTION_HEURISTIC_FALLBACK", cls.heuristic_fallback),
+            model_compile=env_bool("PREDICTION_MODEL_COMPILE", cls.model_compile),
+            model_cache_dir=env_str("PREDICTION_MODEL_CACHE_DIR", cls.model_cache_dir),
             staleness_budget_seconds=env_float(
                 "PREDICTION_STALENESS_BUDGET_SECONDS", cls.staleness_budget_seconds, minimum=0
             ),

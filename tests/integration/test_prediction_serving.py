@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -418,7 +419,7 @@ async def test_metrics_cover_latency_per_rpc_feature_ages_quality_and_the_model(
     assert value('eta_prediction_stage_seconds_count{stage="redis_read"}') >= 5
     assert value('eta_prediction_stage_seconds_count{stage="inference"}') >= 5
     assert value("eta_prediction_batch_size_count") >= 1
-    assert 'eta_prediction_model_info{kind="lightgbm",version="v' in text
+    assert re.search(r'eta_prediction_model_info\{kind="lightgbm",scorer="(compiled|fast)",version="v', text)
     assert "eta_prediction_fallbacks_total" in text
 
 
@@ -519,4 +520,7 @@ async def test_a_promoted_model_is_picked_up_atomically_while_requests_flow(serv
     assert seen.get("v2", 0) >= 50
     final = await serving.stub.PredictEta(exact_request(1), timeout=5)
     assert final.model_version == "v2"
-    assert 'eta_prediction_model_info{kind="lightgbm",version="v2"} 1.0' in serving.metrics()
+    assert re.search(
+        r'eta_prediction_model_info\{kind="lightgbm",scorer="(compiled|fast)",version="v2"\} 1.0',
+        serving.metrics(),
+    )
