@@ -19,6 +19,7 @@ Time semantics
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -172,7 +173,12 @@ def haversine_km(lat1: float, lng1: float, lat2: float, lng2: float) -> float:
 
 def hour_of_week(ms: int) -> int:
     """0 = Monday 00:00–00:59 UTC … 167 = Sunday 23:00–23:59 UTC."""
-    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    return _hour_of_week(ms // 3_600_000)  # UTC hours are whole epoch hours: one answer per hour
+
+
+@functools.lru_cache(maxsize=512)
+def _hour_of_week(epoch_hour: int) -> int:
+    moment = datetime.fromtimestamp(epoch_hour * 3600, UTC)
     return moment.weekday() * 24 + moment.hour
 
 

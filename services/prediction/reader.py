@@ -1,6 +1,6 @@
 """Online features for a prediction: one Redis round trip, bounded in time, never an error.
 
-Every read goes through :meth:`eta_common.online_store.OnlineStore.read_restaurants` (one pipeline for
+Every read goes through :meth:`eta_common.online_store.OnlineStore.read_block` (one pipeline for
 any number of restaurants). What happens when that cannot work:
 
 ==============================  ====================================================================
@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TypeAlias
 
-import numpy as np
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanContext, SpanKind, TraceFlags
 from redis.exceptions import RedisError
@@ -62,17 +61,17 @@ def default_features(restaurant_id: str, location: Location, now_ms: int) -> Res
 def _describe(span: Span, block: FeatureBlock, now_ms: int) -> None:
     """Feature ages as attributes (the oldest across a batch) and links to the aggregator spans that
     wrote the values (feature provenance, when those spans were sampled)."""
-    # fmin ignores NaN (unknown) and gives NaN for a column with no known age
-    updated = np.array(block.updated_ms, dtype=np.float64)[:, ONLINE_COLUMNS]
-    oldest = ((now_ms - np.fmin.reduce(updated, axis=0)) / 1000.0).tolist()
-    attributes = {
-        f"eta.feature_age_s.{name}": max(0.0, age)
-        for name, age in zip(ONLINE_NAMES, oldest, strict=True)
-        if not math.isnan(age)
-    }
+    isnan = math.isnan
+    attributes: dict[str, float] = {}
+    for name, k in zip(ONLINE_NAMES, ONLINE_COLUMNS, strict=True):
+        known = [changed for row in block.updated_ms if not isnan(changed := row[k])]
+        if known:
+            attributes[f"eta.feature_age_s.{name}"] = max(0.0, (now_ms - min(known)) / 1000.0)
     span.set_attributes(attributes)  # one call: each call takes the span's lock
     writers: dict[tuple[int, int], str] = {}
     for refs in block.writers:
+        if not any(refs):  # no sampled writer in this row (the common case)
+            continue
         for name, k in zip(ONLINE_NAMES, ONLINE_COLUMNS, strict=True):
             writer = parse_writer(refs[k])
             if writer is not None and len(writers) < MAX_WRITER_LINKS:
