@@ -6,7 +6,8 @@ data, registered and promoted; a busy dinner hour written to the online store th
 ``OnlineStore.apply`` (200 restaurants with ~6 orders/hour each, 60 free drivers in a 5 km disc — the
 simulator's default city);
 the ``eta-prediction`` service as its own process with its default settings (lean Redis client,
-prediction log on).
+prediction log on), measured once it scores with the compiled model (it starts on LightGBM's fast path
+and compiles in the background; the servers share a compiled-model cache).
 
 Baseline: a bare ``grpc.aio`` server (generic handler, no interceptors, no health/reflection) that
 answers every request with bytes of the ETA reply's size; the load generator sends it the very same
