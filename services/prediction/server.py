@@ -397,29 +397,14 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             here = present[column]
             if isnan(value):  # NaN: nothing to average, or an unknown default
                 value, here = 0.0, False
+            fields: dict[str, Any] = {"name": name, "value": value, "present": here}
             updated, event = updated_row[column], event_row[column]
-            if isnan(updated):  # unknown
-                if isnan(event):
-                    add(name=name, value=value, present=here)
-                else:
-                    add(name=name, value=value, present=here, event_time=_stamp(stamps, event))
-            elif isnan(event):
-                add(
-                    name=name,
-                    value=value,
-                    present=here,
-                    age_seconds=max(0.0, (now - updated) / 1000.0),
-                    updated_at=_stamp(stamps, updated),
-                )
-            else:
-                add(
-                    name=name,
-                    value=value,
-                    present=here,
-                    age_seconds=max(0.0, (now - updated) / 1000.0),
-                    updated_at=_stamp(stamps, updated),
-                    event_time=_stamp(stamps, event),
-                )
+            if not isnan(updated):  # known
+                fields["age_seconds"] = max(0.0, (now - updated) / 1000.0)
+                fields["updated_at"] = _stamp(stamps, updated)
+            if not isnan(event):
+                fields["event_time"] = _stamp(stamps, event)
+            add(**fields)
 
     def _account(
         self,
