@@ -1,7 +1,9 @@
 """aio gRPC server bootstrap shared by the three services.
 
 Every server gets: the standard ``grpc.health.v1`` service, server reflection (so ``grpcurl`` works),
-the tracing interceptor, a Prometheus endpoint, and a shutdown sequence for Kubernetes rollouts:
+the tracing interceptor, INVALID_ARGUMENT for request bytes that do not decode on every method of every
+servicer (``eta_common.grpc_errors.validate_requests``; grpc alone answers UNKNOWN), a Prometheus
+endpoint, and a shutdown sequence for Kubernetes rollouts:
 SIGTERM/SIGINT → health NOT_SERVING (readiness fails, traffic drains) → ``server.stop(grace)`` lets
 in-flight RPCs finish → the service's own ``on_stop`` hooks close Kafka/Redis/PostgreSQL clients.
 """
@@ -22,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from eta_common.config import ServerSettings
+from eta_common.grpc_errors import validate_requests
 from eta_common.logs import configure_logging
 from eta_common.telemetry import TracingServerInterceptor, setup_tracing
 
@@ -62,6 +65,8 @@ async def serve(service: GrpcService, *, ready: asyncio.Event | None = None) -> 
         interceptors=[TracingServerInterceptor(), *service.interceptors],
         options=[("grpc.so_reuseport", 0)],
     )
+    # Before anything registers: undecodable request bytes get INVALID_ARGUMENT on every method.
+    validate_requests(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for register in service.register:
