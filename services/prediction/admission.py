@@ -9,12 +9,17 @@
 * **Latency.** ``eta_prediction_rpc_seconds{method, code}`` for every EtaService call, shed ones too.
 * **Readiness.** ``grpc.health.v1.Health/Check`` for ``""`` and ``eta.v1.EtaService`` answers
   NOT_SERVING while the service cannot answer at all (no model and no heuristic); otherwise the
-  standard health servicer answers (SERVING, or NOT_SERVING once shutdown began). Redis being down
+  standard health servicer answers (SERVING, or NOT_SERVING once shutdown began). ``Health/Watch``
+  is gated the same way: its stream says NOT_SERVING while the service cannot answer and switches to
+  the servicer's own status once it can (readiness is polled every ``WATCH_POLL_SECONDS``). Redis being down
   does not make the service unready: it still answers, from the feature defaults.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -27,6 +32,8 @@ from prediction import metrics
 __all__ = ["AdmissionInterceptor"]
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+WATCH_POLL_SECONDS = 1.0
 Handler = Any  # grpc.RpcMethodHandler (grpc is untyped here)
 
 
@@ -64,6 +71,8 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> Handler:
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
+            if handler is not None and handler_call_details.method == HEALTH_WATCH:
+                return self._watch_handler(handler)
             return handler
         method = handler_call_details.method
         cached = self._wrapped.get(id(handler))
@@ -122,6 +131,44 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             response_serializer=handler.response_serializer,
         )
 
+    def _watch_handler(self, handler: Handler) -> Handler:
+        cached = self._wrapped.get(id(handler))
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[id(handler)] = (handler, self._health_watch(handler))
+        return cached[1]
+
+    def _health_watch(self, handler: Handler) -> Handler:
+        inner = handler.unary_stream
+        ours = ("", self._service)
+        streams = inspect.isasyncgenfunction(inner)
+
+        async def watch(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            if request.service not in ours:
+                if streams:
+                    async for response in inner(request, context):
+                        await context.write(response)
+                    return
+                await inner(request, context)
+                return
+            gate = _GatedWatch(context, self._ready)
+            poller = asyncio.create_task(gate.poll(WATCH_POLL_SECONDS))
+            try:
+                if streams:
+                    async for response in inner(request, gate):
+                        await gate.write(response)
+                else:
+                    await inner(request, gate)
+            finally:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+
+        return grpc.unary_stream_rpc_method_handler(
+            watch,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
     def _health_check(self, handler: Handler) -> Handler:
         inner = handler.unary_unary
         ours = ("", self._service)
@@ -136,3 +183,40 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+class _GatedWatch:
+    """The call's context as the health servicer's ``Watch`` sees it: the statuses it writes go out
+    only while the service is ready; before that the stream says NOT_SERVING, and a change of readiness
+    is sent when :meth:`poll` notices it."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], ready: Callable[[], bool]) -> None:
+        self._context = context
+        self._ready = ready
+        self._status: int | None = None  # the servicer's latest status
+        self._sent: int | None = None
+        self._lock = asyncio.Lock()
+
+    async def write(self, response: health_pb2.HealthCheckResponse) -> None:
+        self._status = response.status
+        await self._flush()
+
+    async def poll(self, period: float) -> None:
+        try:
+            while True:
+                await asyncio.sleep(period)
+                await self._flush()
+        except (grpc.aio.AbortError, grpc.aio.UsageError, RuntimeError):
+            return  # the call ended under us
+
+    async def _flush(self) -> None:
+        async with self._lock:
+            if self._status is None:
+                return
+            status = self._status if self._ready() else health_pb2.HealthCheckResponse.NOT_SERVING
+            if status != self._sent:
+                await self._context.write(health_pb2.HealthCheckResponse(status=status))
+                self._sent = status
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
