@@ -1,17 +1,20 @@
 """Online features of many restaurants as columns: what the serving path reads, checks and scores.
 
-:meth:`eta_common.online_store.OnlineStore.read_block` fills one from one Redis round trip. The
+:meth:`eta_common.online_store.OnlineStore.read_block` fills one (from ready rows, one Redis command per
+restaurant; see :mod:`eta_common.online.reader`). The
 prediction service then computes ages, staleness and quality over whole columns and hands the value
 rows to the model, instead of building a reading object per feature and restaurant (the largest Python
 cost of a read before). Rows are plain lists, not arrays: numpy's per-operation overhead made a
 one-restaurant prediction ~60 % more expensive than per-row Python (measured here), and the
 one-restaurant call is the common one. :meth:`FeatureBlock.restaurant` gives one
-restaurant's view as :class:`~eta_common.online_store.RestaurantFeatures` (readings with their
+restaurant's view as :class:`RestaurantFeatures` (readings with their
 provenance) for the callers that want it: the feature RPC, the consistency check, tests.
 
 Layout: row ``i`` is ``restaurant_ids[i]``; the columns are
 :data:`eta_common.features.FEATURE_NAMES` (the model's canonical row). The online columns
-(:data:`ONLINE_COLUMNS`) carry a value, whether the store had it (``present``), and its provenance:
+(:data:`ONLINE_COLUMNS`) carry a value, whether the store knows it (``present``: a windowed mean with no
+sample in its window is present with the value NaN, the value the model was trained with; absent means
+the store has nothing for the feature), and its provenance:
 ``updated_ms`` (when the store last changed it) and ``event_ms`` (the newest event time it reflects),
 NaN when unknown. The request-time columns (distance, hour of the week) are the caller's to fill.
 """
@@ -20,13 +23,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 from eta_common import features as F
-
-if TYPE_CHECKING:
-    from eta_common.online_store import RestaurantFeatures
 
 __all__ = [
     "COLUMN",
@@ -34,7 +34,9 @@ __all__ = [
     "ONLINE_COLUMNS",
     "ONLINE_NAMES",
     "FeatureBlock",
+    "FeatureReading",
     "K",
+    "RestaurantFeatures",
     "Rows",
     "parse_writer",
 ]
@@ -61,6 +63,35 @@ def parse_writer(ref: Any) -> tuple[int, int] | None:
     return int(trace_hex, 16), int(span_hex, 16)
 
 
+@dataclass(slots=True)  # not frozen: a frozen init costs 4x
+class FeatureReading:
+    """One feature value with its freshness (a value object: never changed after the read)."""
+
+    name: str
+    value: float
+    present: bool
+    updated_ms: int | None = None
+    event_ms: int | None = None
+    # (trace_id, span_id) of the aggregator span that last changed it, when that span was sampled.
+    writer: tuple[int, int] | None = None
+
+    def age_seconds(self, now_ms: int) -> float | None:
+        return None if self.updated_ms is None else max(0.0, (now_ms - self.updated_ms) / 1000.0)
+
+
+@dataclass
+class RestaurantFeatures:
+    """One restaurant's online features as readings (the feature RPC, the consistency check, tests)."""
+
+    restaurant_id: str
+    as_of_ms: int
+    readings: dict[str, FeatureReading] = field(default_factory=dict)
+    location: tuple[float, float] | None = None
+
+    def vector(self, names: Sequence[str]) -> list[float]:
+        return [self.readings[name].value for name in names]
+
+
 def _ms(x: float) -> int | None:
     return None if math.isnan(x) else int(x)
 
@@ -77,6 +108,9 @@ class FeatureBlock:
     # per row, per column: the writer reference (see parse_writer) of the aggregator span that last
     # changed the value, when that span was sampled; None otherwise
     writers: list[Sequence[Any]]
+    # how many rows came from ready rows and how many from the exact read (a row not valid at as_of_ms)
+    from_rows: int = 0
+    from_fallback: int = 0
 
     def __len__(self) -> int:
         return len(self.restaurant_ids)
@@ -131,8 +165,6 @@ class FeatureBlock:
 
     def restaurant(self, i: int) -> RestaurantFeatures:
         """Row ``i`` as readings (every online feature) with their provenance."""
-        from eta_common.online_store import FeatureReading, RestaurantFeatures
-
         values, present = self.values[i], self.present[i]
         updated, event = self.updated_ms[i], self.event_ms[i]
         refs = self.writers[i]

@@ -392,14 +392,23 @@ async def test_every_script_call_stays_in_one_cluster_slot(
         assert len(tags) == 1, keys
     city_calls = [keys for keys in calls if city_tag in keys[0]]
     assert len(city_calls) == 1  # apply_city
-    # the read: plain commands, one key each: the city's backlog and meta, then per restaurant its
+    # the read: plain commands, one key each: the city's backlog and meta and one ready row per
+    # restaurant; no row is valid yet (no supply count), so the exact read follows: per restaurant its
     # windows and meta and the free drivers around it
+    city_reads = [("zcount", f"drv:{city_tag}:waiting"), ("hmget", f"drv:{city_tag}:meta")]
+    row_reads = city_reads + [("hmget", f"rst:{{{rid}}}:row") for rid in ("r1", "r2")]
     per_restaurant = [("zcount", "placed")] * len(F.WINDOW_COUNTS) + [("zcount", "kitchen")]
     per_restaurant += [("zrangebyscore", "prep")] * len(F.WINDOW_MEANS)
     per_restaurant += [("zrangebyscore", "pickup")] * len(F.PICKUP_WAIT_MEANS) + [("hmget", "meta")]
-    expected = [("zcount", f"drv:{city_tag}:waiting"), ("hmget", f"drv:{city_tag}:meta")]
+    expected = list(row_reads)
     for rid in ("r1", "r2"):
         expected += [(command, f"rst:{{{rid}}}:{suffix}") for command, suffix in per_restaurant]
         expected.append(("geosearch", f"drv:{city_tag}:free"))
     assert reads == expected
+    # with the supply counted, a read is the ready rows alone: one command per restaurant
+    await store.refresh_supply(now_ms=t, owner="test", hold_ms=1)
+    reads.clear()
+    block = await store.read_block([("r1", AT), ("r2", AT)], now_ms=t)
+    assert reads == row_reads
+    assert block.from_rows == 2
     assert set(driver_keys(store.city).values()) == set(city_calls[0])  # apply_city: every city key

@@ -1,0 +1,168 @@
+-- Applies a batch of one restaurant's updates in order, then re-materialises the restaurant's ready row.
+-- KEYS: placed, kitchen, prep, meta, pickup, row.
+-- ARGV: now (ms), retention_ms (placements), order_ttl_s, kitchen_ttl_ms, order_key_prefix,
+-- prep_retention_ms, pickup_retention_ms, the updates as one JSON array (decoded by Redis' built-in
+-- cjson: no per-argument overhead) of [type, order_id, event_ms, lat ('' if none), lng, writer span
+-- ('' if not sampled)] (event_ms, lat and lng as strings, kept exactly as written), then the row's
+-- windows as comma-separated milliseconds: the order-count windows, the prep-mean windows, the
+-- pickup-wait-mean windows. An empty update array only re-materialises the row (the row timer).
+-- Returns "<flags>|<valid_until>": one '0'/'1' "changed" flag per update, and the instant (ms) from
+-- which the row is no longer exact with no new event ('' when no window can change by itself).
+-- Per batch, not per update: the trims (at the batch's newest event time: a trim never changes a value
+-- read at "now") and the group bookkeeping (u:/e:/t:) — the same end state with far fewer Redis calls.
+local placed, kitchen, prep, meta, pickup, rowkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local now, retention, ttl, kitchen_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local prefix, prep_retention, pickup_retention = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
+local updates = cjson.decode(ARGV[8])
+local out = {}
+local groups = {}
+local trim_placed, trim_kitchen, trim_prep, trim_pickup = nil, nil, nil, nil
+local function pickup_wait(oid, picked, ready)
+  local wait = picked - ready
+  if wait < 0 then wait = 0 end
+  redis.call('ZADD', pickup, picked, oid .. ':' .. wait)
+  if not trim_pickup or picked > trim_pickup then trim_pickup = picked end
+end
+local lat, lng = nil, nil
+local function touch(group, ems, raw, ref)
+  local g = groups[group]
+  if not g then
+    g = {ems = -1, raw = nil, ref = ''}
+    groups[group] = g
+  end
+  if ref ~= '' then g.ref = ref end
+  if ems > g.ems then g.ems = ems; g.raw = raw end
+end
+for n, u in ipairs(updates) do
+  local etype, oid, raw, ref = u[1], u[2], u[3], u[6]
+  local ems = tonumber(raw)
+  local okey = prefix .. oid
+  local changed = '0'
+  if u[4] ~= '' then lat, lng = u[4], u[5] end
+  if etype == 'PLACED' then
+    if redis.call('ZADD', placed, 'NX', ems, oid) == 1 then changed = '1' end
+    if not trim_placed or ems > trim_placed then trim_placed = ems end
+    touch('orders', ems, raw, ref)
+  elseif etype == 'ORDER_ACCEPTED' then
+    if redis.call('HSETNX', okey, 'accepted', raw) == 1 then
+      changed = '1'
+      redis.call('EXPIRE', okey, ttl)
+      local ready = redis.call('HGET', okey, 'ready')
+      if ready then
+        redis.call('ZADD', prep, ready, oid .. ':' .. (tonumber(ready) - ems))
+      elseif not redis.call('HGET', okey, 'cancelled') then
+        redis.call('ZADD', kitchen, ems, oid)
+      end
+    end
+    if not trim_kitchen or ems > trim_kitchen then trim_kitchen = ems end
+    touch('kitchen', ems, raw, ref)
+  elseif etype == 'ORDER_READY' then
+    if redis.call('HSETNX', okey, 'ready', raw) == 1 then
+      changed = '1'
+      redis.call('EXPIRE', okey, ttl)
+      redis.call('ZREM', kitchen, oid)
+      local accepted = redis.call('HGET', okey, 'accepted')
+      if accepted then
+        redis.call('ZADD', prep, ems, oid .. ':' .. (ems - tonumber(accepted)))
+      end
+      local picked = redis.call('HGET', okey, 'picked')
+      if picked then pickup_wait(oid, tonumber(picked), ems) end
+    end
+    if not trim_prep or ems > trim_prep then trim_prep = ems end
+    touch('kitchen', ems, raw, ref)
+  elseif etype == 'PICKED_UP' then
+    if redis.call('HSETNX', okey, 'picked', raw) == 1 then
+      changed = '1'
+      redis.call('EXPIRE', okey, ttl)
+      local ready = redis.call('HGET', okey, 'ready')
+      if ready then pickup_wait(oid, ems, tonumber(ready)) end
+    end
+    touch('pickup', ems, raw, ref)
+  elseif etype == 'CANCELLED' then
+    if redis.call('HSETNX', okey, 'cancelled', raw) == 1 then
+      changed = '1'
+      redis.call('EXPIRE', okey, ttl)
+      redis.call('ZREM', kitchen, oid)
+    end
+    touch('kitchen', ems, raw, ref)
+  elseif etype == 'OPENED' or etype == 'CLOSED' or etype == 'BUSY' then
+    local prev = tonumber(redis.call('HGET', meta, 'status_ms') or '-1')
+    if ems > prev then
+      redis.call('HSET', meta, 'status', etype, 'status_ms', raw)
+      changed = '1'
+    end
+    touch('status', ems, raw, ref)
+  end
+  out[n] = changed
+end
+if trim_placed then redis.call('ZREMRANGEBYSCORE', placed, '-inf', '(' .. (trim_placed - retention)) end
+if trim_kitchen then redis.call('ZREMRANGEBYSCORE', kitchen, '-inf', '(' .. (trim_kitchen - kitchen_ttl)) end
+if trim_prep then redis.call('ZREMRANGEBYSCORE', prep, '-inf', '(' .. (trim_prep - prep_retention)) end
+if trim_pickup then
+  redis.call('ZREMRANGEBYSCORE', pickup, '-inf', '(' .. (trim_pickup - pickup_retention))
+end
+local fields = {}
+if lat then fields[#fields + 1] = 'lat'; fields[#fields + 1] = lat; fields[#fields + 1] = 'lng'
+  fields[#fields + 1] = lng end
+for group, g in pairs(groups) do
+  fields[#fields + 1] = 'u:' .. group; fields[#fields + 1] = now
+  if g.ref ~= '' then fields[#fields + 1] = 't:' .. group; fields[#fields + 1] = g.ref end
+  local prev = tonumber(redis.call('HGET', meta, 'e:' .. group) or '0')
+  if g.ems > prev then fields[#fields + 1] = 'e:' .. group; fields[#fields + 1] = g.raw end
+end
+if #fields > 0 then redis.call('HSET', meta, unpack(fields)) end
+
+-- The ready row: every windowed value at `now`, exactly as a read at `now` computes it from the sorted
+-- sets, and valid_until: the earliest instant a window's value changes with no new event (the oldest
+-- member in a window leaves it at score + W; a member dated after `now` enters at its score). A read at
+-- t with computed <= t < valid_until is therefore exact.
+local function windows(csv)
+  local out = {}
+  for w in string.gmatch(csv, '[^,]+') do out[#out + 1] = tonumber(w) end
+  return out
+end
+local t = tonumber(now)
+local vu = nil
+local function until_(at) if not vu or at < vu then vu = at end end
+local function oldest(key, low, w)  -- the first member in (low, t] leaves the window at score + w
+  local first = redis.call('ZRANGEBYSCORE', key, '(' .. low, t, 'WITHSCORES', 'LIMIT', 0, 1)
+  if first[2] then until_(tonumber(first[2]) + w) end
+end
+local function upcoming(key)  -- a member dated after t enters the windows at its score
+  local nxt = redis.call('ZRANGEBYSCORE', key, '(' .. t, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if nxt[2] then until_(tonumber(nxt[2])) end
+end
+local row = {'r1', string.format('%d', t), ''}
+for _, w in ipairs(windows(ARGV[9])) do
+  local low = t - w
+  row[#row + 1] = redis.call('ZCOUNT', placed, '(' .. low, t)
+  oldest(placed, low, w)
+end
+upcoming(placed)
+local klow = t - kitchen_ttl
+row[#row + 1] = redis.call('ZCOUNT', kitchen, '(' .. klow, '+inf')
+local kfirst = redis.call('ZRANGEBYSCORE', kitchen, '(' .. klow, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+if kfirst[2] then until_(tonumber(kfirst[2]) + kitchen_ttl) end
+local function means(key, csv)  -- per window "sum|n" of the values after each member's last ':'
+  local any = false
+  for _, w in ipairs(windows(csv)) do
+    local low = t - w
+    local members = redis.call('ZRANGEBYSCORE', key, '(' .. low, t)
+    local sum = 0
+    for _, m in ipairs(members) do sum = sum + tonumber(string.match(m, '[^:]*$')) end
+    row[#row + 1] = string.format('%d', sum)
+    row[#row + 1] = #members
+    if #members > 0 then oldest(key, low, w) end
+    any = true
+  end
+  if any then upcoming(key) end
+end
+means(prep, ARGV[10])
+means(pickup, ARGV[11])
+local fields = redis.call('HMGET', meta, 'status', 'lat', 'lng', 'u:orders', 'e:orders', 't:orders',
+  'u:kitchen', 'e:kitchen', 't:kitchen', 'u:status', 'e:status', 't:status', 'u:pickup', 'e:pickup',
+  't:pickup')
+for i = 1, 15 do row[#row + 1] = fields[i] or '' end
+if vu then row[3] = string.format('%d', vu) end
+redis.call('HSET', rowkey, 'w', table.concat(row, '|'))
+return table.concat(out) .. '|' .. row[3]

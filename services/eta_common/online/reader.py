@@ -1,0 +1,182 @@
+"""The serving read: ready rows first, the exact read only where a row is not valid at the read's time.
+
+One round trip reads the city (backlog count and freshness: two commands per request, not per
+restaurant), the customer's batch features when asked, and one ``HMGET rst:{R}:row w s`` per restaurant.
+A row is used when ``computed <= now < valid_until`` and its supply count exists; that answer is exact by
+construction (see :mod:`eta_common.online.rows`). Every other restaurant (the aggregator lags behind a
+window edge, the row was never built, a read ``as of`` another time) is read from the sorted sets in a
+second round trip (:mod:`eta_common.online.exact`, today's exact read with a GEOSEARCH for its supply),
+so answers stay exact either way; the block counts both paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from eta_common import features as F
+from eta_common.customer_features import CUSTOMER_READ_REPLIES, parse_customer_read, queue_customer_read
+from eta_common.feature_block import FeatureBlock, RestaurantFeatures
+from eta_common.online.assemble import NO_CUSTOMER, City, RestaurantState, Supply, assemble
+from eta_common.online.connection import Pipelines
+from eta_common.online.exact import RESTAURANT_READ_REPLIES, Bounds, queue_city, queue_exact, reduce_exact
+from eta_common.online.geo import BULK_NEARBY_MIN, count_within, covering_disc, decode_geohashes
+from eta_common.online.keys import CITY, driver_keys
+from eta_common.online.rows import ROW_FIELDS, Row, parse_row, parse_supply
+
+__all__ = ["OnlineReader"]
+
+Location = tuple[float, float]
+
+
+class OnlineReader(Pipelines):
+    def __init__(self, client: aioredis.Redis, *, city: str = CITY) -> None:
+        super().__init__(client)
+        self._reader_city_keys = driver_keys(city)
+
+    async def read_restaurants(
+        self, requests: Sequence[tuple[str, Location]], *, now_ms: int, customer_id: str = ""
+    ) -> list[RestaurantFeatures]:
+        """:meth:`read_block` as one :class:`RestaurantFeatures` per restaurant."""
+        if not requests:
+            return []
+        return (await self.read_block(requests, now_ms=now_ms, customer_id=customer_id)).restaurants()
+
+    async def read_block(
+        self, requests: Sequence[tuple[str, Location]], *, now_ms: int, customer_id: str = ""
+    ) -> FeatureBlock:
+        """Features of many restaurants (id, location) — e.g. a home feed — with, given a
+        ``customer_id``, the customer's batch history features (the same for every restaurant)."""
+        if not requests:
+            return FeatureBlock.defaults(requests, now_ms)
+        bounds = Bounds.at(now_ms)
+        city_keys = self._reader_city_keys
+
+        def build(pipe: Any) -> None:
+            queue_city(pipe, city_keys, bounds)
+            if customer_id:
+                queue_customer_read(pipe, customer_id)
+            for restaurant_id, _location in requests:
+                pipe.hmget(f"rst:{{{restaurant_id}}}:row", ROW_FIELDS)
+
+        results = await self._run(build, scripts=False)
+        city = City.of(results[0], results[1])
+        base = 2
+        customer = NO_CUSTOMER
+        if customer_id:
+            customer = parse_customer_read(results[base : base + CUSTOMER_READ_REPLIES])
+            base += CUSTOMER_READ_REPLIES
+        states: list[RestaurantState | None] = []
+        stale: list[int] = []
+        for i, (w, s) in enumerate(results[base:]):
+            supply = parse_supply(s)
+            row = parse_row(w, supply) if supply is not None else None
+            if row is not None and row.valid_at(now_ms):
+                states.append(row.state)
+            else:
+                states.append(None)
+                stale.append(i)
+        if stale:
+            exact = await self._read_exact([requests[i] for i in stale], bounds, city)
+            for i, state in zip(stale, exact, strict=True):
+                states[i] = state
+        block = assemble(
+            [rid for rid, _ in requests],
+            [location for _, location in requests],
+            now_ms,
+            [state for state in states if state is not None],
+            city,
+            customer,
+        )
+        block.from_fallback = len(stale)
+        block.from_rows = len(requests) - len(stale)
+        return block
+
+    async def _read_exact(
+        self, requests: Sequence[tuple[str, Location | None]], bounds: Bounds, city: City
+    ) -> list[RestaurantState]:
+        """The exact read of these restaurants (one round trip), supply counted around each location
+        (one GEOSEARCH per restaurant, or one around them all from :data:`BULK_NEARBY_MIN` on)."""
+        free = self._reader_city_keys["free"]
+        placed = [location for _, location in requests if location is not None]
+        bulk = len(placed) >= BULK_NEARBY_MIN
+
+        def build(pipe: Any) -> None:
+            if bulk:
+                centre, radius = covering_disc(placed, F.SUPPLY_RADIUS_KM)
+                pipe.geosearch(
+                    free, longitude=centre[1], latitude=centre[0], radius=radius, unit="km", withhash=True
+                )
+            for restaurant_id, location in requests:
+                queue_exact(pipe, restaurant_id, bounds)
+                if not bulk and location is not None:
+                    pipe.geosearch(
+                        free,
+                        longitude=location[1],
+                        latitude=location[0],
+                        radius=F.SUPPLY_RADIUS_KM,
+                        unit="km",
+                    )
+
+        results = await self._run(build, scripts=False)
+        drivers = city.drivers
+        known = drivers.updated is not None
+        updated = float("nan") if drivers.updated is None else float(drivers.updated)
+        event = float("nan") if drivers.event is None else float(drivers.event)
+        position = 0
+        counted: list[int] = []
+        if bulk:
+            lat, lng = decode_geohashes([int(member[1]) for member in results[0]])
+            counted = count_within(placed, lat, lng, F.SUPPLY_RADIUS_KM)
+            position = 1
+        states: list[RestaurantState] = []
+        n = RESTAURANT_READ_REPLIES
+        placed_index = 0
+        for _restaurant_id, location in requests:
+            state = reduce_exact(results[position : position + n])
+            position += n
+            count: int | None = None
+            if location is not None:
+                if bulk:
+                    count = counted[placed_index]
+                    placed_index += 1
+                else:
+                    count = len(results[position])
+                    position += 1
+            if known and count is not None:
+                state = state._replace(supply=Supply(float(count), updated, event, drivers.writer))
+            states.append(state)
+        return states
+
+    async def read_restaurant(
+        self, restaurant_id: str, *, now_ms: int, location: Location | None = None
+    ) -> RestaurantFeatures:
+        """All online features of one restaurant. Without ``location``, the stored one: still one round
+        trip when the ready row is valid (it carries the location)."""
+        if location is not None:
+            return (await self.read_restaurants([(restaurant_id, location)], now_ms=now_ms))[0]
+        bounds = Bounds.at(now_ms)
+        city_keys = self._reader_city_keys
+
+        def build(pipe: Any) -> None:
+            queue_city(pipe, city_keys, bounds)
+            pipe.hmget(f"rst:{{{restaurant_id}}}:row", ROW_FIELDS)
+
+        waiting, city_fields, (w, s) = await self._run(build, scripts=False)
+        city = City.of(waiting, city_fields)
+        row: Row | None = parse_row(w, parse_supply(s)) if w else None
+        stored = row.location if row is not None else None
+        if row is not None and row.state.supply is not None and row.valid_at(now_ms):
+            block = assemble([restaurant_id], [stored], now_ms, [row.state], city, NO_CUSTOMER)
+            block.from_rows = 1
+            return block.restaurant(0)
+        if stored is None:  # no row (or one without a location): the location from the meta hash
+            meta_key = f"rst:{{{restaurant_id}}}:meta"
+            ((lat, lng),) = await self._run(lambda pipe: pipe.hmget(meta_key, ("lat", "lng")), scripts=False)
+            stored = (float(lat), float(lng)) if lat is not None and lng is not None else None
+        (state,) = await self._read_exact([(restaurant_id, stored)], bounds, city)
+        block = assemble([restaurant_id], [stored], now_ms, [state], city, NO_CUSTOMER)
+        block.from_fallback = 1
+        return block.restaurant(0)

@@ -1,0 +1,311 @@
+"""Writing the online store: updates, ready rows and their schedule, the materialised supply counts.
+
+* :meth:`OnlineWriter.apply` applies a batch in one pipeline (one ``apply_restaurant`` call per
+  restaurant, which also re-materialises its ready row, and one ``apply_city`` call), then registers each
+  touched row's ``valid_until`` in its due bucket (a second, small pipeline).
+* The **row timer** (:meth:`claim_due` + :meth:`materialize`) re-materialises rows whose ``valid_until``
+  has passed: windows drain by themselves, so a quiet restaurant's row must be recomputed when its
+  oldest order leaves a window. Claims are leased in Redis, so several aggregators share the work and a
+  dead one's claims come back.
+* The **supply refresher** (:meth:`refresh_supply`) counts the free drivers near every restaurant of the
+  buckets it holds (one GEOSEARCH around them all, counted with Redis' own arithmetic) and writes each
+  count into the restaurant's row: a prediction no longer searches the geo index.
+
+Every update is idempotent (set members are ids; first-write-wins per order field; state changes only
+for strictly newer event times), so at-least-once delivery and crash replays cannot double count; a row
+is a pure function of the sorted sets at its ``computed`` time, so recomputing it is always safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from eta_common import features as F
+from eta_common.online.connection import Pipelines
+from eta_common.online.geo import count_within, covering_disc, decode_geohashes
+from eta_common.online.keys import (
+    CITY,
+    INITIALIZED_KEY,
+    ROW_BUCKETS,
+    driver_keys,
+    due_key,
+    restaurant_keys,
+    row_bucket,
+    row_key,
+)
+from eta_common.online.rows import supply_text
+from eta_common.online.updates import DISPATCH_ORDER_EVENTS, DriverUpdate, RestaurantUpdate
+from eta_common.timeutil import now_ms as wall_ms
+
+__all__ = ["ORDER_STATE_TTL_S", "SUPPLY_CHUNK", "OnlineWriter"]
+
+log = logging.getLogger(__name__)
+
+ORDER_STATE_TTL_S = 6 * 3600
+# Restaurants counted per numpy pass of the supply refresh (bounds its distance matrix: n × drivers).
+SUPPLY_CHUNK = 500
+_COUNT_WINDOWS = ",".join(str(w.window_ms) for w in F.WINDOW_COUNTS)
+_PREP_WINDOWS = ",".join(str(m.window_ms) for m in F.WINDOW_MEANS)
+_PICKUP_WINDOWS = ",".join(str(m.window_ms) for m in F.PICKUP_WAIT_MEANS)
+_EMPTY = "[]"
+
+_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _valid_until(raw: bytes) -> tuple[bytes, float]:
+    """(flags, valid_until) of an ``apply_restaurant`` result (``inf``: no window changes by itself)."""
+    flags, _, until = raw.rpartition(b"|")
+    return flags, float(until) if until else math.inf
+
+
+class OnlineWriter(Pipelines):
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        allowed_lateness_ms: int = F.DEFAULT_ALLOWED_LATENESS_MS,
+        city: str = CITY,
+    ) -> None:
+        super().__init__(client)
+        self.retention_ms = F.MAX_WINDOW_MS + allowed_lateness_ms
+        self.prep_retention_ms = F.MAX_PREP_WINDOW_MS + allowed_lateness_ms
+        self.pickup_retention_ms = F.MAX_PICKUP_WINDOW_MS + allowed_lateness_ms
+        self.waiting_retention_ms = F.WAITING_ORDER_TTL_MS + allowed_lateness_ms
+        self.settled_retention_ms = F.SETTLED_ORDER_RETENTION_MS + allowed_lateness_ms
+        self.city = city
+        self._city_keys = driver_keys(city)
+
+    def _queue_restaurant(self, pipe: Any, restaurant_id: str, now_ms: int, updates_json: str) -> None:
+        keys = restaurant_keys(restaurant_id)
+        pipe.evalsha(
+            self._sha["apply_restaurant"],
+            6,
+            keys["placed"],
+            keys["kitchen"],
+            keys["prep"],
+            keys["meta"],
+            keys["pickup"],
+            keys["row"],
+            now_ms,
+            self.retention_ms,
+            ORDER_STATE_TTL_S,
+            F.KITCHEN_ORDER_TTL_MS,
+            keys["order_prefix"],
+            self.prep_retention_ms,
+            self.pickup_retention_ms,
+            updates_json,
+            _COUNT_WINDOWS,
+            _PREP_WINDOWS,
+            _PICKUP_WINDOWS,
+        )
+
+    async def apply(self, updates: Sequence[RestaurantUpdate | DriverUpdate], *, now_ms: int) -> list[int]:
+        """Apply updates in one pipeline (one round trip): one script call per restaurant and one for the
+        city (every driver update, plus the PLACED and CANCELLED order events with an order id, which
+        change the dispatch backlog), each applying its updates in order; then register the touched
+        rows' ``valid_until``. Returns 1 per update that changed state (in its restaurant's keys or the
+        city's)."""
+        if not updates:
+            return []
+        by_restaurant: dict[str, tuple[list[int], list[list[str]]]] = {}
+        city: list[int] = []
+        city_rows: list[list[str]] = []
+        for index, u in enumerate(updates):
+            if type(u) is DriverUpdate:
+                city.append(index)
+                lat, lng = repr(u.lat), repr(u.lng)
+                city_rows.append([u.event_type, u.driver_id, u.order_id, str(u.event_ms), lat, lng, u.writer])
+                continue
+            assert type(u) is RestaurantUpdate
+            group = by_restaurant.get(u.restaurant_id)
+            if group is None:
+                group = by_restaurant[u.restaurant_id] = ([], [])
+            raw = str(u.event_ms)
+            group[0].append(index)
+            group[1].append(
+                [
+                    u.event_type,
+                    u.order_id,
+                    raw,
+                    "" if u.lat is None else repr(u.lat),
+                    "" if u.lng is None else repr(u.lng),
+                    u.writer,
+                ]
+            )
+            if u.event_type in DISPATCH_ORDER_EVENTS and u.order_id:
+                city.append(index)
+                city_rows.append([u.event_type, "", u.order_id, raw, "", "", u.writer])
+        dkeys = self._city_keys
+        groups = list(by_restaurant.items())
+        queue_restaurant = self._queue_restaurant
+
+        def build(pipe: Any) -> None:
+            for restaurant_id, (_, rows) in groups:
+                queue_restaurant(pipe, restaurant_id, now_ms, _json(rows))
+            if city:
+                pipe.evalsha(
+                    self._sha["apply_city"],
+                    5,
+                    dkeys["free"],
+                    dkeys["state"],
+                    dkeys["meta"],
+                    dkeys["waiting"],
+                    dkeys["settled"],
+                    now_ms,
+                    self.waiting_retention_ms,
+                    self.settled_retention_ms,
+                    _json(city_rows),
+                )
+
+        results = await self._run(build)
+        changed = [0] * len(updates)
+        due: list[tuple[str, float]] = []
+        for (restaurant_id, (indices, _)), result in zip(groups, results, strict=False):
+            flags, until = _valid_until(result)
+            due.append((restaurant_id, until))
+            for index, flag in zip(indices, flags, strict=True):
+                changed[index] = flag - 48  # b"0"/b"1"
+        if city:
+            for index, flag in zip(city, results[-1], strict=True):
+                changed[index] |= flag - 48
+        if due:
+            await self._register(due)
+        return changed
+
+    async def materialize(self, restaurant_ids: Sequence[str], *, now_ms: int) -> dict[str, float]:
+        """Recompute the rows of these restaurants at ``now_ms`` and register their new ``valid_until``
+        (returned, ``inf`` when no window can change by itself)."""
+        if not restaurant_ids:
+            return {}
+        queue_restaurant = self._queue_restaurant
+
+        def build(pipe: Any) -> None:
+            for restaurant_id in restaurant_ids:
+                queue_restaurant(pipe, restaurant_id, now_ms, _EMPTY)
+
+        results = await self._run(build)
+        due = [(rid, _valid_until(result)[1]) for rid, result in zip(restaurant_ids, results, strict=True)]
+        await self._register(due)
+        return dict(due)
+
+    async def _register(self, due: Iterable[tuple[str, float]]) -> None:
+        """Each row's next re-materialisation time into its bucket (one ZADD per bucket)."""
+        buckets: dict[int, dict[str, float]] = defaultdict(dict)
+        for restaurant_id, until in due:
+            buckets[row_bucket(restaurant_id)][restaurant_id] = until
+
+        def build(pipe: Any) -> None:
+            for bucket, mapping in buckets.items():
+                pipe.zadd(due_key(bucket), mapping)
+
+        await self._run(build, scripts=False)
+
+    async def claim_due(
+        self, *, now_ms: int, lease_ms: int, limit: int, buckets: Iterable[int] = range(ROW_BUCKETS)
+    ) -> list[str]:
+        """Claim up to ``limit`` rows per bucket whose ``valid_until`` has passed (leased for
+        ``lease_ms``: :meth:`materialize` registers their next time)."""
+        chosen = list(buckets)
+
+        def build(pipe: Any) -> None:
+            for bucket in chosen:
+                pipe.evalsha(self._sha["claim_due"], 1, due_key(bucket), now_ms, lease_ms, limit)
+
+        results = await self._run(build)
+        return [member.decode() for members in results for member in members]
+
+    async def refresh_supply(self, *, now_ms: int, owner: str, hold_ms: int) -> int:
+        """Count the free drivers near the restaurants of every bucket this process can hold for
+        ``hold_ms`` (``SET NX PX``: one refresher per bucket per period, across aggregators) and write
+        the counts into their rows. Returns the number of rows written."""
+
+        def lock(pipe: Any) -> None:
+            for bucket in range(ROW_BUCKETS):
+                pipe.set(f"eta:supply:{{{bucket}}}", owner, nx=True, px=hold_ms)
+
+        held = [
+            bucket
+            for bucket, ok in zip(range(ROW_BUCKETS), await self._run(lock, scripts=False), strict=True)
+            if ok
+        ]
+        if not held:
+            return 0
+
+        def members(pipe: Any) -> None:
+            for bucket in held:
+                pipe.zrange(due_key(bucket), 0, -1)
+
+        ids = [m.decode() for found in await self._run(members, scripts=False) for m in found]
+        if not ids:
+            return 0
+
+        def meta(pipe: Any) -> None:
+            for restaurant_id in ids:
+                pipe.hmget(restaurant_keys(restaurant_id)["meta"], ("lat", "lng"))
+
+        located: list[tuple[str, tuple[float, float]]] = []
+        unplaced: list[str] = []
+        for restaurant_id, (lat, lng) in zip(ids, await self._run(meta, scripts=False), strict=True):
+            if lat is None or lng is None:
+                unplaced.append(restaurant_id)
+            else:
+                located.append((restaurant_id, (float(lat), float(lng))))
+        counts: dict[str, str] = {}
+        for start in range(0, len(located), SUPPLY_CHUNK):
+            chunk = located[start : start + SUPPLY_CHUNK]
+            counts.update(await self._count_chunk(chunk))
+        as_of = now_ms
+        for restaurant_id in unplaced:
+            counts[restaurant_id] = supply_text_unknown(as_of)
+
+        def write(pipe: Any) -> None:
+            for restaurant_id, text in counts.items():
+                pipe.hset(row_key(restaurant_id), "s", text)
+
+        await self._run(write, scripts=False)
+        return len(counts)
+
+    async def _count_chunk(self, chunk: Sequence[tuple[str, tuple[float, float]]]) -> dict[str, str]:
+        """One GEOSEARCH around the chunk and the drivers group's freshness, read together; the as-of
+        time is taken just before the read (a count is exact for the driver state at that instant up to
+        the read's own round trip)."""
+        points = [location for _, location in chunk]
+        centre, radius = covering_disc(points, F.SUPPLY_RADIUS_KM)
+        keys = self._city_keys
+
+        def build(pipe: Any) -> None:
+            pipe.hmget(keys["meta"], ("u:drivers", "e:drivers", "t:drivers"))
+            pipe.geosearch(
+                keys["free"], longitude=centre[1], latitude=centre[0], radius=radius, unit="km", withhash=True
+            )
+
+        as_of = wall_ms()
+        (updated, event, writer), found = await self._run(build, scripts=False)
+        if updated is None:  # no driver event ever seen: the supply is unknown, not zero
+            return {rid: supply_text_unknown(as_of) for rid, _ in chunk}
+        lat, lng = decode_geohashes([int(member[1]) for member in found])
+        counted = count_within(points, lat, lng, F.SUPPLY_RADIUS_KM)
+        event_ms = None if event is None else int(event)
+        return {
+            rid: supply_text(count, as_of, event_ms, writer)
+            for (rid, _), count in zip(chunk, counted, strict=True)
+        }
+
+    async def is_initialized(self) -> bool:
+        """False when the online store was never built or was lost (flushed, new Redis)."""
+        return bool(await self.client.exists(INITIALIZED_KEY))
+
+    async def mark_initialized(self, now_ms: int) -> None:
+        await self.client.set(INITIALIZED_KEY, str(now_ms))
+
+
+def supply_text_unknown(as_of_ms: int) -> str:
+    """The ``s`` field when the count cannot be known (no location, no driver event ever)."""
+    return f"nan|{as_of_ms}||"

