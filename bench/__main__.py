@@ -9,7 +9,7 @@ import sys
 import time
 
 import bench
-from bench.result import BenchResult
+from bench.result import BenchResult, Skipped
 
 
 def discover() -> list[str]:
@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"== {module_name} …\n")
         try:
             result: BenchResult = module.run(quick=args.quick)
+        except Skipped as exc:
+            sys.stdout.write(f"\n{module_name}: skipped — {exc}\n")
+            continue
         except Exception as exc:  # report and go on with the other benchmarks
             failed += 1
             sys.stderr.write(f"!! {module_name} failed: {exc!r}\n")
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(result.table() + "\n")
         for key, value in result.figures.items():
             sys.stdout.write(f"  {key}: {value:,.4g}\n")
+        for target in result.targets:
+            sys.stdout.write(f"  {target.line()}\n")
         for note in result.notes:
             sys.stdout.write(f"  note: {note}\n")
         sys.stdout.write(f"  -> {path}\n")

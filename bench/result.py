@@ -12,6 +12,36 @@ from typing import Any
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+@dataclass(frozen=True)
+class Target:
+    """A target of the benchmark: ``value op limit`` (op ``<=`` or ``>=``); ``ratio`` = value / limit."""
+
+    name: str
+    value: float
+    op: str
+    limit: float
+    unit: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.value / self.limit if self.limit else float("nan")
+
+    @property
+    def met(self) -> bool:
+        return self.value <= self.limit if self.op == "<=" else self.value >= self.limit
+
+    def line(self) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        return (
+            f"target {self.name}: {self.value:,.4g}{unit} {self.op} {self.limit:,.4g}{unit} "
+            f"(ratio {self.ratio:.2f}) — {'met' if self.met else 'NOT met'}"
+        )
+
+
+class Skipped(Exception):
+    """A benchmark that cannot run here (e.g. an optional extra is not installed): reported, not failed."""
+
+
 @dataclass
 class BenchResult:
     name: str
@@ -21,6 +51,8 @@ class BenchResult:
     figures: dict[str, float]
     baseline: str
     notes: list[str] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # saved, not printed (e.g. every run's figures)
 
     def table(self) -> str:
         if not self.rows:
@@ -38,6 +70,7 @@ class BenchResult:
         path = RESULTS_DIR / f"{self.name}.json"
         payload = {
             **asdict(self),
+            "targets": [{**asdict(t), "ratio": t.ratio, "met": t.met} for t in self.targets],
             "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": {
                 "python": platform.python_version(),

@@ -1,0 +1,252 @@
+"""Load generator and bare echo server for the serving benchmarks (driven by ``bench.harness``).
+
+``python -m bench.loadgen echo --port P --response-bytes N`` — the floor: a bare ``grpc.aio`` server
+(generic handler, bytes in and out, no interceptors, no health/reflection) answering N bytes.
+
+``python -m bench.loadgen load ...`` — one load-generator process; prints one JSON line (OK calls,
+errors, the latency of every OK call in µs, its window). It sends pre-serialised request bodies (the
+client does no protobuf or JSON work) over ``--protocol grpc`` (one ``grpc.aio`` channel, bytes in and
+out) or ``http`` (HTTP/1.1 keep-alive POSTs of JSON, one connection per outstanding call, a minimal
+client on asyncio streams). Modes:
+
+* ``max``: ``--concurrency`` calls outstanding, each worker sends its next call when the last returns
+  (closed loop; ``--concurrency 1`` is sequential: one call at a time);
+* ``fixed``: ``--rate`` calls/s open loop, latency from the instant each call was due.
+
+Calls start at ``--start-at`` (epoch seconds, shared by the processes of one run); the first
+``--warmup`` seconds are not recorded; then ``--duration`` seconds are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+
+def read_requests(path: Path) -> list[bytes]:
+    data = path.read_bytes()
+    out, pos = [], 0
+    while pos < len(data):
+        size = int.from_bytes(data[pos : pos + 4], "little")
+        out.append(data[pos + 4 : pos + 4 + size])
+        pos += 4 + size
+    return out
+
+
+# --- role: bare echo server ------------------------------------------------------------------------------
+
+
+async def echo_server(port: int, response_bytes: int) -> None:
+    import grpc
+
+    reply = b"\x00" * response_bytes
+
+    async def echo(_request: bytes, _context: Any) -> bytes:
+        return reply
+
+    server = grpc.aio.server()
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+# --- role: load generator --------------------------------------------------------------------------------
+
+Call = Callable[[bytes], Awaitable[str]]  # sends one request, returns "OK" or an error code
+
+
+class _HttpConnection:
+    """One HTTP/1.1 keep-alive connection: POST a JSON body, read a Content-Length (or chunked) reply."""
+
+    def __init__(self, host: str, port: int, path: str, timeout: float) -> None:
+        self.host, self.port, self.path, self.timeout = host, port, path, timeout
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            "Connection: keep-alive\r\nContent-Length: "
+        ).encode()
+
+    async def call(self, body: bytes) -> str:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._call(body)
+        except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            if self.writer is not None:
+                self.writer.close()
+            self.reader = self.writer = None
+            return type(exc).__name__
+
+    async def _call(self, body: bytes) -> str:
+        if self.writer is None or self.reader is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.reader, self.writer
+        writer.write(self.head + b"%d\r\n\r\n" % len(body) + body)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = head[9:12]
+        lowered = head.lower()
+        marker = lowered.find(b"content-length:")
+        if marker >= 0:
+            end = lowered.index(b"\r\n", marker)
+            await reader.readexactly(int(lowered[marker + 15 : end]))
+        elif b"transfer-encoding: chunked" in lowered:
+            while True:
+                size = int((await reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
+                await reader.readexactly(size + 2)
+                if size == 0:
+                    break
+        if b"connection: close" in lowered:
+            writer.close()
+            self.reader = self.writer = None
+        return "OK" if status == b"200" else f"HTTP_{status.decode()}"
+
+
+def _grpc_caller(target: str, method: str, timeout: float) -> tuple[Callable[[], Call], Any]:
+    import grpc
+
+    channel = grpc.aio.insecure_channel(target)
+    stub = channel.unary_unary(method)  # bytes in, bytes out
+
+    async def call(request: bytes) -> str:
+        try:
+            await stub(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            return str(exc.code().name)
+        return "OK"
+
+    return (lambda: call), channel
+
+
+async def load(args: argparse.Namespace) -> dict[str, Any]:
+    requests = read_requests(Path(args.requests))
+    channel: Any = None
+    if args.protocol == "grpc":
+        new_caller, channel = _grpc_caller(args.target, args.method, args.timeout)
+    else:
+        host, port = args.target.rsplit(":", 1)
+
+        def new_caller() -> Call:
+            return _HttpConnection(host, int(port), args.method, args.timeout).call
+
+    errors: Counter[str] = Counter()
+    latencies: list[int] = []
+    record = latencies.append
+    lags: list[float] = []
+    count = len(requests)
+    state = {"measuring": False, "next": 0}
+    warm = new_caller()
+    for i in range(10):  # connect and warm the path before the shared start
+        await warm(requests[i % count])
+    delay = args.start_at - time.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    clock = time.perf_counter
+    measure_at = clock() + args.warmup
+    stop_at = measure_at + args.duration
+    window: dict[str, float] = {}
+
+    async def timer() -> None:
+        await asyncio.sleep(max(0.0, measure_at - clock()))
+        state["measuring"] = True
+        window["started"], window["opened"] = time.time(), clock()
+        await asyncio.sleep(max(0.0, stop_at - clock()))
+        state["measuring"] = False
+        window["seconds"] = clock() - window["opened"]
+
+    async def one(call: Call, due: float) -> None:
+        i = state["next"]
+        state["next"] = i + 1
+        code = await call(requests[i % count])
+        if state["measuring"]:
+            if code == "OK":
+                record(int((clock() - due) * 1e6))
+            else:
+                errors[code] += 1
+
+    if args.mode == "max":
+
+        async def worker(call: Call) -> None:
+            while clock() < stop_at:
+                await one(call, clock())
+
+        callers = [warm] + [new_caller() for _ in range(args.concurrency - 1)]
+        await asyncio.gather(timer(), *(worker(c) for c in callers))
+    else:
+        interval = 1.0 / args.rate
+        pending: set[asyncio.Task[None]] = set()
+        idle: list[Call] = [warm]
+
+        async def fixed_call(due: float) -> None:
+            call = idle.pop() if idle else new_caller()
+            try:
+                await one(call, due)
+            finally:
+                idle.append(call)
+
+        timer_task = asyncio.ensure_future(timer())
+        due = clock()
+        while due < stop_at:
+            now = clock()
+            while due <= now:
+                if state["measuring"]:
+                    lags.append(now - due)
+                task = asyncio.create_task(fixed_call(due))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                due += interval
+            await asyncio.sleep(max(0.0, due - clock()))
+        await timer_task
+        if pending:
+            await asyncio.wait(pending, timeout=args.timeout + 1)
+    if channel is not None:
+        await channel.close()
+    lags.sort()
+    return {
+        "ok": len(latencies),
+        "errors": dict(errors),
+        "seconds": window["seconds"],
+        "started": window["started"],
+        "latencies_us": latencies,
+        "send_lag_p99_ms": lags[int(0.99 * (len(lags) - 1))] * 1e3 if lags else 0.0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
+    sub = parser.add_subparsers(dest="role", required=True)
+    echo = sub.add_parser("echo", help="bare grpc.aio echo server")
+    echo.add_argument("--port", type=int, required=True)
+    echo.add_argument("--response-bytes", type=int, required=True)
+    gen = sub.add_parser("load", help="one load-generator process (prints one JSON line)")
+    gen.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    gen.add_argument("--target", required=True, help="host:port")
+    gen.add_argument("--method", required=True, help="gRPC method path, or the HTTP path")
+    gen.add_argument("--requests", required=True, help="length-prefixed request bodies")
+    gen.add_argument("--mode", choices=["fixed", "max"], required=True)
+    gen.add_argument("--rate", type=float, default=100.0)
+    gen.add_argument("--concurrency", type=int, default=1)
+    gen.add_argument("--start-at", type=float, default=0.0, help="epoch seconds")
+    gen.add_argument("--warmup", type=float, default=1.0)
+    gen.add_argument("--duration", type=float, default=5.0)
+    gen.add_argument("--timeout", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    if args.role == "echo":
+        asyncio.run(echo_server(args.port, args.response_bytes))
+        return 0
+    sys.stdout.write(json.dumps(asyncio.run(load(args))) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
