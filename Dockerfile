@@ -38,11 +38,17 @@ RUN rm -rf services/eta \
     && touch services/eta/__init__.py services/eta/v1/__init__.py
 
 # 3) The project itself (non-editable), then byte-compile so a read-only root filesystem costs nothing.
+#    Development-only code stays out: .dockerignore leaves out services/devstack (`make run`, the trace
+#    report), and the [project.scripts] entries whose package is not in the context are dropped here, so
+#    the image has exactly the entry points the chart runs (no eta-devstack, no eta-trace-report).
+#    `wheel` was only needed to build.
+RUN python -c 'import pathlib, tomllib; p = pathlib.Path("pyproject.toml"); text = p.read_text(); scripts = tomllib.loads(text)["project"]["scripts"]; drop = sorted(n for n, t in scripts.items() if not pathlib.Path("services", t.split(":")[0].split(".")[0]).is_dir()); p.write_text("".join(line for line in text.splitlines(keepends=True) if line.partition("=")[0].strip() not in drop)); print("entry points left out of the image:", drop)'
 RUN /opt/venv/bin/pip install --no-deps . \
+    && /opt/venv/bin/pip uninstall --yes wheel \
     && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
 # ---------------------------------------------------------------------------------------------------------
-# runtime: the venv only. No compilers, no grpcio-tools, no sources, no secrets.
+# runtime: the venv only. No compilers, no grpcio-tools, no sources, no tests or dev tools, no secrets.
 # ---------------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
 

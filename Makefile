@@ -11,7 +11,7 @@ PROTO_SRC := $(wildcard protos/eta/v1/*.proto)
 PROTO_OUT := services
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install protos run test lint typecheck unit integration deploy-check bench clean stop
+.PHONY: help install protos run test lint typecheck unit integration deploy-check bench clean stop image-test
 
 help:
 	@sed -n '1,6p' Makefile
@@ -56,6 +56,13 @@ integration: install
 
 test: lint typecheck
 	$(PY) -m pytest -q services tests
+
+# Build the Docker image from the repo root and run migrate/seed/train and the three services from it
+# (non-root, read-only root fs, no capabilities, host network) against the local broker, Redis and
+# PostgreSQL; then events and a prediction go through them. Needs a Docker daemon.
+# PYTHON_IMAGE=<base> overrides the Dockerfile's base image (e.g. the one ../shared/tools/docker-up prints).
+image-test: install
+	ETA_IMAGE_TEST=1 PYTHON_IMAGE="$(PYTHON_IMAGE)" $(PY) -m pytest -q -rs -s -m image tests/image
 
 bench: install
 	$(PY) -m bench

@@ -1,9 +1,17 @@
-"""Static checks of the root Dockerfile and .dockerignore (no Docker engine here)."""
+"""Static checks of the root Dockerfile and .dockerignore (no Docker engine needed).
+
+The image itself is built and run by tests/image (`make image-test`).
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,3 +171,84 @@ def test_dockerignore_keeps_the_context_small_and_clean() -> None:
         assert needed not in patterns, needed
     if "*.md" in patterns:
         assert "!README.md" in patterns
+
+
+def _dockerignore_patterns() -> set[str]:
+    return {
+        line.strip()
+        for line in (REPO_ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+
+
+def _entry_point_filter(builder: Stage) -> str:
+    """The Python the builder runs (``python -c '…'``) to drop entry points of packages left out."""
+    for args in builder.all("RUN"):
+        argv = shlex.split(args)
+        if argv[:2] == ["python", "-c"] and "project" in argv[2] and "scripts" in argv[2]:
+            return argv[2]
+    raise AssertionError("the builder has no step that drops the entry points of left-out packages")
+
+
+def _image_entry_points(stages: list[Stage], tmp_path: Path) -> set[str]:
+    """Runs the builder's entry-point filter on a copy of the build context's pyproject.toml and
+    services/ (as .dockerignore lets them through) and returns the console scripts that remain."""
+    ignored = _dockerignore_patterns()
+    context = tmp_path / "context"
+    (context / "services").mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "pyproject.toml", context / "pyproject.toml")
+    for package in (REPO_ROOT / "services").iterdir():
+        relative = f"services/{package.name}"
+        if package.is_dir() and not any(fnmatch.fnmatch(relative, p) for p in ignored):
+            (context / relative).mkdir()
+    subprocess.run(
+        [sys.executable, "-c", _entry_point_filter(stages[0])],
+        cwd=context,
+        check=True,
+        capture_output=True,
+    )
+    scripts: dict[str, str] = tomllib.loads((context / "pyproject.toml").read_text())["project"]["scripts"]
+    for target in scripts.values():  # every remaining entry point's module is in the context
+        module = target.partition(":")[0]
+        assert (context / "services" / module.partition(".")[0]).is_dir(), target
+    return set(scripts)
+
+
+def _pyproject_scripts() -> set[str]:
+    scripts: dict[str, str] = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    return set(scripts)
+
+
+def test_image_entry_points_are_exactly_what_the_chart_runs(
+    stages: list[Stage],
+    tmp_path: Path,
+    render: Callable[..., dict[str, Any]],
+    workloads_of: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+) -> None:
+    """No development-only entry point (eta-devstack, eta-trace-report) in the image, and none the chart
+    needs is missing. tests/image checks the built image itself (`make image-test`)."""
+    commands = {
+        container["command"][0]
+        for value_set in ("default", "dev", "production")
+        for workload in workloads_of(render(value_set)["manifests"])
+        for container in workload["containers"]
+        if container.get("command")
+    }
+    chart_entry_points = commands & _pyproject_scripts()
+    assert chart_entry_points >= {"eta-ingestion", "eta-aggregator", "eta-prediction", "eta-migrate"}
+    entry_points = _image_entry_points(stages, tmp_path)
+    assert entry_points == chart_entry_points
+    assert {"eta-devstack", "eta-trace-report"} <= _pyproject_scripts() - entry_points
+
+
+def test_development_only_code_and_dependencies_stay_out(stages: list[Stage]) -> None:
+    ignored = _dockerignore_patterns()
+    assert "services/devstack" in ignored  # make run's local stack, the trace report
+    assert "services/*/tests" in ignored
+    builder_runs = " && ".join(stages[0].all("RUN"))
+    installs = re.findall(r"/opt/venv/bin/pip install ([^&]*)", builder_runs)
+    assert installs
+    for args in installs:  # never the [dev] or [local] extras (pytest, linters, embedded servers)
+        assert "[" not in args, args
+    assert "grpcio-tools" not in " ".join(installs)  # codegen has its own throw-away venv
+    assert "/opt/venv/bin/pip uninstall --yes wheel" in builder_runs
