@@ -105,12 +105,32 @@ class Docker:
         info: list[dict[str, Any]] = json.loads(self.run(["inspect", name]).stdout)
         return info[0]
 
+    def image_id(self, tag: str) -> str | None:
+        result = self.run(["image", "inspect", "--format", "{{.Id}}", tag], check=False)
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    def remove_replaced(self, previous: Mapping[str, str | None]) -> None:
+        """Remove the images a rebuild took the tags from (``{tag: id before}``), so that repeated runs do
+        not pile up untagged images; an image still in use stays."""
+        for tag, old_id in previous.items():
+            if old_id and old_id != self.image_id(tag):
+                self.run(["rmi", old_id], check=False)
+
     def build(
-        self, context: Path, tag: str, *, build_args: Mapping[str, str], log_path: Path, timeout: float
+        self,
+        context: Path,
+        tag: str,
+        *,
+        build_args: Mapping[str, str],
+        log_path: Path,
+        timeout: float,
+        target: str | None = None,
     ) -> float:
         """``docker build`` (host network: RUN steps reach PyPI through it); returns the seconds taken.
         The full build log goes to ``log_path``; a failure raises with its tail."""
         argv = [self.binary, "build", "--network=host", "--tag", tag]
+        if target:
+            argv += ["--target", target]
         for key, value in build_args.items():
             argv += ["--build-arg", f"{key}={value}"]
         argv.append(str(context))
