@@ -8,8 +8,11 @@ shared feature definitions), trains LightGBM quantile models (p10/p50/p90) on th
 conformally calibrated p10–p90 range, evaluates on the most recent orders against two baselines
 (restaurant mean, distance/speed) and the simulator's oracle when present, writes a report (--report-dir:
 report.md, error_by_hour.png, calibration.png), stores the run, metrics, report and model bytes in the
-registry, and promotes the new version if it beats the promoted one on the same holdout (or with
---force-promote). Exit code 0 also when the model was registered but not promoted; 1 on failure.
+registry, and promotes the new version if it passes the promotion gate — it beats both baselines on its
+holdout and its p10–p90 coverage is within --min-coverage..--max-coverage — and beats the promoted one
+(if any) on the same holdout; --force-promote overrides both. A first model that fails the gate is not
+promoted: the prediction service keeps answering with its heuristic. The reason is logged, stored with
+the run and printed. Exit code 0 also when the model was registered but not promoted; 1 on failure.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 from eta_common.config import DatabaseSettings, env_float
 from eta_common.logs import configure_logging
+from trainer.gate import PromotionGate
 from trainer.run import train_and_register
 from trainer.train import ROUNDS
 
@@ -93,7 +97,29 @@ def build_parser() -> argparse.ArgumentParser:
         "markdown is stored with the run either way)",
     )
     parser.add_argument(
-        "--force-promote", action="store_true", help="promote even if not better than the current"
+        "--force-promote",
+        action="store_true",
+        help="promote even if it fails the promotion gate or is not better than the promoted model",
+    )
+    gate = PromotionGate()
+    parser.add_argument(
+        "--max-mae-ratio",
+        type=float,
+        default=gate.max_mae_ratio,
+        help="promotion gate: holdout MAE / each baseline's MAE must be below this "
+        f"(default: {gate.max_mae_ratio:g})",
+    )
+    parser.add_argument(
+        "--min-coverage",
+        type=float,
+        default=gate.min_coverage,
+        help=f"promotion gate: lowest p10–p90 coverage on the holdout (default: {gate.min_coverage:g})",
+    )
+    parser.add_argument(
+        "--max-coverage",
+        type=float,
+        default=gate.max_coverage,
+        help=f"promotion gate: highest p10–p90 coverage on the holdout (default: {gate.max_coverage:g})",
     )
     return parser
 
@@ -158,6 +184,13 @@ async def _accuracy(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     url = args.database_url or DatabaseSettings.from_env().url
     try:
+        gate = PromotionGate(
+            max_mae_ratio=args.max_mae_ratio, min_coverage=args.min_coverage, max_coverage=args.max_coverage
+        )
+    except ValueError as exc:
+        log.error("invalid promotion gate", extra={"error": str(exc)})
+        return 2
+    try:
         summary: dict[str, Any] = asyncio.run(
             train_and_register(
                 url,
@@ -168,12 +201,15 @@ def _train(args: argparse.Namespace) -> int:
                 folds=args.calibration_folds,
                 as_of_ms=args.as_of,
                 report_dir=args.report_dir,
+                gate=gate,
             )
         )
     except RuntimeError as exc:
         log.error("training failed", extra={"error": str(exc)})
         return 1
     sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
+    verdict = "promoted" if summary["promoted"] else "NOT promoted"
+    sys.stderr.write(f"model {summary['version']} {verdict}: {summary['promotion_reason']}\n")
     return 0
 
 

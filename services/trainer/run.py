@@ -8,8 +8,11 @@
    baselines and the simulator's oracle (:mod:`trainer.evaluate`); a report is written
    (:mod:`trainer.report`).
 4. The run, its metrics, the report and the model bytes go to the registry. The new version is promoted
-   only if its holdout MAE beats the promoted model's MAE on the same holdout rows (or when forced, or
-   when nothing is promoted yet). The prediction service polls the registry and hot-reloads it.
+   only if it passes the promotion gate (:mod:`trainer.gate`: it beats both baselines on its holdout and
+   its range coverage is not far off) and, when a model is promoted already, its holdout MAE beats that
+   model's MAE on the same holdout rows — or when forced. A first model that fails the gate is not
+   promoted either: the prediction service keeps answering with its heuristic. The prediction service
+   polls the registry and hot-reloads it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,9 +42,10 @@ from trainer.evaluate import (
     quantile_calibration,
     restaurant_mean_baseline,
 )
+from trainer.gate import PromotionGate, check_gate
 from trainer.train import ROUNDS, fit_calibrated_models
 
-__all__ = ["MIN_ROWS", "TrainingOptions", "train_and_register"]
+__all__ = ["MIN_ROWS", "PromotionGate", "TrainingOptions", "train_and_register"]
 
 log = logging.getLogger("trainer")
 
@@ -58,6 +62,7 @@ class TrainingOptions:
     as_of_ms: int | None = None  # end of the history used (default: now)
     report_dir: Path | None = None
     version: str | None = None  # default: v<UTC timestamp>
+    gate: PromotionGate = field(default_factory=PromotionGate)
 
 
 async def train_and_register(
@@ -71,6 +76,7 @@ async def train_and_register(
     as_of_ms: int | None = None,
     report_dir: Path | None = None,
     version: str | None = None,
+    gate: PromotionGate | None = None,
 ) -> dict[str, Any]:
     """The whole training run; returns its summary (also stored in ``training_runs``)."""
     options = TrainingOptions(
@@ -82,6 +88,7 @@ async def train_and_register(
         as_of_ms=as_of_ms,
         report_dir=report_dir,
         version=version,
+        gate=gate or PromotionGate(),
     )
     await apply_migrations(database_url)
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
@@ -212,8 +219,9 @@ async def _train(pool: asyncpg.Pool, options: TrainingOptions) -> tuple[dict[str
             blob=blob,
             promote_now=promote,
         )
-    log.info(
-        "model registered",
+    log.log(
+        logging.INFO if promote else logging.WARNING,
+        "model registered" if promote else "model registered, not promoted",
         extra={"model_version": version, "promoted": promote, "reason": reason, "ratios": ratios},
     )
     summary: dict[str, Any] = {
@@ -236,11 +244,19 @@ async def _promotion(
     model_mae: float,
     metrics: dict[str, Any],
 ) -> tuple[bool, str]:
-    """Promote when forced, when nothing is promoted, or when the new MAE beats the incumbent's on the
-    same holdout rows. An incumbent that cannot score these rows (unknown features, bad bundle) loses."""
+    """Promote when forced, or when the model passes the gate and either nothing is promoted yet or its
+    MAE beats the incumbent's on the same holdout rows (an incumbent that cannot score these rows —
+    unknown features, bad bundle — loses)."""
+    verdict = check_gate(metrics, options.gate)
+    metrics["gate"] = verdict.as_dict()
+    gate = verdict.reason()
     current = await load_promoted(pool)
     if current is None:
-        return True, "no model promoted yet"
+        if options.force_promote:
+            return True, f"forced; no model promoted yet; {gate}"
+        if not verdict.passed:
+            return False, f"no model promoted yet, and this one {gate}"
+        return True, f"no model promoted yet; {gate}"
     try:
         incumbent = load_bundle(current.version, current.blob)
         columns = [train.feature_names.index(n) for n in incumbent.feature_names]
@@ -248,16 +264,21 @@ async def _promotion(
     except (ValueError, KeyError, RuntimeError) as exc:
         log.warning("promoted model unusable for comparison", extra={"error": str(exc)})
         metrics["incumbent"] = {"version": current.version, "error": str(exc)}
-        return True, f"promoted model {current.version} cannot score the holdout ({exc})"
+        unusable = f"promoted model {current.version} cannot score the holdout ({exc})"
+        if options.force_promote or verdict.passed:
+            return True, f"{'forced; ' if options.force_promote else ''}{unusable}; {gate}"
+        return False, f"{unusable}, but this one {gate}"
     scores = Prediction(inc_point, inc_low, inc_high).score(holdout.y)
     metrics["incumbent"] = {"version": current.version, **scores.as_dict()}
     better = model_mae < scores.mae
     comparison = f"holdout MAE {model_mae:.3f} vs promoted {current.version} {scores.mae:.3f}"
     if options.force_promote:
-        return True, f"forced ({comparison})"
-    if better:
-        return True, f"better: {comparison}"
-    return False, f"not better: {comparison}"
+        return True, f"forced ({comparison}); {gate}"
+    if not better:
+        return False, f"not better: {comparison}" + ("" if verdict.passed else f"; it also {gate}")
+    if not verdict.passed:
+        return False, f"better than {current.version} ({comparison}), but it {gate}"
+    return True, f"better: {comparison}; {gate}"
 
 
 async def _new_version(pool: asyncpg.Pool) -> str:

@@ -102,8 +102,9 @@ async def _version(stub: eta_pb2_grpc.EtaServiceStub) -> str:
 
 async def test_promoted_model_is_picked_up_under_load_without_failures(service: Service) -> None:
     url = service.stack.database_url
+    # a deliberately weak first model (3 rounds): below the promotion gate, so it only serves when forced
     first = await train_and_register(
-        url, history_days=DAYS, as_of_ms=END_MS, rounds=3, folds=0, version="v-old"
+        url, history_days=DAYS, as_of_ms=END_MS, rounds=3, folds=0, version="v-old", force_promote=True
     )
     assert first["promoted"]
     async with grpc.aio.insecure_channel(service.stack.target("prediction")) as channel:

@@ -75,8 +75,9 @@ async def test_training_run_reports_baselines_oracle_and_registers(
         postgres.url, history_days=DAYS, as_of_ms=END_MS, report_dir=tmp_path / "report", version="v-first"
     )
     assert summary["promoted"] is True
-    assert summary["promotion_reason"] == "no model promoted yet"
+    assert summary["promotion_reason"].startswith("no model promoted yet; passes the promotion gate")
     metrics = summary["metrics"]
+    assert metrics["gate"]["passed"] is True
     rows = summary["rows_train"] + summary["rows_holdout"]
     assert rows == seeded.orders_delivered
     assert summary["rows_holdout"] == int(rows) - int(rows * 0.8)
