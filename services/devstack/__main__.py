@@ -34,7 +34,12 @@ def main(argv: list[str] | None = None) -> None:
         "--seed-days", type=float, default=3.0, help="days of history to simulate (default: 3)"
     )
     run_p.add_argument("--restaurants", type=int, default=20, help="restaurants in the city (default: 20)")
-    run_p.add_argument("--drivers", type=int, default=60, help="drivers in the city (default: 60)")
+    run_p.add_argument(
+        "--drivers",
+        type=int,
+        default=None,
+        help="drivers in the city (default: 3 per restaurant, 60 for the default 20)",
+    )
     run_p.add_argument(
         "--speed", type=float, default=1.0, help="live simulation speed; >1 compresses city time (default: 1)"
     )

@@ -30,7 +30,7 @@ class RunOptions:
     workdir: str = ".run"
     seed_days: float = 3.0
     restaurants: int = 20
-    drivers: int = 60
+    drivers: int | None = None  # None: sized from the restaurants (simulator.city.fleet_for)
     speed: float = 1.0
     duration_seconds: float | None = None
     refresh_seconds: float = 3.0
@@ -114,7 +114,11 @@ async def _run_async(stack: LocalStack, options: RunOptions, started: float) -> 
         has_history = bool(await conn.fetchval("SELECT count(*) FROM events"))
         await conn.close()
     if not has_history:
-        _step(f"seeding {options.seed_days:g} days of city history into PostgreSQL …", started)
+        _step(
+            f"seeding {options.seed_days:g} days of city history into PostgreSQL ({city.restaurants} "
+            f"restaurants, {city.fleet_size} drivers) …",
+            started,
+        )
         stats = await seed_history(
             stack.database_url, city, days=options.seed_days, end_ms=now_ms(), progress=True
         )
@@ -127,11 +131,15 @@ async def _run_async(stack: LocalStack, options: RunOptions, started: float) -> 
     summary = await train_and_register(stack.database_url, history_days=options.seed_days + 1, rounds=200)
     metrics = summary["metrics"]
     assert isinstance(metrics, dict)
-    _step(
-        f"model {summary['version']} promoted={summary['promoted']} holdout: model {metrics['model']} | "
-        f"restaurant-mean baseline {metrics['baseline_restaurant_mean']}",
-        started,
-    )
+    verdict = "promoted" if summary["promoted"] else "NOT promoted"
+    _step(f"model {summary['version']} {verdict}: {summary['promotion_reason']}", started)
+    notice = ""
+    if not summary["promoted"]:
+        notice = (
+            f"model {summary['version']} was not promoted ({summary['promotion_reason']}); "
+            "the heuristic answers until a model passes"
+        )
+        _step(notice, started)
     if stop.is_set():
         return 130
     _step("starting ingestion :50051, aggregator/features :50052, prediction :50053 …", started)
@@ -151,7 +159,7 @@ async def _run_async(stack: LocalStack, options: RunOptions, started: float) -> 
         )
     )
     live.add_done_callback(lambda _t: stop.set())
-    view = LiveView(stack.target("prediction"), stack.redis_url, stack.workdir / "traces")
+    view = LiveView(stack.target("prediction"), stack.redis_url, stack.workdir / "traces", notice=notice)
     first_eta_logged = False
     try:
         while not stop.is_set():

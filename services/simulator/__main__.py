@@ -22,9 +22,10 @@ from eta_common.config import DatabaseSettings, env_str
 from eta_common.logs import configure_logging
 from eta_common.telemetry import setup_tracing
 from eta_common.timeutil import now_ms
-from simulator.city import CityConfig
+from simulator.city import DRIVERS_PER_RESTAURANT, CityConfig
 from simulator.live import LIVE_DEMAND_MULTIPLIER, run_live
 from simulator.seed import seed_history
+from simulator.tls import ClientTls
 
 __all__ = ["build_parser", "city_config", "main"]
 
@@ -92,7 +93,13 @@ def _add_city_options(parser: argparse.ArgumentParser, *, demand_multiplier: flo
     group.add_argument(
         "--restaurants", type=_positive_int, default=CityConfig.restaurants, help="number of restaurants"
     )
-    group.add_argument("--drivers", type=_positive_int, default=CityConfig.drivers, help="number of drivers")
+    group.add_argument(
+        "--drivers",
+        type=_positive_int,
+        default=None,
+        help=f"number of drivers (default: {DRIVERS_PER_RESTAURANT:g} per restaurant, scaled with the "
+        "demand per restaurant: 60 for 20 restaurants)",
+    )
     group.add_argument(
         "--demand-multiplier",
         type=_non_negative_float,
@@ -143,6 +150,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=env_str("ETA_INGESTION_TOKEN", "") or None,
         help="bearer token, when ingestion requires authentication; default: $ETA_INGESTION_TOKEN or none",
     )
+    tls = live.add_argument_group(
+        "TLS", "when the ingestion's gRPC port speaks TLS (GRPC_TLS_CERT_FILE); any of these turns it on"
+    )
+    tls.add_argument("--tls", action="store_true", help="TLS with the system's trusted root certificates")
+    tls.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default=env_str("ETA_INGESTION_TLS_CA", "") or None,
+        help="PEM of the CA that signed the ingestion's certificate; default: $ETA_INGESTION_TLS_CA or none",
+    )
+    tls.add_argument(
+        "--tls-cert", metavar="FILE", default=None, help="client certificate (PEM), for mutual TLS"
+    )
+    tls.add_argument("--tls-key", metavar="FILE", default=None, help="the client certificate's key (PEM)")
+    tls.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        default=None,
+        help="name the ingestion's certificate must carry, when not the target's host",
+    )
     live.add_argument(
         "--speed",
         type=_speed,
@@ -191,6 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def client_tls(args: argparse.Namespace) -> ClientTls | None:
+    """The TLS settings of ``live`` (None: plaintext). Raises ValueError on an incomplete pair."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name):
+        return None
+    return ClientTls(
+        ca_file=args.tls_ca or "",
+        cert_file=args.tls_cert or "",
+        key_file=args.tls_key or "",
+        server_name=args.tls_server_name or "",
+    )
+
+
 def city_config(args: argparse.Namespace) -> CityConfig:
     return replace(
         CityConfig(),
@@ -221,6 +260,13 @@ async def _seed(args: argparse.Namespace) -> int:
 
 
 async def _live(args: argparse.Namespace) -> int:
+    try:
+        tls = client_tls(args)
+        if tls is not None:
+            tls.credentials()  # the files are readable
+    except ValueError as exc:
+        sys.stderr.write(f"eta-simulator live: {exc}\n")
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -237,6 +283,7 @@ async def _live(args: argparse.Namespace) -> int:
         flush_interval_s=args.flush_ms / 1000.0,
         summary_interval_s=args.summary_seconds,
         token=args.token,
+        tls=tls,
         eta_target=args.eta_target or None,
         oracle_database_url=args.database_url or None,
     )

@@ -27,6 +27,7 @@ from enum import Enum
 from eta_common.features import haversine_km
 
 __all__ = [
+    "DRIVERS_PER_RESTAURANT",
     "City",
     "CityConfig",
     "CityModel",
@@ -37,12 +38,19 @@ __all__ = [
     "Order",
     "Restaurant",
     "build_city",
+    "fleet_for",
 ]
 
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
 KM_PER_DEGREE_LAT = 111.32
+# Fleet size when none is given: drivers per restaurant at the default demand (1.8 orders per
+# restaurant-hour), scaled with that demand. The default city (20 restaurants, 60 drivers) keeps up with
+# its dinner peak with ~10 % of orders waiting for a driver at times; 50 restaurants with 60 drivers
+# starve (the dispatch backlog grows all day: deliveries of 5+ hours by the third day).
+DRIVERS_PER_RESTAURANT = 3.0
+REFERENCE_ORDERS_PER_RESTAURANT_HOUR = 1.8
 
 # Rush-hour slowdown: speed factor per UTC hour (1.0 = free-flowing city traffic).
 DEFAULT_SPEED_FACTORS: tuple[float, ...] = (
@@ -69,7 +77,8 @@ class CityConfig:
     # --- size and layout -------------------------------------------------------------------------
     seed: int = 42  # same seed + same start time → identical event stream
     restaurants: int = 20
-    drivers: int = 60
+    # None: sized from the restaurants (see :attr:`fleet_size`, 60 for the default city)
+    drivers: int | None = None
     customers: int = 4000  # customer pool (repeat customers)
     center_lat: float = 52.52
     center_lng: float = 13.405
@@ -131,7 +140,7 @@ class CityConfig:
         problems = []
         if self.restaurants < 1:
             problems.append("restaurants must be >= 1")
-        if self.drivers < 1:
+        if self.drivers is not None and self.drivers < 1:
             problems.append("drivers must be >= 1")
         if self.customers < 1:
             problems.append("customers must be >= 1")
@@ -149,6 +158,23 @@ class CityConfig:
             problems.append("customer_distance_km must be (low, high) with 0 < low < high")
         if problems:
             raise ValueError("invalid CityConfig: " + "; ".join(problems))
+
+    @property
+    def fleet_size(self) -> int:
+        """Drivers in the city: ``drivers`` when given, else :data:`DRIVERS_PER_RESTAURANT` per
+        restaurant scaled by the demand per restaurant (not by ``demand_multiplier``, so a live city
+        built from a seeded one keeps its fleet)."""
+        if self.drivers is not None:
+            return self.drivers
+        return fleet_for(self.restaurants, self.orders_per_restaurant_hour)
+
+
+def fleet_for(
+    restaurants: int, orders_per_restaurant_hour: float = REFERENCE_ORDERS_PER_RESTAURANT_HOUR
+) -> int:
+    """The default fleet for ``restaurants`` restaurants at ``orders_per_restaurant_hour``."""
+    scale = orders_per_restaurant_hour / REFERENCE_ORDERS_PER_RESTAURANT_HOUR
+    return max(1, math.ceil(round(DRIVERS_PER_RESTAURANT * restaurants * scale, 6)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +316,7 @@ def build_city(config: CityConfig) -> City:
     ]
     weights = [w for w, _ in SHIFT_TEMPLATES]
     drivers = []
-    for i in range(config.drivers):
+    for i in range(config.fleet_size):
         home = _point_in_disc(rng, config, config.radius_km)
         (shifts,) = rng.choices([s for _, s in SHIFT_TEMPLATES], weights=weights)
         driver = Driver(id=f"drv-{i:03d}", home=home, shifts=shifts)

@@ -38,6 +38,7 @@ from simulator.city import CityConfig
 from simulator.engine import CitySimulation, OrderOutcome
 from simulator.oracle_store import OracleWriter
 from simulator.publisher import EventPublisher, PublishStats
+from simulator.tls import ClientTls, ingestion_channel
 
 __all__ = ["LIVE_DEMAND_MULTIPLIER", "LiveStats", "run_live"]
 
@@ -116,11 +117,13 @@ async def run_live(
     token: str | None = None,
     eta_target: str | None = None,
     oracle_database_url: str | None = None,
+    tls: ClientTls | None = None,
 ) -> LiveStats:
     """Run the live city against the ingestion service at ``target`` until ``stop`` is set or
     ``duration_seconds`` have passed; returns the totals. ``stats_callback`` gets the running totals after
     every PublishEvents call; ``on_outcome`` every delivered order with its oracle (event-time minutes);
     ``token`` is sent as ``authorization: Bearer <token>`` when ingestion requires authentication;
+    ``tls`` speaks TLS (optionally mutual) to an ingestion whose gRPC port has it on;
     ``eta_target`` (host:port of the ETA service) makes every order ask for its ETA right before it is
     placed; ``oracle_database_url`` stores each delivered order's oracle in PostgreSQL."""
     if not 0 < speed <= 100:
@@ -159,9 +162,10 @@ async def run_live(
         "live city starting",
         extra={
             "target": target,
+            "tls": tls is not None,
             "speed": speed,
             "restaurants": config.restaurants,
-            "drivers": config.drivers,
+            "drivers": config.fleet_size,
             "seed": config.seed,
             "demand_multiplier": config.demand_multiplier,
             "around_the_clock": config.always_open,
@@ -171,6 +175,8 @@ async def run_live(
             "store_oracle": oracle is not None,
         },
     )
+    # First: TLS files are read here, and a missing one fails before anything else starts.
+    channel = ingestion_channel(target, tls, [TracingClientInterceptor()])
     eta_channel = (
         grpc.aio.insecure_channel(eta_target, interceptors=[TracingClientInterceptor()])
         if eta_target
@@ -180,7 +186,7 @@ async def run_live(
         checkout = CheckoutEta(eta_pb2_grpc.EtaServiceStub(eta_channel))
     if oracle is not None:
         oracle.start()
-    async with grpc.aio.insecure_channel(target, interceptors=[TracingClientInterceptor()]) as channel:
+    async with channel:
         publisher = EventPublisher(
             ingestion_pb2_grpc.IngestionServiceStub(channel),
             max_batch=max_batch,

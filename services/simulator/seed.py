@@ -147,7 +147,7 @@ async def write_history(
             "start": datetime.fromtimestamp(sim.start_ms / 1000, UTC).isoformat(),
             "end": datetime.fromtimestamp(end_ms / 1000, UTC).isoformat(),
             "restaurants": config.restaurants,
-            "drivers": config.drivers,
+            "drivers": config.fleet_size,
             "seed": config.seed,
         },
     )

@@ -26,6 +26,11 @@ from simulator.tests.helpers import MONDAY
                 "--summary-seconds",
                 "--eta-target",
                 "--database-url",
+                "--tls",
+                "--tls-ca",
+                "--tls-cert",
+                "--tls-key",
+                "--tls-server-name",
             ],
         ),
     ],
@@ -39,7 +44,7 @@ def test_help_documents_every_option_with_its_default(
     text = re.sub(r"\s+", " ", capsys.readouterr().out)
     for option in [*options, "--seed", "--restaurants", "--drivers", "--demand-multiplier"]:
         assert option in text
-    for default in ("(default: 42)", "(default: 20)", "(default: 60)"):
+    for default in ("(default: 42)", "(default: 20)", "(default: 3 per restaurant"):
         assert default in text
     specific = {
         "seed": ["(default: 3.0)", "(default: 5000)", "default: $DATABASE_URL", "default: now"],
@@ -62,6 +67,9 @@ def test_subcommands_share_the_city_options() -> None:
     seed = build_parser().parse_args(["seed", "--seed", "7", "--restaurants", "5", "--drivers", "9"])
     live = build_parser().parse_args(["live", "--seed", "7", "--restaurants", "5", "--drivers", "9"])
     assert city_config(seed) == CityConfig(seed=7, restaurants=5, drivers=9)
+    sized = city_config(build_parser().parse_args(["seed", "--restaurants", "50"]))
+    assert sized.drivers is None
+    assert sized.fleet_size == 150  # the fleet follows the restaurants unless --drivers says otherwise
     assert city_config(live).demand_multiplier == 1.5  # the live city is busier by default
     assert live.target == "localhost:50051"
     assert live.speed == 1.0
