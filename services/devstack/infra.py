@@ -323,5 +323,26 @@ def start_prometheus(
         f"--web.listen-address=127.0.0.1:{port}",
     ]
     proc, log_path = _spawn("prometheus", argv, log_dir)
-    wait_for_port(port, timeout=30, proc=proc, what="prometheus")
-    return ChildProcess("prometheus", proc, f"http://127.0.0.1:{port}", port, log_path)
+    child = ChildProcess("prometheus", proc, f"http://127.0.0.1:{port}", port, log_path)
+    try:
+        wait_for_port(port, timeout=30, proc=proc, what="prometheus")
+        _wait_ready(f"{child.url}/-/ready", timeout=30)
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
+def _wait_ready(url: str, *, timeout: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):  # 200 once the TSDB is open and rules loaded
+                return
+        except (urllib.error.URLError, OSError) as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} not ready within {timeout:.0f}s: {exc}") from exc
+            time.sleep(0.1)
