@@ -24,6 +24,7 @@ import os
 import re
 import time
 import tomllib
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +141,7 @@ class Stack:
     infra: Infra
     containers: dict[str, Container]
     ports: dict[str, int]
+    metrics_ports: dict[str, int]
     outputs: dict[str, str] = field(default_factory=dict)
 
     def channel(self, service: str) -> grpc.Channel:
@@ -227,19 +229,20 @@ def stack(docker: Docker, image: str, infra: Infra) -> Iterator[Stack]:
         ),
     }
     ports = {name: free_port() for name in SERVICES}
+    metrics_ports = {name: free_port() for name in SERVICES}
     containers: dict[str, Container] = {}
     try:
         for name in SERVICES:
             service_env = dict(
                 env,
                 GRPC_PORT=str(ports[name]),
-                METRICS_PORT=str(free_port()),
+                METRICS_PORT=str(metrics_ports[name]),
                 OTEL_SERVICE_NAME=f"eta-{name}",
             )
             containers[name] = docker.start(name, image, [f"eta-{name}"], service_env)
         for name in SERVICES:
             _wait_serving(containers[name], ports[name])
-        yield Stack(infra, containers, ports, outputs)
+        yield Stack(infra, containers, ports, metrics_ports, outputs)
     finally:
         docker.remove_all()
 
@@ -322,6 +325,8 @@ def test_migrate_seed_and_train_ran_from_the_image(stack: Stack) -> None:
 
 
 def test_events_in_features_out_and_an_eta_from_the_trained_model(stack: Stack) -> None:
+    """Ingestion accepts the events, the aggregator counts them, the prediction service answers an ETA
+    from the trained model with them; every service exposes its Prometheus metrics."""
     restaurant = new_id("rest")
     events = [placed(restaurant, ago_ms=i * 20_000) for i in range(5)]
     events.append(driver_online(new_id("drv")))
@@ -359,6 +364,10 @@ def test_events_in_features_out_and_an_eta_from_the_trained_model(stack: Stack) 
     assert 0 < prediction.eta_low_minutes <= prediction.eta_minutes <= prediction.eta_high_minutes < 240
     assert prediction.model_version
     assert prediction.model_version != HEURISTIC_VERSION, "answered by the heuristic, not the trained model"
+    for name, port in stack.metrics_ports.items():  # Prometheus scrapes the containers' metrics port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            assert response.status == 200, name
+            assert "# TYPE" in response.read().decode(), name
     print(
         f"\nETA {prediction.eta_minutes:.1f} min [{prediction.eta_low_minutes:.1f}, "
         f"{prediction.eta_high_minutes:.1f}] from model {prediction.model_version}"
