@@ -7,6 +7,7 @@ import importlib
 import pkgutil
 import sys
 import time
+import traceback
 
 import bench
 from bench.result import BenchResult, Skipped
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # report and go on with the other benchmarks
             failed += 1
             sys.stderr.write(f"!! {module_name} failed: {exc!r}\n")
+            traceback.print_exc()
             continue
         path = result.save()
         sys.stdout.write(

@@ -6,11 +6,14 @@ and pre-serialised PredictEta / PredictEtaBatch(50) requests."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
 import random
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ class EtaWorld:
     single: list[bytes]
     batches: list[bytes]
     train_seconds: float
+    row_maintenance: str  # what keeps the ready rows fresh during the runs
 
 
 def _point(rng: random.Random, lat: float, lng: float, km: float) -> events_pb2.GeoPoint:
@@ -99,18 +103,82 @@ def eta_world(workdir: Path, *, rows: int, rounds: int) -> Iterator[EtaWorld]:
 
             restaurants = asyncio.run(populate())
             single, batches = make_requests(restaurants)
-            yield EtaWorld(
-                infra,
-                workdir,
-                restaurants,
-                H.write_requests(workdir / "single.bin", single),
-                H.write_requests(workdir / "batch50.bin", batches),
-                single,
-                batches,
-                train_seconds,
-            )
+            maintenance, described = start_row_maintenance(workdir, infra.redis_url)
+            try:
+                yield EtaWorld(
+                    infra,
+                    workdir,
+                    restaurants,
+                    H.write_requests(workdir / "single.bin", single),
+                    H.write_requests(workdir / "batch50.bin", batches),
+                    single,
+                    batches,
+                    train_seconds,
+                    described,
+                )
+            finally:
+                if maintenance is not None and maintenance.poll() is None:
+                    maintenance.terminate()
+                    try:
+                        maintenance.wait(10)
+                    except subprocess.TimeoutExpired:
+                        maintenance.kill()
+                        maintenance.wait(5)
     finally:
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+
+
+def start_row_maintenance(workdir: Path, redis_url: str) -> tuple[subprocess.Popen[bytes] | None, str]:
+    """The aggregator's row maintenance (row timer + supply refresher, its default settings) as its own
+    process on the client core, as in production, so the service reads ready rows in steady state. None
+    when this tree has no row maintenance (then every read is the exact read)."""
+    argv = [sys.executable, "-m", "bench.eta_setup", "rows", "--redis-url", redis_url]
+    log = workdir / "row-maintenance.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, env=H.base_env(), stdout=out, stderr=subprocess.STDOUT, cwd=H.REPO_ROOT)
+    H.pin(proc.pid, H.CLIENT_CPUS)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return None, f"none ({log.read_text().strip().splitlines()[-1:] or 'exited'})"
+        if "ready" in log.read_text():
+            return proc, "the aggregator's RowMaintenance (row timer + supply refresher), own process"
+        time.sleep(0.2)
+    return proc, "the aggregator's RowMaintenance (did not report ready within 30 s)"
+
+
+async def _maintain_rows(redis_url: str) -> None:
+    try:
+        from aggregator.config import AggregatorSettings
+        from aggregator.row_maintenance import RowMaintenance
+    except ImportError as exc:
+        sys.stdout.write(f"no row maintenance in this tree: {exc}\n")
+        raise SystemExit(3) from exc
+    from eta_common.online_store import OnlineStore
+
+    defaults = AggregatorSettings
+    store = OnlineStore.from_url(redis_url)
+    maintenance = RowMaintenance(
+        store,
+        tick_ms=defaults.row_tick_ms,
+        supply_refresh_seconds=defaults.supply_refresh_seconds,
+        lookahead_ms=defaults.row_lookahead_ms,
+    )
+    await maintenance.refresh_supply()
+    await maintenance.tick()
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    await asyncio.gather(maintenance.run_timer(), maintenance.run_supply())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.eta_setup")
+    sub = parser.add_subparsers(dest="role", required=True)
+    rows = sub.add_parser("rows", help="run the aggregator's row maintenance against Redis")
+    rows.add_argument("--redis-url", required=True)
+    args = parser.parse_args(argv)
+    asyncio.run(_maintain_rows(args.redis_url))
+    return 0
 
 
 def redis_ping_ms(redis_url: str, samples: int = 400) -> tuple[float, float]:
@@ -147,3 +215,7 @@ async def call_once(target: str, method: str, request: bytes) -> bytes:
     async with grpc.aio.insecure_channel(target) as channel:
         reply: bytes = await channel.unary_unary(method)(request, timeout=5)
     return reply
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -332,6 +332,9 @@ class LoadRun:
     core_busy_s: dict[int, float]
     redis_commands: int = 0
     send_lag_p99_ms: float = 0.0
+    # CPU the watched processes spend anyway (measured idle, e.g. Redis serving the row maintenance),
+    # per second: subtracted for their net CPU per call
+    background: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -388,6 +391,10 @@ class LoadRun:
             "client_bound": self.client_bound,
             "bound": self.bound,
             **{f"{k}_cpu_us_per_call": self.per_call_us(v) for k, v in self.watched_cpu_s.items()},
+            **{
+                f"{k}_net_cpu_us_per_call": self.per_call_us(v - self.background.get(k, 0.0) * self.seconds)
+                for k, v in self.watched_cpu_s.items()
+            },
             "redis_commands_per_call": self.redis_commands / self.ok if self.ok else float("nan"),
             "send_lag_p99_ms": self.send_lag_p99_ms,
             "errors": dict(self.errors),
@@ -410,6 +417,7 @@ def run_load(
     clients: int = 1,
     watch: Mapping[str, int] | None = None,
     redis_url: str = "",
+    background: Mapping[str, float] | None = None,
     timeout: float = 5.0,
     lead: float = 2.0,
 ) -> LoadRun:
@@ -483,8 +491,16 @@ def run_load(
         core_busy_s={c: after_cores[c] - before_cores.get(c, 0.0) for c in after_cores},
         redis_commands=after_commands - before_commands,
         send_lag_p99_ms=max(lags) if lags else 0.0,
+        background=dict(background or {}),
         extra={"window_skew_ms": 1e3 * (max(r["started"] for r in reports) - (start_at + warmup))},
     )
+
+
+def idle_cpu_rate(pids: Mapping[str, int], seconds: float = 3.0) -> dict[str, float]:
+    """CPU seconds per second each process spends with no load (its background work)."""
+    before = {k: tree_cpu_seconds(v) for k, v in pids.items()}
+    time.sleep(seconds)
+    return {k: (tree_cpu_seconds(v) - before[k]) / seconds for k, v in pids.items()}
 
 
 def py_spy() -> str | None:
