@@ -11,7 +11,7 @@ PROTO_SRC := $(wildcard protos/eta/v1/*.proto)
 PROTO_OUT := services
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install protos run test lint typecheck unit integration deploy-check bench clean stop image-test
+.PHONY: help install protos run test lint typecheck unit integration deploy-check bench bench-peers clean stop image-test
 
 help:
 	@sed -n '1,6p' Makefile
@@ -66,6 +66,13 @@ image-test: install
 
 bench: install
 	$(PY) -m bench
+
+# Feast and the maintained Redis clients as peers, in their own venv ($(VENV)/peers: Feast pins redis<8 and
+# prometheus-client<0.25, older than the project's); the benchmarks themselves run from the main venv.
+bench-peers: install
+	test -x $(VENV)/peers/bin/python || $(PYTHON) -m venv $(VENV)/peers
+	$(VENV)/peers/bin/python -m pip install --quiet -e '.[peers]'
+	$(PY) -m bench peers_feast redis_clients
 
 format: install
 	$(VENV)/bin/ruff check --fix services tests bench
