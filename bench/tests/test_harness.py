@@ -1,0 +1,122 @@
+"""Unit tests of the benchmark helpers: ``.venv/bin/pytest bench/tests`` (not part of ``make test``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import harness as H
+from bench.loadgen import _HttpConnection, read_requests
+from bench.result import BenchResult, Target
+
+
+def test_percentile_and_median() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert H.percentile(values, 0.5) == 51.0
+    assert H.percentile(values, 0.99) == 99.0
+    assert math.isnan(H.percentile([], 0.5))
+    assert H.median([3.0, 1.0, 2.0]) == 2.0
+    assert H.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+
+
+def _run(server_s: float, client_core_s: float, server_core_s: float, seconds: float = 1.0) -> H.LoadRun:
+    (server_core,) = H.SERVER_CPUS
+    (client_core,) = H.CLIENT_CPUS
+    return H.LoadRun(
+        ok=1000,
+        errors={},
+        seconds=seconds,
+        latencies_ms=[1.0] * 1000,
+        server_cpu_s=server_s,
+        client_cpu_s=[0.3, 0.3],
+        watched_cpu_s={"redis": 0.05},
+        core_busy_s={server_core: server_core_s, client_core: client_core_s},
+        background={"redis": 0.01},
+    )
+
+
+def test_what_set_the_pace() -> None:
+    assert _run(0.97, 0.70, 0.98).bound == "server"
+    client = _run(0.60, 0.97, 0.62)
+    assert client.bound == "client"
+    assert client.client_bound
+    disturbed = _run(0.70, 0.60, 0.95)
+    assert disturbed.bound == "neither"
+    assert disturbed.server_core_others_pct == pytest.approx(25.0)
+
+
+def test_per_call_figures_net_of_background() -> None:
+    summary = _run(0.5, 0.5, 0.5).summary()
+    assert summary["server_cpu_us_per_call"] == pytest.approx(500.0)
+    assert summary["redis_cpu_us_per_call"] == pytest.approx(50.0)
+    assert summary["redis_net_cpu_us_per_call"] == pytest.approx(40.0)
+    assert summary["client_cpu_pct"] == pytest.approx(60.0)
+    assert summary["rps"] == pytest.approx(1000.0)
+
+
+def test_requests_round_trip(tmp_path: Path) -> None:
+    bodies = [b"", b"a", b"x" * 70_000]
+    assert read_requests(H.write_requests(tmp_path / "r.bin", bodies)) == bodies
+
+
+def test_metric_samples() -> None:
+    text = (
+        "# HELP eta_prediction_feature_reads_total reads\n"
+        'eta_prediction_feature_reads_total{path="row"} 990.0\n'
+        'eta_prediction_feature_reads_total{path="fallback"} 10.0\n'
+        "eta_other_total 3.0\n"
+    )
+    samples = H.metric_samples(text, "eta_prediction_feature_reads_total")
+    assert samples == {'path="row"': 990.0, 'path="fallback"': 10.0}
+    assert H.metric_samples(text, "eta_other_total") == {"": 3.0}
+
+
+def test_targets_and_saved_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at_least = Target("throughput", 0.5, ">=", 0.4)
+    at_most = Target("p99", 3.0, "<=", 2.0, "ms")
+    assert at_least.met
+    assert at_least.ratio == pytest.approx(1.25)
+    assert not at_most.met
+    assert "NOT met" in at_most.line()
+    monkeypatch.setattr("bench.result.RESULTS_DIR", tmp_path)
+    path = BenchResult("t", [{"a": 1.0}], {"f": 1.0}, "base", targets=[at_least, at_most]).save()
+    saved = json.loads(path.read_text())
+    assert [t["met"] for t in saved["targets"]] == [True, False]
+    assert saved["targets"][0]["ratio"] == pytest.approx(1.25)
+
+
+async def test_http_client_keep_alive_and_chunked() -> None:
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        n = 0
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(length)
+            n += 1
+            if n % 2:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client = _HttpConnection("127.0.0.1", port, "/x", timeout=2.0)
+        assert [await client.call(b'{"k": 1}') for _ in range(4)] == ["OK"] * 4
+        assert connections == 1  # kept alive
+    finally:
+        server.close()
+        await server.wait_closed()
