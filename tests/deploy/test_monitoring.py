@@ -18,6 +18,7 @@ import json
 import re
 import shutil
 import subprocess
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,16 @@ DASHBOARD = MONITORING / "dashboard.json"
 RULE_TESTS = MONITORING / "tests" / "rules_test.yaml"
 PROMTOOL = shutil.which("promtool")
 
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None,
-    reason="promtool not installed (Debian/Ubuntu: apt-get install prometheus; .ci/run installs it)",
-)
+NO_PROMTOOL = "promtool not installed (Debian/Ubuntu: apt-get install prometheus; .ci/run installs it)"
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason=NO_PROMTOOL)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _say_why_promtool_tests_skip() -> None:
+    """`pytest -q` hides skip reasons; a warning shows up in its summary."""
+    if PROMTOOL is None:
+        warnings.warn(f"tests/deploy/test_monitoring.py: promtool tests skipped: {NO_PROMTOOL}", stacklevel=1)
+
 
 # Metrics the rules and the dashboard may name although our services do not export them, and why.
 EXTERNAL_METRICS: dict[str, str] = {

@@ -10,6 +10,7 @@ import shutil
 import time
 import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,17 @@ from tests.integration.helpers import BERLIN, NEARBY, driver_online, new_id, pla
 
 pytestmark = pytest.mark.integration
 PROMETHEUS = shutil.which("prometheus")
+NO_PROMETHEUS = "prometheus not installed (Debian/Ubuntu: apt-get install prometheus; .ci/run installs it)"
 FRESHNESS_P99 = (
     "histogram_quantile(0.99, sum by (le) (rate(eta_aggregator_ingest_to_visible_seconds_bucket[30s])))"
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _say_why_prometheus_test_skips() -> None:
+    """`pytest -q` hides skip reasons; a warning shows up in its summary."""
+    if PROMETHEUS is None:
+        warnings.warn(f"tests/integration/test_prometheus.py: {NO_PROMETHEUS}", stacklevel=1)
 
 
 def _get(url: str, timeout: float = 5.0) -> str:
@@ -95,9 +104,7 @@ async def _poll(check: Any, *, timeout: float, what: str) -> Any:
     raise AssertionError(f"{what} not seen within {timeout:.0f}s; last: {last!r}")
 
 
-@pytest.mark.skipif(
-    PROMETHEUS is None, reason="prometheus not installed (Debian/Ubuntu: apt-get install prometheus)"
-)
+@pytest.mark.skipif(PROMETHEUS is None, reason=NO_PROMETHEUS)
 async def test_prometheus_scrapes_the_services_and_answers_the_freshness_quantile(
     stack: LocalStack, channels: dict[str, grpc.aio.Channel], tmp_path: Path
 ) -> None:
