@@ -288,6 +288,17 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
         assert needle in exprs, needle
 
 
+def test_dashboard_panels_fit_the_grid_without_overlap() -> None:
+    taken: dict[tuple[int, int], str] = {}
+    for panel in dashboard()["panels"]:
+        grid = panel["gridPos"]
+        assert 0 <= grid["x"] < grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in taken, (panel["title"], taken.get((x, y)))
+                taken[(x, y)] = panel["title"]
+
+
 @needs_promtool
 def test_every_query_parses(tmp_path: Path) -> None:
     """promtool parses each dashboard expression as a recording rule (and the rules file itself)."""
