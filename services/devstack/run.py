@@ -131,12 +131,12 @@ async def _run_async(stack: LocalStack, options: RunOptions, started: float) -> 
     summary = await train_and_register(stack.database_url, history_days=options.seed_days + 1, rounds=200)
     metrics = summary["metrics"]
     assert isinstance(metrics, dict)
-    verdict = "promoted" if summary["promoted"] else "NOT promoted"
-    _step(f"model {summary['version']} {verdict}: {summary['promotion_reason']}", started)
-    notice = ""
-    if not summary["promoted"]:
+    notice = ""  # shown in the live view
+    if summary["promoted"]:
+        _step(f"model {summary['version']} promoted: {summary['promotion_reason']}", started)
+    else:
         notice = (
-            f"model {summary['version']} was not promoted ({summary['promotion_reason']}); "
+            f"model {summary['version']} NOT promoted ({summary['promotion_reason']}); "
             "the heuristic answers until a model passes"
         )
         _step(notice, started)

@@ -11,7 +11,8 @@ once, at registration, so that such a call is answered ``INVALID_ARGUMENT`` with
 * unary requests — the wrapped deserializer returns a per-method sentinel (an empty request message,
   so interceptors that read the request before the handler still work) and a thin wrapper in front of
   the handler aborts when it sees that sentinel. The success path pays one ``try`` in the deserializer
-  and one identity test; nothing is looked up or allocated per call.
+  and an identity test in one more coroutine frame (~150 ns a call measured, against ~460 µs of grpc's
+  own work per call); nothing is looked up or allocated per call.
 * streaming requests — the wrapped deserializer raises :class:`UndecodableRequest` out of the request
   iterator and the wrapper around the handler turns it into the same abort.
 
