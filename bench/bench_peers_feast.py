@@ -128,8 +128,7 @@ def _sdk_run(
 ) -> dict[str, Any]:
     argv = [str(python), "-m", "bench.feast_peer", "sdk", "--repo", str(repo), "--ids", str(ids_file)]
     argv += ["--entities", str(entities), "--seconds", str(plan.seq_seconds)]
-    argv += ["--warmup", str(plan.warmup_seconds), "--redis-pid", str(redis_pid)]
-    commands_before = H.redis_command_calls(redis_url)
+    argv += ["--warmup", str(plan.warmup_seconds), "--redis-pid", str(redis_pid), "--redis-url", redis_url]
     proc = subprocess.Popen(
         argv, env=_peer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=H.REPO_ROOT
     )
@@ -137,7 +136,6 @@ def _sdk_run(
     out, err = proc.communicate(timeout=plan.seq_seconds + plan.warmup_seconds + 180)
     if proc.returncode != 0:
         raise RuntimeError(f"Feast SDK run failed: {err.decode()[-3000:]}")
-    commands = H.redis_command_calls(redis_url) - commands_before
     report = json.loads(out.decode().strip().splitlines()[-1])
     latencies = sorted(v / 1e3 for v in report["latencies_us"])
     calls, seconds = report["calls"], report["seconds"]
@@ -151,8 +149,7 @@ def _sdk_run(
         "server_cpu_us_per_call": 1e6 * report["cpu_s"] / calls,
         "redis_cpu_us_per_call": 1e6 * report["redis_cpu_s"] / calls,
         "redis_net_cpu_us_per_call": 1e6 * (report["redis_cpu_s"] - background * seconds) / calls,
-        # warm-up calls included: an upper bound, the same per call
-        "redis_commands_per_call": float("nan") if not calls else commands / (calls + 20),
+        "redis_commands_per_call": report["redis_commands"] / calls,
         "client_cpu_pct": float("nan"),
         "bound": "in-process",
         "errors": {},
@@ -278,8 +275,7 @@ def run(quick: bool) -> BenchResult:
     med: dict[str, dict[str, float]] = {}
     rows = []
     for scenario, results in runs.items():
-        numeric = [k for k, v in results[0].items() if isinstance(v, int | float) and not isinstance(v, bool)]
-        med[scenario] = {key: H.median([r[key] for r in results]) for key in numeric}
+        med[scenario], used = H.medians(results, closed_loop="max" in scenario)
         m = med[scenario]
         errors: Counter[str] = Counter()
         for r in results:
@@ -297,6 +293,7 @@ def run(quick: bool) -> BenchResult:
                 "srv_cpu_%": m["server_cpu_pct"],
                 "cli_cpu_%": m["client_cpu_pct"],
                 "bound": ",".join(sorted({str(r["bound"]) for r in results})),
+                "runs_used": f"{used}/{len(results)}",
                 "errors": ",".join(f"{k}={v}" for k, v in errors.items()) or "-",
             }
         )
@@ -385,7 +382,8 @@ def run(quick: bool) -> BenchResult:
         ),
         f"ETA ready rows kept fresh by: {world.row_maintenance}; Redis CPU per call is net of Redis's idle "
         f"background ({100 * background['redis']:.2f} % of a core with no load)",
-        f"each scenario ran {plan.repeats}× interleaved; medians",
+        f"each scenario ran {plan.repeats}× interleaved; medians (closed loop: of the server-bound runs "
+        "when there are any, see runs_used and bound)",
         f"load average at end: {H.load_average()}",
     ]
     return BenchResult(

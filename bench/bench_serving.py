@@ -259,9 +259,8 @@ def run(quick: bool) -> BenchResult:
     med: dict[str, dict[str, float]] = {}
     rows = []
     for scenario, results in runs.items():
-        numeric = [k for k, v in results[0].items() if isinstance(v, int | float) and not isinstance(v, bool)]
-        med[scenario] = {key: H.median([r[key] for r in results]) for key in numeric}
-        rows.append(_row(scenario, med[scenario], results))
+        med[scenario], used = H.medians(results, closed_loop="max" in scenario)
+        rows.append({**_row(scenario, med[scenario], results), "runs_used": f"{used}/{len(results)}"})
     echo_seq, eta_seq = med[f"echo {seq}"], med[f"eta PredictEta {seq}"]
     echo_max, eta_max = med[f"echo {closed}"], med[f"eta PredictEta {closed}"]
     batch = med[batch_label]
@@ -352,6 +351,11 @@ def run(quick: bool) -> BenchResult:
             else f"runs by what set the pace: {dict(bounds)}; only server-bound runs give the floor, "
             "the others are lower bounds (client-bound) or disturbed (neither saturated: other work on "
             "the server core)"
+        )
+        + (
+            "; closed-loop figures are medians of the server-bound runs (runs_used)"
+            if "server" in bounds
+            else "; NO server-bound echo run: the echo figure is a lower bound, re-run on a quiet machine"
         ),
         f"cores: server under test alone on {sorted(H.SERVER_CPUS)} (other servers parked), "
         f"load generators + Redis + PostgreSQL on {sorted(H.CLIENT_CPUS)}",

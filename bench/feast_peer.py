@@ -109,6 +109,18 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     return {"restaurants": len(values), "check": {k: v[0] for k, v in check.items()}}
 
 
+def _commands(redis_url: str) -> int:
+    """Commands Redis has executed (INFO commandstats, minus INFO itself)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+
 def sdk(args: argparse.Namespace) -> dict[str, Any]:
     from feast import FeatureStore  # type: ignore[import-not-found, unused-ignore]
 
@@ -128,6 +140,7 @@ def sdk(args: argparse.Namespace) -> dict[str, Any]:
     while clock() < warm_until:
         store.get_online_features(features=REFS, entity_rows=samples[n % len(samples)]).to_dict()
         n += 1
+    commands0 = _commands(args.redis_url)
     cpu0, redis0, wall0 = _cpu_seconds(os.getpid()), _cpu_seconds(args.redis_pid), clock()
     while clock() < stop_at:
         started = clock()
@@ -135,7 +148,9 @@ def sdk(args: argparse.Namespace) -> dict[str, Any]:
         latencies.append(clock() - started)
         n += 1
     cpu1, redis1, wall1 = _cpu_seconds(os.getpid()), _cpu_seconds(args.redis_pid), clock()
+    commands = _commands(args.redis_url) - commands0
     return {
+        "redis_commands": commands,
         "calls": len(latencies),
         "seconds": wall1 - wall0,
         "latencies_us": [int(v * 1e6) for v in latencies],
@@ -158,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     measure.add_argument("--seconds", type=float, default=5.0)
     measure.add_argument("--warmup", type=float, default=1.0)
     measure.add_argument("--redis-pid", type=int, required=True)
+    measure.add_argument("--redis-url", required=True)
     args = parser.parse_args(argv)
     result = setup(args) if args.role == "setup" else sdk(args)
     sys.stdout.write(json.dumps(result) + "\n")

@@ -496,6 +496,17 @@ def run_load(
     )
 
 
+def medians(results: Sequence[Mapping[str, Any]], *, closed_loop: bool) -> tuple[dict[str, float], int]:
+    """Median of every numeric figure over a scenario's runs, and how many runs it used. A closed-loop
+    (max-throughput) figure uses only the runs where the server set the pace (``bound == "server"``)
+    when there are any: a run disturbed by other work on the server core, or paced by a saturated client
+    core, measures the machine, not the server."""
+    used = [r for r in results if r.get("bound") == "server"] if closed_loop else []
+    used = used or list(results)
+    numeric = [k for k, v in used[0].items() if isinstance(v, int | float) and not isinstance(v, bool)]
+    return {key: median([float(r[key]) for r in used]) for key in numeric}, len(used)
+
+
 def idle_cpu_rate(pids: Mapping[str, int], seconds: float = 3.0) -> dict[str, float]:
     """CPU seconds per second each process spends with no load (its background work)."""
     before = {k: tree_cpu_seconds(v) for k, v in pids.items()}

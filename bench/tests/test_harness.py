@@ -120,3 +120,17 @@ async def test_http_client_keep_alive_and_chunked() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_closed_loop_medians_use_server_bound_runs() -> None:
+    runs = [
+        {"rps": 2300.0, "bound": "neither"},
+        {"rps": 3700.0, "bound": "server"},
+        {"rps": 3600.0, "bound": "server"},
+    ]
+    med, used = H.medians(runs, closed_loop=True)
+    assert (med["rps"], used) == (3650.0, 2)
+    med, used = H.medians(runs, closed_loop=False)
+    assert (med["rps"], used) == (3600.0, 3)
+    med, used = H.medians([{"rps": 1.0, "bound": "client"}], closed_loop=True)
+    assert (med["rps"], used) == (1.0, 1)  # none server-bound: all runs, flagged by the caller
