@@ -194,3 +194,35 @@ def test_wrapping_is_idempotent_and_skips_raw_handlers() -> None:
     assert validating_handler(once) is once
     raw = grpc.unary_unary_rpc_method_handler(unary)  # takes the bytes and decodes itself
     assert validating_handler(raw) is raw
+
+
+class OneMethod(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """A hand-written generic handler (not a ``method_handlers_generic_handler`` dictionary)."""
+
+    def service(self, handler_call_details: Any) -> Any:
+        if handler_call_details.method == "/test.v1.Custom/Unary":
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=Request.FromString,
+                response_serializer=Response.SerializeToString,
+            )
+        return None
+
+
+async def test_hand_written_generic_handlers_are_covered_too() -> None:
+    server = validate_requests(grpc.aio.server())
+    server.add_generic_rpc_handlers((OneMethod(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/test.v1.Custom/Unary", response_deserializer=Response.FromString)
+            assert (await call(VALID)).status == Response.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call(GARBAGE)
+            _check_invalid_argument(caught.value, Request.DESCRIPTOR.full_name)
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await channel.unary_unary("/test.v1.Custom/Other")(VALID)
+            assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await server.stop(0)
