@@ -30,6 +30,7 @@ from aggregator.customer_refresh import refresh_loop, run_refresh
 from aggregator.feature_service import FeatureServicer
 from aggregator.processor import BatchProcessor
 from aggregator.rebuild import rebuild_online
+from aggregator.row_maintenance import RowMaintenance
 from eta.v1 import features_pb2, features_pb2_grpc
 from eta_common.db.migrate import apply_migrations
 from eta_common.grpc_server import GrpcService, run_grpc_service
@@ -55,6 +56,12 @@ def build(settings: config.AggregatorSettings) -> GrpcService:
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
     )
     state: dict[str, asyncpg.Pool] = {}
+    rows = RowMaintenance(
+        store,
+        tick_ms=settings.row_tick_ms,
+        supply_refresh_seconds=settings.supply_refresh_seconds,
+        lookahead_ms=settings.row_lookahead_ms,
+    )
 
     async def ensure_online_state(trigger: str) -> None:
         if not await store.is_initialized():
@@ -133,6 +140,8 @@ def build(settings: config.AggregatorSettings) -> GrpcService:
         on_start=[start],
         background=[
             run_consumer,
+            rows.run_timer,
+            rows.run_supply,
             watchdog,
             accuracy,
             *([customer_refresh] if settings.customer_refresh else []),

@@ -19,7 +19,11 @@ how long after a boundary the refresh runs (longer than the archive lags ingesti
 ingested by the boundary is in PostgreSQL), ``AGGREGATOR_CUSTOMER_REFRESH_RETRY_SECONDS`` [60] how soon a
 failed refresh, or one another replica holds the lock for, is checked again,
 ``AGGREGATOR_CUSTOMER_REFRESH_LOCK_SECONDS`` [900] the lock's expiry (one replica refreshes; a crashed
-one's lock frees itself).
+one's lock frees itself), ``AGGREGATOR_ROW_TICK_MS`` [100] how often the row timer looks for ready rows
+whose ``valid_until`` is within ``AGGREGATOR_ROW_LOOKAHEAD_MS`` [2000] and computes their next row ahead
+of time (a timer lagging more than the lookahead makes reads fall back to the exact read),
+``AGGREGATOR_SUPPLY_REFRESH_SECONDS`` [5] how often the free-driver counts near restaurants are
+recounted into the ready rows (their age; the feature's staleness budget is 60 s).
 Plus ``KAFKA_*``, ``REDIS_URL``, ``DATABASE_URL`` and ``OTEL_*``.
 """
 
@@ -60,6 +64,9 @@ class AggregatorSettings:
     customer_refresh_delay_seconds: float = 60.0
     customer_refresh_retry_seconds: float = 60.0
     customer_refresh_lock_seconds: int = 900
+    row_tick_ms: int = 100
+    row_lookahead_ms: int = 2000
+    supply_refresh_seconds: float = 5.0
 
     @classmethod
     def from_env(cls) -> AggregatorSettings:
@@ -91,5 +98,10 @@ class AggregatorSettings:
             ),
             customer_refresh_lock_seconds=env_int(
                 "AGGREGATOR_CUSTOMER_REFRESH_LOCK_SECONDS", cls.customer_refresh_lock_seconds, minimum=10
+            ),
+            row_tick_ms=env_int("AGGREGATOR_ROW_TICK_MS", cls.row_tick_ms, minimum=10),
+            row_lookahead_ms=env_int("AGGREGATOR_ROW_LOOKAHEAD_MS", cls.row_lookahead_ms, minimum=0),
+            supply_refresh_seconds=env_float(
+                "AGGREGATOR_SUPPLY_REFRESH_SECONDS", cls.supply_refresh_seconds, minimum=0.1
             ),
         )

@@ -48,6 +48,7 @@ ONLINE_FEATURES: tuple[str, ...] = tuple(name for name in F.FEATURE_NAMES if nam
 # until it lands, the previous refresh's values are served.
 DEFAULT_REFRESH_GRACE_MS = 10 * 60_000
 _SUPPLY = F.FREE_DRIVERS_NEARBY
+SUPPLY_AS_OF = F.SUPPLY_AS_OF_LOG_KEY
 
 
 @dataclass(frozen=True)
@@ -133,14 +134,21 @@ def check_consistency(
         key = row.key or str(i)
         rows[key] = row
         queries.append(FeatureQuery(key, row.restaurant_id, row.served_ms, lat, lng))
+        as_of = row.features.get(SUPPLY_AS_OF)
+        if as_of is not None:  # a materialised free-driver count: judged at the instant it was counted
+            queries.append(FeatureQuery(key + SUPPLY_AS_OF, row.restaurant_id, int(as_of), lat, lng))
 
     def racing(times: list[int], at: int) -> bool:
         lo = bisect.bisect_left(times, at - in_flight_ms)
         return lo < len(times) and times[lo] <= at + in_flight_ms
 
     builder = OfflineFeatureBuilder(allowed_lateness_ms=allowed_lateness_ms)
-    for query, offline in builder.run(events, queries):
-        row = rows[query.key]
+    computed = dict((query.key, offline) for query, offline in builder.run(events, queries))
+    for key, row in rows.items():
+        offline = computed[key]
+        supply_as_of = row.features.get(SUPPLY_AS_OF)
+        if supply_as_of is not None:
+            offline = {**offline, _SUPPLY: computed[key + SUPPLY_AS_OF][_SUPPLY]}
         report.predictions += 1
         if customers is not None:
             _check_customer(report, row, customers, refresh_grace_ms=refresh_grace_ms, strict=strict)
@@ -151,13 +159,15 @@ def check_consistency(
             tally.compared += 1
             if _equal(row.features[name], offline[name]):
                 continue
+            at = row.served_ms
             if name == _SUPPLY:
                 times = driver_seen
+                at = int(supply_as_of) if supply_as_of is not None else at
             elif name == F.ORDERS_WAITING_FOR_DRIVER:
                 times = dispatch_seen
             else:
                 times = seen_by_restaurant[row.restaurant_id]
-            if not strict and racing(times, row.served_ms):
+            if not strict and racing(times, at):
                 tally.in_flight += 1
                 continue
             tally.mismatches += 1

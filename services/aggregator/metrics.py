@@ -28,3 +28,15 @@ ARCHIVE_RETRIES = Counter("eta_aggregator_archive_retries_total", "PostgreSQL ar
 ARCHIVED = Counter("eta_aggregator_archived_events_total", "Events newly written to the PostgreSQL archive")
 ARCHIVE_PENDING = Gauge("eta_aggregator_archive_pending_batches", "Processed batches waiting to be archived")
 REBUILDS = Counter("eta_aggregator_rebuilds_total", "Online-store rebuilds from the archive", ["trigger"])
+ROWS_MATERIALIZED = Counter(
+    "eta_aggregator_rows_materialized_total",
+    "Ready rows written outside the update path: by the row timer (a window edge passed) or the supply "
+    "refresher (free-driver counts)",
+    ["by"],
+)
+ROW_TIMER_SECONDS = Histogram(
+    "eta_aggregator_row_timer_seconds", "Re-materialising one claim of due rows", buckets=_LAG_BUCKETS
+)
+SUPPLY_REFRESH_SECONDS = Histogram(
+    "eta_aggregator_supply_refresh_seconds", "One supply refresh (count + write)", buckets=_LAG_BUCKETS
+)

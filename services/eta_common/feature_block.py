@@ -111,6 +111,9 @@ class FeatureBlock:
     # how many rows came from ready rows and how many from the exact read (a row not valid at as_of_ms)
     from_rows: int = 0
     from_fallback: int = 0
+    # per row: the instant its free-driver count is exact for when it was materialised before the read
+    # (NaN: counted by the read itself, exact at as_of_ms); the consistency check judges it there
+    supply_as_of_ms: list[float] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.restaurant_ids)

@@ -14,9 +14,8 @@ __all__ = ["to_feature_value", "to_feature_values"]
 
 def to_feature_value(reading: FeatureReading, now_ms: int) -> features_pb2.FeatureValue:
     value = features_pb2.FeatureValue(name=reading.name, value=reading.value, present=reading.present)
-    if math.isnan(reading.value):
+    if math.isnan(reading.value) and not reading.present:  # an unknown default reads as 0
         value.value = 0.0
-        value.present = False
     if reading.updated_ms is not None:
         value.updated_at.CopyFrom(timestamp_from_ms(reading.updated_ms))
         value.age_seconds = reading.age_seconds(now_ms) or 0.0

@@ -42,6 +42,7 @@ __all__ = [
     "ORDERS_WAITING_FOR_DRIVER",
     "PICKUP_WAIT_MEANS",
     "SETTLED_ORDER_RETENTION_MS",
+    "SUPPLY_AS_OF_LOG_KEY",
     "SUPPLY_RADIUS_KM",
     "WAITING_ORDER_TTL_MS",
     "PickupWaitMean",
@@ -100,6 +101,9 @@ KITCHEN_BUSY = "kitchen_busy"
 # of the restaurant, at their last known position.
 SUPPLY_RADIUS_KM = 3.0
 FREE_DRIVERS_NEARBY = "free_drivers_within_3km"
+# In a logged prediction's features: the instant a materialised free-driver count was exact for (the
+# online/offline check judges the count there, not at the serving time).
+SUPPLY_AS_OF_LOG_KEY = "@" + FREE_DRIVERS_NEARBY
 # The city-wide dispatch backlog: orders PLACED (anywhere in the city) that no driver has been ASSIGNED to
 # (a DriverEvent ASSIGNED carrying the order_id) and that were not CANCELLED. Like a kitchen order, an
 # order PLACED more than WAITING_ORDER_TTL_MS ago (event time) with no assignment is considered abandoned

@@ -127,3 +127,11 @@ MODEL_LOADED_AT = Gauge("eta_prediction_model_loaded_timestamp_seconds", "When t
 MODEL_LOADS = Counter("eta_prediction_model_loads_total", "Model reload attempts by result", ["result"])
 LOG_ROWS = Counter("eta_prediction_log_rows_total", "Prediction log rows by result", ["result"])
 LOG_BUFFERED = Gauge("eta_prediction_log_buffered_rows", "Prediction log rows waiting to be written")
+FEATURE_READS = Counter(
+    "eta_prediction_feature_reads_total",
+    "Restaurants read by path: a ready row valid at the request time (one command), or the exact read "
+    "from the sorted sets (the row was past its valid_until or missing)",
+    ["path"],
+)
+READS_FROM_ROWS = FEATURE_READS.labels("row")
+READS_FROM_FALLBACK = FEATURE_READS.labels("fallback")

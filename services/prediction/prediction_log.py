@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
+from eta_common import features as F
 from eta_common.timeutil import datetime_from_ms
 from prediction import metrics
 
@@ -56,6 +57,9 @@ class LoggedPrediction(NamedTuple):
     names: Sequence[str]  # the model's features (shared, not copied)
     values: Sequence[float]  # aligned with names; NaN = missing
     customer_id: str = ""  # '' when the request named none
+    # when the free-driver count came materialised (a ready row): the instant it is exact for; NaN when
+    # the read counted it (exact at served_ms). Logged as "@free_drivers_within_3km" for the check.
+    supply_as_of_ms: float = math.nan
 
 
 Sink = Callable[[list[tuple[Any, ...]]], Awaitable[None]]
@@ -74,6 +78,7 @@ def features_document(row: LoggedPrediction) -> str:
         keys = _KEYS[names] = [json.dumps(name) + ":" for name in names]
     if len(keys) != len(row.values):
         raise ValueError("feature names and values differ in length")
+    as_of = row.supply_as_of_ms
     return (
         "{"
         + ",".join(
@@ -82,6 +87,7 @@ def features_document(row: LoggedPrediction) -> str:
                 for key, v in zip(keys, row.values, strict=True)
             ]
         )
+        + ("" if math.isnan(as_of) else f',"{F.SUPPLY_AS_OF_LOG_KEY}":{int(as_of)}')
         + "}"
     )
 

@@ -1,7 +1,9 @@
 """Online features for a prediction: one Redis round trip, bounded in time, never an error.
 
-Every read goes through :meth:`eta_common.online_store.OnlineStore.read_block` (one pipeline for
-any number of restaurants). What happens when that cannot work:
+Every read goes through :meth:`eta_common.online_store.OnlineStore.read_block`: one pipeline for any
+number of restaurants, one ``HMGET`` of its ready row per restaurant; a restaurant whose row is not valid
+at the request time is read exactly from its sorted sets in a second round trip
+(``eta_prediction_feature_reads_total{path="row"|"fallback"}``). What happens when that cannot work:
 
 ==============================  ====================================================================
 situation                       answer
@@ -230,6 +232,9 @@ class FeatureReader:
             raise
         breaker.success()
         metrics.STAGE_REDIS.observe(time.perf_counter() - started)
+        metrics.READS_FROM_ROWS.inc(found.from_rows)
+        if found.from_fallback:
+            metrics.READS_FROM_FALLBACK.inc(found.from_fallback)
         return found, None
 
     @staticmethod

@@ -300,7 +300,8 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
 
     def _rows(self, block: FeatureBlock, customer: tuple[float, float], now: int) -> _Rows:
         """Add the request-time features, then per row: each online feature's age, whether it is missing
-        (absent, or NaN: the store had nothing) or stale (older than its budget), and the quality."""
+        (the store has nothing for it; a windowed mean with no sample in its window is present, with the
+        value NaN the model was trained with) or stale (older than its budget), and the quality."""
         hour = float(F.hour_of_week(now))
         clat, clng = customer
         spec = self._online_spec
@@ -319,11 +320,11 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
                 changed = updated[k]
                 if not isnan(changed):  # known
                     age = ages[k] = max(0.0, (now - changed) / 1000.0)
-                    if not present[k] or isnan(values[k]):
+                    if not present[k]:
                         missing.append(name)
                     elif age > budget:
                         stale.append(name)
-                elif not present[k] or isnan(values[k]):
+                elif not present[k]:
                     missing.append(name)
             values[_DISTANCE_IDX] = (
                 haversine(location[0], location[1], clat, clng) if location is not None else nan
@@ -395,8 +396,8 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
                 add(name=name, value=value, present=True)
                 continue
             here = present[column]
-            if isnan(value):  # NaN: nothing to average, or an unknown default
-                value, here = 0.0, False
+            if not here:  # the documented default; an unknown (NaN) one reads as 0
+                value = 0.0 if isnan(value) else value
             fields: dict[str, Any] = {"name": name, "value": value, "present": here}
             updated, event = updated_row[column], event_row[column]
             if not isnan(updated):  # known
@@ -449,6 +450,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         names, columns = model.feature_names, model.columns
         ids = rows.block.restaurant_ids
         version = model.version
+        as_of = rows.block.supply_as_of_ms or [math.nan] * len(qualities)
         for i, (values, quality) in enumerate(zip(rows.values, qualities, strict=True)):
             plog.add(
                 LoggedPrediction(
@@ -463,6 +465,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
                     names,
                     [values[c] for c in columns],
                     customer_id,
+                    as_of[i],
                 )
             )
         metrics.LOG_BUFFERED.set(len(plog))

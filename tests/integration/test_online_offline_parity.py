@@ -157,19 +157,26 @@ async def test_online_scripts_equal_offline_builder(stack: LocalStack) -> None:
                 batch.append(ev)
                 offline.apply(ev)
             await store.apply([_update(ev) for ev in batch], now_ms=checkpoint)
+            # the supply counts the aggregator materialises (from the driver state of this checkpoint)
+            await store.refresh_supply(now_ms=checkpoint, owner="parity", hold_ms=1)
             for rid in (f"{prefix}-r0", f"{prefix}-r1", f"{prefix}-r2"):
-                online = await store.read_restaurant(rid, now_ms=checkpoint)
-                assert online.location is not None
-                expected = offline.features_at(FeatureQuery("q", rid, checkpoint, *online.location))
-                for name, value in expected.items():
-                    got = online.readings[name].value
-                    if math.isnan(value):
-                        assert math.isnan(got), (name, checkpoint)
-                    else:
-                        assert got == pytest.approx(value), (rid, name, checkpoint)
-                    compared += 1
-                backlog.append(online.readings[F.ORDERS_WAITING_FOR_DRIVER].value)
-        assert compared > 300
+                located = await store.read_restaurant(rid, now_ms=checkpoint)  # FeatureService's read
+                assert located.location is not None
+                wanted = [(rid, located.location)]
+                from_row = await store.read_block(wanted, now_ms=checkpoint)  # the serving read
+                exact = await store.read_exact(wanted, now_ms=checkpoint)  # its fallback
+                assert (from_row.from_rows, exact.from_fallback) == (1, 1)
+                expected = offline.features_at(FeatureQuery("q", rid, checkpoint, *located.location))
+                for online in (located, from_row.restaurant(0), exact.restaurant(0)):
+                    for name, value in expected.items():
+                        got = online.readings[name].value
+                        if math.isnan(value):
+                            assert math.isnan(got), (name, checkpoint)
+                        else:
+                            assert got == pytest.approx(value), (rid, name, checkpoint)
+                        compared += 1
+                backlog.append(located.readings[F.ORDERS_WAITING_FOR_DRIVER].value)
+        assert compared > 900
         assert idx > 1000
         # the backlog was really exercised: known, non-zero, and moving between checkpoints
         assert not any(math.isnan(v) for v in backlog)

@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from aggregator.row_maintenance import RowMaintenance
 from devstack.infra import ChildProcess, start_postgres, start_redis
 from devstack.stack import LocalStack, ServicePorts
 from eta.v1 import eta_pb2, eta_pb2_grpc, events_pb2
@@ -41,6 +42,7 @@ from eta_common.online_store import (
     RestaurantUpdate,
     decode_geohashes,
     driver_keys,
+    row_key,
 )
 from eta_common.timeutil import now_ms
 from prediction.config import ONLINE_FEATURES
@@ -156,14 +158,21 @@ async def serving(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ser
     proxy = RedisProxy(redis.port)
     stack = LocalStack(workdir, ports=ServicePorts.free(), use_env_endpoints=False)
     channel: grpc.aio.Channel | None = None
+    background: list[asyncio.Task[None]] = []
+    store = OnlineStore.from_url(redis.url)
     try:
         await apply_migrations(postgres.url)
         blob = await asyncio.to_thread(synthetic_bundle, rows=2000, rounds=30, seed=1)
         await register(postgres.url, "v1", blob)
-        store = OnlineStore.from_url(redis.url)
         city = (await populate_city(store, now_ms=now_ms(), restaurants=120)).restaurants
         await write_exact_restaurants(store, now_ms())
-        await store.close()
+        # the aggregator's row maintenance (timer + supply counts), as it runs in eta-aggregator
+        maintenance = RowMaintenance(store, tick_ms=100, supply_refresh_seconds=1.0)
+        await maintenance.refresh_supply()
+        background = [
+            asyncio.create_task(maintenance.run_timer()),
+            asyncio.create_task(maintenance.run_supply()),
+        ]
         await seed_customer(postgres.url, redis.url, EXACT_CUSTOMER, now_ms())
         await proxy.start()
         stack.redis_url, stack.database_url = proxy.url, postgres.url
@@ -184,6 +193,11 @@ async def serving(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ser
         channel = grpc.aio.insecure_channel(stack.target("prediction"))
         yield Serving(workdir, redis, postgres, proxy, stack, channel, city, {"v1": load_model("v1", blob)})
     finally:
+        for task in background:
+            task.cancel()
+        if background:
+            await asyncio.wait(background, timeout=5)
+        await asyncio.wait_for(store.close(), timeout=5)
         if channel is not None:
             await channel.close()
         stack.stop()
@@ -352,7 +366,11 @@ async def test_every_prediction_is_logged_with_its_features_and_model(serving: S
         single.eta_high_minutes,
     )
     assert logged["feature_quality"] == "COMPLETE"
-    assert json.loads(logged["features"]) == {f.name: f.value for f in single.features}
+    document = json.loads(logged["features"])
+    # served from a ready row: the free-driver count is logged with the instant it was counted
+    supply_as_of = document.pop(F.SUPPLY_AS_OF_LOG_KEY)
+    assert 0 < supply_as_of <= logged["served_at"].timestamp() * 1000
+    assert document == {f.name: f.value for f in single.features}
     assert (anonymous.request_id, "exact-3") in by_key
     assert {k[1] for k in by_key if k[0] == "feed-1"} == {"exact-0", "exact-1", "exact-2"}
     assert by_key[("feed-1", "exact-1")]["eta_minutes"] == feed.etas[1].eta_minutes
@@ -524,3 +542,89 @@ async def test_a_promoted_model_is_picked_up_atomically_while_requests_flow(serv
         r'eta_prediction_model_info\{kind="lightgbm",scorer="(compiled|fast)",version="v2"\} 1.0',
         serving.metrics(),
     )
+
+
+async def test_answers_follow_orders_leaving_the_10_and_30_minute_windows(serving: Serving) -> None:
+    """Orders placed just under 10 and 30 minutes ago leave their windows a few seconds into the test;
+    the aggregator's row maintenance (the same code, run here) re-materialises the rows at those edges.
+    Polling PredictEta and PredictEtaBatch throughout: every answer requested after an edge shows the
+    drained count, every answer received before it the full one — whether it came from a ready row or
+    from the exact fallback read."""
+    store = OnlineStore.from_url(serving.redis.url)
+    lat, lng = EXACT_AT
+    start = now_ms()
+    edge_10, edge_30 = start + 4_000, start + 7_000
+    rids = ["drain-0", "drain-1"]
+    updates: list[RestaurantUpdate | DriverUpdate] = []
+    for rid in rids:
+        updates += [
+            RestaurantUpdate(rid, "PLACED", f"{rid}-a", edge_10 - F.NUM_ORDERS_10.window_ms, lat, lng),
+            RestaurantUpdate(rid, "PLACED", f"{rid}-b", edge_30 - F.NUM_ORDERS_30.window_ms, lat, lng),
+        ]
+    await store.apply(updates, now_ms=start)
+    await poll_until(lambda: _has_supply(store, rids), bool, timeout=5)  # counted by the fixture's refresher
+    reads_before = _feature_reads(serving.metrics())
+    seen: list[tuple[int, int, float, float]] = []  # sent, received, num_orders_10, num_orders_30
+    batch = eta_pb2.PredictEtaBatchRequest(
+        customer_location=events_pb2.GeoPoint(lat=lat + 0.02, lng=lng + 0.03),
+        restaurants=[
+            eta_pb2.RestaurantLocation(restaurant_id=rid, location=events_pb2.GeoPoint(lat=lat, lng=lng))
+            for rid in rids
+        ],
+    )
+    try:
+        while now_ms() < edge_30 + 2_000:
+            sent = now_ms()
+            one = await serving.stub.PredictEta(
+                eta_pb2.PredictEtaRequest(
+                    restaurant_id=rids[0],
+                    restaurant_location=events_pb2.GeoPoint(lat=lat, lng=lng),
+                    customer_location=batch.customer_location,
+                ),
+                timeout=5,
+            )
+            got = {f.name: f.value for f in one.features}
+            if not one.degradations:  # a degraded answer (e.g. a Redis timeout on a loaded machine) says so
+                seen.append((sent, now_ms(), got[F.NUM_ORDERS_10.name], got[F.NUM_ORDERS_30.name]))
+            sent = now_ms()
+            many = await serving.stub.PredictEtaBatch(batch, timeout=5)
+            received = now_ms()
+            columns = list(many.feature_names)
+            i10, i30 = columns.index(F.NUM_ORDERS_10.name), columns.index(F.NUM_ORDERS_30.name)
+            for eta in many.etas if not many.degradations else []:
+                seen.append((sent, received, eta.feature_values[i10], eta.feature_values[i30]))
+            await asyncio.sleep(0.03)
+    finally:
+        await store.close()
+
+    def expected(at: int) -> tuple[float, float]:
+        # order a leaves the 10-minute window at edge_10 (it stays in the 30-minute one); b leaves the
+        # 30-minute window at edge_30
+        return (0.0 if at >= edge_10 else 1.0, 1.0 if at >= edge_30 else 2.0)
+
+    checked = 0
+    for sent, received, n10, n30 in seen:
+        if expected(sent) == expected(received):  # no edge while the call was in flight
+            assert (n10, n30) == expected(sent), (sent - start, received - start, n10, n30)
+            checked += 1
+    assert {expected(s) for s, r, *_ in seen if expected(s) == expected(r)} == {
+        (1.0, 2.0),
+        (0.0, 2.0),
+        (1.0, 1.0) if edge_30 < edge_10 else (0.0, 1.0),
+    }
+    assert checked > len(seen) * 0.8
+    reads = _feature_reads(serving.metrics())
+    assert reads["row"] > reads_before["row"]  # the rows served (the timer kept them valid)
+
+
+async def _has_supply(store: OnlineStore, restaurant_ids: list[str]) -> bool:
+    return all([await store.client.hexists(row_key(rid), "s") for rid in restaurant_ids])
+
+
+def _feature_reads(metrics_text: str) -> dict[str, float]:
+    found = dict.fromkeys(("row", "fallback"), 0.0)
+    for path, value in re.findall(
+        r'^eta_prediction_feature_reads_total\{path="(\w+)"\} ([0-9.e+]+)$', metrics_text, re.M
+    ):
+        found[path] = float(value)
+    return found

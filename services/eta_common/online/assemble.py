@@ -41,12 +41,15 @@ META_FIELDS = (
 
 
 class Supply(NamedTuple):
-    """Free drivers near a restaurant, with its provenance (ms, NaN when unknown)."""
+    """Free drivers near a restaurant, with its provenance (ms, NaN when unknown) and the instant the
+    count is exact for: ``as_of_ms`` for a materialised count, NaN for one counted by the read itself
+    (exact at the read's time)."""
 
     drivers: float
     updated_ms: float
     event_ms: float
     writer: Any
+    as_of_ms: float = math.nan
 
 
 class RestaurantState(NamedTuple):
@@ -159,6 +162,7 @@ def assemble(
     updated_rows: list[list[float]] = []
     event_rows: list[list[float]] = []
     writers: list[Sequence[Any]] = []
+    supply_as_of: list[float] = []
     for state in states:
         meta = state.meta
         values, present = base_values.copy(), base_present.copy()
@@ -182,6 +186,7 @@ def assemble(
         present[_BUSY_COLUMN] = status is not None
         supply = state.supply
         supply_ref = None
+        supply_as_of.append(nan if supply is None else supply.as_of_ms)
         if supply is not None and not math.isnan(supply.drivers):  # NaN: counted, but unknowable
             values[_FREE_COLUMN], present[_FREE_COLUMN] = supply.drivers, True
             updated[_FREE_COLUMN], event[_FREE_COLUMN] = supply.updated_ms, supply.event_ms
@@ -200,6 +205,8 @@ def assemble(
                     per_column[k] = ref
             per_column[_FREE_COLUMN], per_column[_BACKLOG_COLUMN] = supply_ref, dispatch_ref
             writers.append(per_column)
-    return FeatureBlock(
+    block = FeatureBlock(
         restaurant_ids, locations, now_ms, values_rows, present_rows, updated_rows, event_rows, writers
     )
+    block.supply_as_of_ms = supply_as_of
+    return block

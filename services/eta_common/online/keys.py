@@ -19,9 +19,11 @@ key                            type    content
 ``rst:{R}:row``                hash    the **ready row**: ``w`` every restaurant feature at the time it
                                        was computed with ``valid_until`` (see ``rows``), ``s`` the
                                        materialised free-driver count with its as-of time
-``eta:rows:{<b>}``             zset    restaurant_id → valid_until of its row, for the restaurants of
-                                       bucket ``b`` (crc32 of the id mod :data:`ROW_BUCKETS`): the
-                                       row timer's schedule and the supply refresher's list
+``eta:rows:{C:<b>}``           zset    restaurant_id → when the row timer should next look at its row
+                                       (its valid_until), for the city's restaurants of bucket ``b``
+                                       (crc32 of the id mod :data:`ROW_BUCKETS`): the row timer's
+                                       schedule and the supply refresher's list
+``eta:supply:{C:<b>}``         string  who refreshes the bucket's supply counts this period (SET NX PX)
 ``drv:{C}:free``               geo     free drivers at their last position
 ``drv:{C}:state``              hash    driver_id → "status|event_ms" (ordering guard)
 ``drv:{C}:waiting``            zset    order_id → PLACED event time, for orders of the city with no
@@ -50,6 +52,7 @@ __all__ = [
     "restaurant_keys",
     "row_bucket",
     "row_key",
+    "supply_lock_key",
 ]
 
 CITY = "city"
@@ -93,5 +96,9 @@ def row_bucket(restaurant_id: str) -> int:
     return zlib.crc32(restaurant_id.encode()) % ROW_BUCKETS
 
 
-def due_key(bucket: int) -> str:
-    return f"eta:rows:{{{bucket}}}"
+def due_key(bucket: int, city: str = CITY) -> str:
+    return f"eta:rows:{{{city}:{bucket}}}"
+
+
+def supply_lock_key(bucket: int, city: str = CITY) -> str:
+    return f"eta:supply:{{{city}:{bucket}}}"

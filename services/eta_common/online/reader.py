@@ -24,7 +24,7 @@ from eta_common.online.connection import Pipelines
 from eta_common.online.exact import RESTAURANT_READ_REPLIES, Bounds, queue_city, queue_exact, reduce_exact
 from eta_common.online.geo import BULK_NEARBY_MIN, count_within, covering_disc, decode_geohashes
 from eta_common.online.keys import CITY, driver_keys
-from eta_common.online.rows import ROW_FIELDS, Row, parse_row, parse_supply
+from eta_common.online.rows import ROW_FIELDS, parse_row, parse_supply, valid_row
 
 __all__ = ["OnlineReader"]
 
@@ -70,10 +70,10 @@ class OnlineReader(Pipelines):
             base += CUSTOMER_READ_REPLIES
         states: list[RestaurantState | None] = []
         stale: list[int] = []
-        for i, (w, s) in enumerate(results[base:]):
+        for i, (w, n, s) in enumerate(results[base:]):
             supply = parse_supply(s)
-            row = parse_row(w, supply) if supply is not None else None
-            if row is not None and row.valid_at(now_ms):
+            row = valid_row(w, n, supply, now_ms) if supply is not None else None
+            if row is not None:
                 states.append(row.state)
             else:
                 states.append(None)
@@ -92,6 +92,24 @@ class OnlineReader(Pipelines):
         )
         block.from_fallback = len(stale)
         block.from_rows = len(requests) - len(stale)
+        return block
+
+    async def read_exact(self, requests: Sequence[tuple[str, Location]], *, now_ms: int) -> FeatureBlock:
+        """The exact read from the sorted sets, ignoring the ready rows (the source of truth: checks,
+        tests, and what the serving read falls back to)."""
+        bounds = Bounds.at(now_ms)
+        city_keys = self._reader_city_keys
+
+        def build(pipe: Any) -> None:
+            queue_city(pipe, city_keys, bounds)
+
+        waiting, fields = await self._run(build, scripts=False)
+        city = City.of(waiting, fields)
+        states = await self._read_exact(requests, bounds, city) if requests else []
+        block = assemble(
+            [rid for rid, _ in requests], [loc for _, loc in requests], now_ms, states, city, NO_CUSTOMER
+        )
+        block.from_fallback = len(requests)
         return block
 
     async def _read_exact(
@@ -164,11 +182,13 @@ class OnlineReader(Pipelines):
             queue_city(pipe, city_keys, bounds)
             pipe.hmget(f"rst:{{{restaurant_id}}}:row", ROW_FIELDS)
 
-        waiting, city_fields, (w, s) = await self._run(build, scripts=False)
+        waiting, city_fields, (w, n, s) = await self._run(build, scripts=False)
         city = City.of(waiting, city_fields)
-        row: Row | None = parse_row(w, parse_supply(s)) if w else None
-        stored = row.location if row is not None else None
-        if row is not None and row.state.supply is not None and row.valid_at(now_ms):
+        supply = parse_supply(s)
+        row = valid_row(w, n, supply, now_ms) if supply is not None else None
+        any_row = row or parse_row(w, supply)
+        stored = any_row.location if any_row is not None else None
+        if row is not None:
             block = assemble([restaurant_id], [stored], now_ms, [row.state], city, NO_CUSTOMER)
             block.from_rows = 1
             return block.restaurant(0)

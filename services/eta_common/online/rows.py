@@ -8,6 +8,8 @@
   when no window can change without a new event). The row is exact for a read at ``t`` with
   ``computed_ms <= t < valid_until_ms``: nothing enters or leaves a window in that interval, and any new
   event rewrites the row in the same script call that applies it.
+* ``n``, the same as ``w`` computed ahead of time as of ``w``'s ``valid_until`` by the row timer (a read
+  uses whichever of the two is valid at its time; any update rewrites ``w`` and drops ``n``).
 * ``s``, written by the supply refresher: ``count | as_of_ms | drivers_event_ms | writer``: the free
   drivers within the supply radius counted at ``as_of_ms`` (its age is ``now - as_of_ms``; the feature's
   staleness budget bounds it).
@@ -23,10 +25,10 @@ from typing import Any
 from eta_common import features as F
 from eta_common.online.assemble import RestaurantState, Supply, num
 
-__all__ = ["ROW_FIELDS", "ROW_VERSION", "Row", "parse_row", "parse_supply", "supply_text"]
+__all__ = ["ROW_FIELDS", "ROW_VERSION", "Row", "parse_row", "parse_supply", "supply_text", "valid_row"]
 
 ROW_VERSION = b"r1"
-ROW_FIELDS = ("w", "s")
+ROW_FIELDS = ("w", "n", "s")
 _NWIN = len(F.WINDOW_COUNTS)
 _NMEANS = len(F.WINDOW_MEANS) + len(F.PICKUP_WAIT_MEANS)
 _KITCHEN = 3 + _NWIN
@@ -83,10 +85,20 @@ def parse_supply(s: Any) -> Supply | None:
     if not s:
         return None
     count, as_of, event, writer = s.split(b"|")
-    return Supply(float(count), float(as_of), num(event), writer or None)
+    at = float(as_of)
+    return Supply(float(count), at, num(event), writer or None, at)
 
 
 def supply_text(count: int, as_of_ms: int, event_ms: int | None, writer: Any) -> str:
     """The ``s`` field of a count taken at ``as_of_ms`` (``writer``: the drivers group's t: reference)."""
     ref = writer.decode() if isinstance(writer, bytes) else (writer or "")
     return f"{count}|{as_of_ms}|{'' if event_ms is None else event_ms}|{ref}"
+
+
+def valid_row(w: Any, n: Any, supply: Supply | None, t: int) -> Row | None:
+    """The one of the two row versions that is valid at ``t`` (None: neither; read exactly)."""
+    row = parse_row(w, supply)
+    if row is not None and row.valid_at(t):
+        return row
+    ahead = parse_row(n, supply) if n else None
+    return ahead if ahead is not None and ahead.valid_at(t) else None

@@ -4,9 +4,11 @@
   restaurant, which also re-materialises its ready row, and one ``apply_city`` call), then registers each
   touched row's ``valid_until`` in its due bucket (a second, small pipeline).
 * The **row timer** (:meth:`claim_due` + :meth:`materialize`) re-materialises rows whose ``valid_until``
-  has passed: windows drain by themselves, so a quiet restaurant's row must be recomputed when its
-  oldest order leaves a window. Claims are leased in Redis, so several aggregators share the work and a
-  dead one's claims come back.
+  is near: windows drain by themselves, so a quiet restaurant's row must be recomputed when its oldest
+  order leaves a window. It computes the next row ahead of time, as of the edge, into the row's ``n``
+  field (readers take whichever of ``w`` and ``n`` is valid), so reads do not depend on the timer's
+  punctuality. Claims are leased in Redis, so several aggregators share the work and a dead one's
+  claims come back.
 * The **supply refresher** (:meth:`refresh_supply`) counts the free drivers near every restaurant of the
   buckets it holds (one GEOSEARCH around them all, counted with Redis' own arithmetic) and writes each
   count into the restaurant's row: a prediction no longer searches the geo index.
@@ -39,6 +41,7 @@ from eta_common.online.keys import (
     restaurant_keys,
     row_bucket,
     row_key,
+    supply_lock_key,
 )
 from eta_common.online.rows import supply_text
 from eta_common.online.updates import DISPATCH_ORDER_EVENTS, DriverUpdate, RestaurantUpdate
@@ -82,7 +85,9 @@ class OnlineWriter(Pipelines):
         self.city = city
         self._city_keys = driver_keys(city)
 
-    def _queue_restaurant(self, pipe: Any, restaurant_id: str, now_ms: int, updates_json: str) -> None:
+    def _queue_restaurant(
+        self, pipe: Any, restaurant_id: str, now_ms: int, updates_json: str, *ahead: Any
+    ) -> None:
         keys = restaurant_keys(restaurant_id)
         pipe.evalsha(
             self._sha["apply_restaurant"],
@@ -104,6 +109,7 @@ class OnlineWriter(Pipelines):
             _COUNT_WINDOWS,
             _PREP_WINDOWS,
             _PICKUP_WINDOWS,
+            *ahead,
         )
 
     async def apply(self, updates: Sequence[RestaurantUpdate | DriverUpdate], *, now_ms: int) -> list[int]:
@@ -179,16 +185,21 @@ class OnlineWriter(Pipelines):
             await self._register(due)
         return changed
 
-    async def materialize(self, restaurant_ids: Sequence[str], *, now_ms: int) -> dict[str, float]:
-        """Recompute the rows of these restaurants at ``now_ms`` and register their new ``valid_until``
-        (returned, ``inf`` when no window can change by itself)."""
+    async def materialize(
+        self, restaurant_ids: Sequence[str], *, now_ms: int, lookahead_ms: int = 0
+    ) -> dict[str, float]:
+        """Recompute the rows of these restaurants and register when each is next due (returned, ``inf``
+        when no window can change by itself). Without ``lookahead_ms``: as of ``now_ms``. With it (the
+        row timer): as of each row's ``valid_until``, into the row's ``n`` field when that is still
+        ahead, so a read at the edge finds a valid row without waiting for the timer."""
         if not restaurant_ids:
             return {}
         queue_restaurant = self._queue_restaurant
+        ahead = ("ahead", lookahead_ms) if lookahead_ms > 0 else ()
 
         def build(pipe: Any) -> None:
             for restaurant_id in restaurant_ids:
-                queue_restaurant(pipe, restaurant_id, now_ms, _EMPTY)
+                queue_restaurant(pipe, restaurant_id, now_ms, _EMPTY, *ahead)
 
         results = await self._run(build)
         due = [(rid, _valid_until(result)[1]) for rid, result in zip(restaurant_ids, results, strict=True)]
@@ -203,7 +214,7 @@ class OnlineWriter(Pipelines):
 
         def build(pipe: Any) -> None:
             for bucket, mapping in buckets.items():
-                pipe.zadd(due_key(bucket), mapping)
+                pipe.zadd(due_key(bucket, self.city), mapping)
 
         await self._run(build, scripts=False)
 
@@ -216,7 +227,7 @@ class OnlineWriter(Pipelines):
 
         def build(pipe: Any) -> None:
             for bucket in chosen:
-                pipe.evalsha(self._sha["claim_due"], 1, due_key(bucket), now_ms, lease_ms, limit)
+                pipe.evalsha(self._sha["claim_due"], 1, due_key(bucket, self.city), now_ms, lease_ms, limit)
 
         results = await self._run(build)
         return [member.decode() for members in results for member in members]
@@ -228,7 +239,7 @@ class OnlineWriter(Pipelines):
 
         def lock(pipe: Any) -> None:
             for bucket in range(ROW_BUCKETS):
-                pipe.set(f"eta:supply:{{{bucket}}}", owner, nx=True, px=hold_ms)
+                pipe.set(supply_lock_key(bucket, self.city), owner, nx=True, px=hold_ms)
 
         held = [
             bucket
@@ -240,7 +251,7 @@ class OnlineWriter(Pipelines):
 
         def members(pipe: Any) -> None:
             for bucket in held:
-                pipe.zrange(due_key(bucket), 0, -1)
+                pipe.zrange(due_key(bucket, self.city), 0, -1)
 
         ids = [m.decode() for found in await self._run(members, scripts=False) for m in found]
         if not ids:

@@ -16,7 +16,7 @@ from eta_common import features as F
 from eta_common.feature_block import FeatureBlock
 from eta_common.online.assemble import NO_CUSTOMER, City, assemble
 from eta_common.online.exact import Bounds, queue_city
-from eta_common.online.rows import Row, parse_row, parse_supply
+from eta_common.online.rows import Row, parse_row, parse_supply, valid_row
 from eta_common.online_store import DriverUpdate, OnlineStore, RestaurantUpdate, due_key, row_bucket, row_key
 
 T0 = 1_800_000_000_000
@@ -146,14 +146,14 @@ async def test_a_row_is_exact_until_valid_until_and_the_timer_keeps_it_so(
 async def test_the_row_timer_claims_due_rows_once_per_lease(store: OnlineStore) -> None:
     await store.apply([RestaurantUpdate("timer-r", "PLACED", "o1", T0, *AT)], now_ms=T0)
     until = T0 + F.NUM_ORDERS_10.window_ms
-    assert await store.client.zscore(due_key(row_bucket("timer-r")), "timer-r") == until
+    assert await store.client.zscore(due_key(row_bucket("timer-r"), store.city), "timer-r") == until
     assert await store.claim_due(now_ms=until - 1, lease_ms=1000, limit=100) == []
     assert await store.claim_due(now_ms=until, lease_ms=1000, limit=100) == ["timer-r"]
     assert await store.claim_due(now_ms=until + 500, lease_ms=1000, limit=100) == []  # leased
     assert await store.claim_due(now_ms=until + 1000, lease_ms=1000, limit=100) == ["timer-r"]  # lease lapsed
     await store.materialize(["timer-r"], now_ms=until + 1000)
     next_edge = T0 + F.NUM_ORDERS_30.window_ms
-    assert await store.client.zscore(due_key(row_bucket("timer-r")), "timer-r") == next_edge
+    assert await store.client.zscore(due_key(row_bucket("timer-r"), store.city), "timer-r") == next_edge
 
 
 async def test_serving_reads_rows_when_valid_and_falls_back_exactly_otherwise(store: OnlineStore) -> None:
@@ -208,3 +208,40 @@ def _diff(a: FeatureBlock, b: FeatureBlock) -> list[tuple[str, int, object, obje
             if x != y and not (isinstance(x, float) and math.isnan(x) and math.isnan(y)):
                 out.append((name, k, x, y))
     return out
+
+
+async def test_the_timer_computes_rows_ahead_so_every_edge_is_served_from_a_row(store: OnlineStore) -> None:
+    """A timer running ``lookahead`` before each edge (and sometimes late) writes the next row as of the
+    edge; reads at every millisecond around each edge find a valid row, equal to the exact read."""
+    rng = random.Random(11)
+    restaurant = "ahead-r"
+    start = T0
+    await store.apply(_timeline(rng, restaurant, start, 30), now_ms=start)
+    lookahead = 2_000
+    key = due_key(row_bucket(restaurant), store.city)
+    clock = start
+    edges = 0
+    for _ in range(400):
+        due = await store.client.zscore(key, restaurant)
+        if due is None or math.isinf(due):
+            break
+        clock = max(clock, int(due) - lookahead + rng.choice((0, 0, 500, 1_500, 3_000)))  # punctual or late
+        claimed = await store.claim_due(now_ms=clock + lookahead, lease_ms=1_000, limit=10)
+        assert claimed == [restaurant]
+        await store.materialize(claimed, now_ms=clock, lookahead_ms=lookahead)
+        w, n = await store.client.hmget(row_key(restaurant), ["w", "n"])
+        current = parse_row(w, None)
+        assert current is not None
+        probes = {clock, current.computed_ms}
+        if math.isfinite(current.valid_until_ms):
+            probes.add(int(current.valid_until_ms) - 1)
+            if n is not None:  # computed ahead: valid from the edge on
+                probes.add(int(current.valid_until_ms))
+        for probe in sorted(p for p in probes if p >= clock):
+            row = valid_row(w, n, None, probe)
+            assert row is not None, (probe - start, edges)
+            exact = await _exact(store, restaurant, probe)
+            served = await _from_row(store, row, restaurant, probe)
+            assert _same(served, exact), _diff(served, exact)
+        edges += n is not None
+    assert edges > 20

@@ -5,9 +5,10 @@
 -- cjson: no per-argument overhead) of [type, order_id, event_ms, lat ('' if none), lng, writer span
 -- ('' if not sampled)] (event_ms, lat and lng as strings, kept exactly as written), then the row's
 -- windows as comma-separated milliseconds: the order-count windows, the prep-mean windows, the
--- pickup-wait-mean windows. An empty update array only re-materialises the row (the row timer).
--- Returns "<flags>|<valid_until>": one '0'/'1' "changed" flag per update, and the instant (ms) from
--- which the row is no longer exact with no new event ('' when no window can change by itself).
+-- pickup-wait-mean windows, and optionally 'ahead' and the lookahead ms (the row timer; see the end).
+-- An empty update array only re-materialises the row.
+-- Returns "<flags>|<due>": one '0'/'1' "changed" flag per update, and when the row timer should next
+-- look at this row (ms; the row's valid_until, '' when no window can change by itself).
 -- Per batch, not per update: the trims (at the batch's newest event time: a trim never changes a value
 -- read at "now") and the group bookkeeping (u:/e:/t:) — the same end state with far fewer Redis calls.
 local placed, kitchen, prep, meta, pickup, rowkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
@@ -112,57 +113,89 @@ for group, g in pairs(groups) do
 end
 if #fields > 0 then redis.call('HSET', meta, unpack(fields)) end
 
--- The ready row: every windowed value at `now`, exactly as a read at `now` computes it from the sorted
--- sets, and valid_until: the earliest instant a window's value changes with no new event (the oldest
--- member in a window leaves it at score + W; a member dated after `now` enters at its score). A read at
--- t with computed <= t < valid_until is therefore exact.
+-- The ready row: every windowed value at instant t, exactly as a read at t computes it from the sorted
+-- sets, and valid_until: the earliest instant after t a window's value changes with no new event (the
+-- oldest member in a window leaves it at score + W; a member dated after t enters at its score). A read
+-- at t' with t <= t' < valid_until is therefore exact.
 local function windows(csv)
   local out = {}
   for w in string.gmatch(csv, '[^,]+') do out[#out + 1] = tonumber(w) end
   return out
 end
-local t = tonumber(now)
-local vu = nil
-local function until_(at) if not vu or at < vu then vu = at end end
-local function oldest(key, low, w)  -- the first member in (low, t] leaves the window at score + w
-  local first = redis.call('ZRANGEBYSCORE', key, '(' .. low, t, 'WITHSCORES', 'LIMIT', 0, 1)
-  if first[2] then until_(tonumber(first[2]) + w) end
-end
-local function upcoming(key)  -- a member dated after t enters the windows at its score
-  local nxt = redis.call('ZRANGEBYSCORE', key, '(' .. t, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-  if nxt[2] then until_(tonumber(nxt[2])) end
-end
-local row = {'r1', string.format('%d', t), ''}
-for _, w in ipairs(windows(ARGV[9])) do
-  local low = t - w
-  row[#row + 1] = redis.call('ZCOUNT', placed, '(' .. low, t)
-  oldest(placed, low, w)
-end
-upcoming(placed)
-local klow = t - kitchen_ttl
-row[#row + 1] = redis.call('ZCOUNT', kitchen, '(' .. klow, '+inf')
-local kfirst = redis.call('ZRANGEBYSCORE', kitchen, '(' .. klow, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-if kfirst[2] then until_(tonumber(kfirst[2]) + kitchen_ttl) end
-local function means(key, csv)  -- per window "sum|n" of the values after each member's last ':'
-  local any = false
-  for _, w in ipairs(windows(csv)) do
-    local low = t - w
-    local members = redis.call('ZRANGEBYSCORE', key, '(' .. low, t)
-    local sum = 0
-    for _, m in ipairs(members) do sum = sum + tonumber(string.match(m, '[^:]*$')) end
-    row[#row + 1] = string.format('%d', sum)
-    row[#row + 1] = #members
-    if #members > 0 then oldest(key, low, w) end
-    any = true
+local COUNTS, PREPS, PICKUPS = windows(ARGV[9]), windows(ARGV[10]), windows(ARGV[11])
+local function materialize(t)
+  local vu = nil
+  local function until_(at) if not vu or at < vu then vu = at end end
+  local function oldest(key, low, w)  -- the first member in (low, t] leaves the window at score + w
+    local first = redis.call('ZRANGEBYSCORE', key, '(' .. low, t, 'WITHSCORES', 'LIMIT', 0, 1)
+    if first[2] then until_(tonumber(first[2]) + w) end
   end
-  if any then upcoming(key) end
+  local function upcoming(key)  -- a member dated after t enters the windows at its score
+    local nxt = redis.call('ZRANGEBYSCORE', key, '(' .. t, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    if nxt[2] then until_(tonumber(nxt[2])) end
+  end
+  local row = {'r1', string.format('%d', t), ''}
+  for _, w in ipairs(COUNTS) do
+    local low = t - w
+    row[#row + 1] = redis.call('ZCOUNT', placed, '(' .. low, t)
+    oldest(placed, low, w)
+  end
+  upcoming(placed)
+  local klow = t - kitchen_ttl
+  row[#row + 1] = redis.call('ZCOUNT', kitchen, '(' .. klow, '+inf')
+  local kfirst = redis.call('ZRANGEBYSCORE', kitchen, '(' .. klow, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if kfirst[2] then until_(tonumber(kfirst[2]) + kitchen_ttl) end
+  local function means(key, list)  -- per window "sum|n" of the values after each member's last ':'
+    for _, w in ipairs(list) do
+      local low = t - w
+      local members = redis.call('ZRANGEBYSCORE', key, '(' .. low, t)
+      local sum = 0
+      for _, m in ipairs(members) do sum = sum + tonumber(string.match(m, '[^:]*$')) end
+      row[#row + 1] = string.format('%d', sum)
+      row[#row + 1] = #members
+      if #members > 0 then oldest(key, low, w) end
+    end
+    if #list > 0 then upcoming(key) end
+  end
+  means(prep, PREPS)
+  means(pickup, PICKUPS)
+  local fields = redis.call('HMGET', meta, 'status', 'lat', 'lng', 'u:orders', 'e:orders', 't:orders',
+    'u:kitchen', 'e:kitchen', 't:kitchen', 'u:status', 'e:status', 't:status', 'u:pickup', 'e:pickup',
+    't:pickup')
+  for i = 1, 15 do row[#row + 1] = fields[i] or '' end
+  if vu then row[3] = string.format('%d', vu) end
+  return table.concat(row, '|'), row[3]
 end
-means(prep, ARGV[10])
-means(pickup, ARGV[11])
-local fields = redis.call('HMGET', meta, 'status', 'lat', 'lng', 'u:orders', 'e:orders', 't:orders',
-  'u:kitchen', 'e:kitchen', 't:kitchen', 'u:status', 'e:status', 't:status', 'u:pickup', 'e:pickup',
-  't:pickup')
-for i = 1, 15 do row[#row + 1] = fields[i] or '' end
-if vu then row[3] = string.format('%d', vu) end
-redis.call('HSET', rowkey, 'w', table.concat(row, '|'))
-return table.concat(out) .. '|' .. row[3]
+
+local real = tonumber(now)
+if ARGV[12] ~= 'ahead' then
+  -- an update (or a plain re-materialisation) at `now`: the row as of now; a row computed ahead of time
+  -- no longer holds (it lacks these updates)
+  local text, vu = materialize(real)
+  redis.call('HSET', rowkey, 'w', text)
+  redis.call('HDEL', rowkey, 'n')
+  return table.concat(out) .. '|' .. vu
+end
+-- The row timer, ahead of time (ARGV[13]: lookahead ms): the row as of the current row's valid_until
+-- goes to field n (a read uses whichever of w and n is valid), so readers never wait for the timer at
+-- an edge. A waiting n whose time has come is promoted to w first; one still in the future is kept, and
+-- the next call is due when it can be promoted.
+local lookahead = tonumber(ARGV[13])
+local cur = redis.call('HGET', rowkey, 'w')
+local nxt = redis.call('HGET', rowkey, 'n')
+if nxt then
+  local ncomputed = tonumber(string.match(nxt, '^r1|(%d+)|'))
+  if ncomputed > real then return '|' .. string.format('%d', ncomputed + lookahead) end
+  redis.call('HSET', rowkey, 'w', nxt)
+  redis.call('HDEL', rowkey, 'n')
+  cur = nxt
+end
+local at = real
+if cur then
+  local until_text = string.match(cur, '^r1|%d+|(%d*)|')
+  if until_text == '' then return '|' end  -- nothing changes by itself
+  if until_text then at = math.max(real, tonumber(until_text)) end
+end
+local text, vu = materialize(at)
+if at > real then redis.call('HSET', rowkey, 'n', text) else redis.call('HSET', rowkey, 'w', text) end
+return '|' .. vu
