@@ -242,6 +242,7 @@ def test_rules_cover_what_an_operator_pages_for() -> None:
         'status="rejected"',  # ingestion REJECTED rate
         "eta:prediction_fallbacks:ratio_rate5m",  # prediction degraded
         "eta:prediction_shed:ratio_rate5m",  # shed rate
+        "eta:prediction_feature_reads:ratio_rate5m",  # reads falling back from ready rows
         "eta_prediction_model_info",  # no model loaded
         "eta:prediction_model_age_seconds",  # model age
         "eta:live_mae_minutes:max",  # live MAE
@@ -281,6 +282,8 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
         "sum by (status) (rate(eta_ingestion_events_total",
         "eta_ingestion_calls_refused_total",
         "eta_prediction_fallbacks_total",  # degraded share
+        "eta_prediction_feature_reads_total",  # ready rows vs exact fallback
+        "eta_aggregator_rows_materialized_total",
         "eta_prediction_model_info",  # model version
         "eta_live_mae_minutes",  # live MAE
         "eta_live_interval_coverage_ratio",  # coverage

@@ -44,11 +44,12 @@ FED_BY_TRAFFIC = (
     "Records consumed by topic and outcome [A]",
     "Per hop, p99 [A]",
     "Per hop, p99 [B]",
-    "Per hop, p99 [D]",
-    "Per hop, p99 [E]",
+    "Per hop, p99 [F]",
+    "Per hop, p99 [G]",
     "Prediction calls/s by method and code [A]",
     "Ingestion events/s by status [A]",
     "Feature quality share [A]",
+    "Restaurant reads: ready row vs exact fallback [A]",
     "Model version per replica [A]",
 )
 FRESHNESS_P99 = (
