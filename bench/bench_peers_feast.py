@@ -252,9 +252,9 @@ def run(quick: bool) -> BenchResult:
 
             c, bc = plan.concurrency, plan.batch_concurrency
             for _ in range(plan.repeats):
-                measure("eta PredictEta, sequential", eta, PREDICT, world.single_file, 1, "grpc")
+                measure("eta PredictEta, sequential", eta, PREDICT, world.single_file, 1, H.GRPC_CLIENT)
                 measure("feast serve 1 entity, sequential", feast, FEAST_PATH, feast_single, 1, "http")
-                measure(f"eta PredictEta, max (c={c})", eta, PREDICT, world.single_file, c, "grpc")
+                measure(f"eta PredictEta, max (c={c})", eta, PREDICT, world.single_file, c, H.GRPC_CLIENT)
                 measure(f"feast serve 1 entity, max (c={c})", feast, FEAST_PATH, feast_single, c, "http")
                 measure(
                     "eta PredictEtaBatch(50), sequential", eta, PREDICT_BATCH, world.batch_file, 1, "grpc"

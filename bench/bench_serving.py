@@ -14,8 +14,10 @@ parked on core 1); the load generator processes, Redis, PostgreSQL and this orch
 A baseline is a floor only if the load generator is not the bottleneck: every run reports, from
 ``/proc``, the server's CPU share, the load generators' share, how busy the client core was in total,
 and anything else that ran on the server core; a run whose client core was saturated while the server's
-was not is flagged ``client_bound`` (``bench.harness``). Closed-loop runs use several load-generator
-processes.
+was not is flagged ``client_bound`` (``bench.harness``), and closed-loop figures are medians of the
+server-bound runs. Closed-loop runs use several load-generator processes; the gRPC load generator is
+``bench.loadgen``'s minimal HTTP/2 client (about half grpc.aio's CPU per call; ``BENCH_GRPC_CLIENT=grpc``
+switches to grpc.aio).
 
 Measured, every scenario ``repeats`` times, interleaved round by round (medians reported):
 1. sequential (one call at a time): p50/p99 of the echo and of PredictEta;
@@ -25,7 +27,7 @@ Measured, every scenario ``repeats`` times, interleaved round by round (medians 
    batch;
 4. tracing: 100 % sampling with the JSON-lines exporter, and 100 % sampling with no exporter, versus
    sampling off (max throughput);
-5. (first round) the echo in the previous benchmark's layout — one load-generator process, 32
+5. (first round) the echo in the previous benchmark's layout — one grpc.aio load-generator process, 32
    outstanding, the ETA servers idle on the echo's core — to show what that layout measured.
 Plus the Redis PING round trip from the server core, and the share of feature reads served from ready
 rows versus the fallback path if the service exports ``eta_prediction_feature_reads_total``.
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import shutil
@@ -129,10 +132,13 @@ def _row(scenario: str, med: dict[str, float], runs: list[dict[str, Any]]) -> di
         "p99_ms": med["p99_ms"],
         "srv_cpu_%": med["server_cpu_pct"],
         "srv_µs/call": med["server_cpu_us_per_call"],
-        "redis_µs/call": med.get("redis_net_cpu_us_per_call", float("nan")),
+        "redis_µs/call": "-"
+        if scenario.startswith("echo")
+        else med.get("redis_net_cpu_us_per_call", math.nan),
         "cli_cpu_%": med["client_cpu_pct"],
         "cli_core_%": med["client_core_busy_pct"],
         "srv_core_other_%": med["server_core_others_pct"],
+        "steal_%": med["server_core_steal_pct"],
         "bound": ",".join(sorted({str(r["bound"]) for r in runs})),
         "errors": ",".join(f"{k}={v}" for k, v in errors.items()) or "-",
     }
@@ -185,6 +191,7 @@ def run(quick: bool) -> BenchResult:
                 concurrency: int = 1,
                 clients: int = 1,
                 old_layout: bool = False,
+                protocol: str = H.GRPC_CLIENT,
             ) -> H.LoadRun:
                 for other in servers:
                     if other is server:
@@ -198,6 +205,7 @@ def run(quick: bool) -> BenchResult:
                     world.batch_file if batch else world.single_file,
                     method=method,
                     mode=mode,
+                    protocol=protocol,
                     concurrency=concurrency,
                     clients=clients,
                     rate=plan.batch_rate,
@@ -231,13 +239,14 @@ def run(quick: bool) -> BenchResult:
                 )
                 if round_ == 0:
                     measure(
-                        "echo max (c=32, 1 client), ETA servers idle on its core: previous layout",
+                        "echo max (c=32, 1 grpc.aio client), ETA servers idle on its core: previous layout",
                         echo,
                         ECHO_METHOD,
                         "max",
                         concurrency=32,
                         clients=1,
                         old_layout=True,
+                        protocol="grpc",
                     )
             reads_after = H.feature_read_paths(eta)
             stages = H.scrape(eta)
@@ -342,7 +351,8 @@ def run(quick: bool) -> BenchResult:
 
     notes += [
         f"floor check: in the echo's closed-loop runs the server used {shares('server_cpu_pct')} % of its "
-        f"core (other work on that core: {shares('server_core_others_pct')} %), the load generators "
+        f"core (other work on that core: {shares('server_core_others_pct')} %, hypervisor steal: "
+        f"{shares('server_core_steal_pct')} %), the load generators "
         f"({k} processes) {shares('client_cpu_pct')} % and the client core was "
         f"{shares('client_core_busy_pct')} % busy — "
         + (
@@ -365,6 +375,7 @@ def run(quick: bool) -> BenchResult:
         f"request {len(world.single[0])} B (PredictEta), reply {reply_bytes} B; echo replies {reply_bytes} B",
         f"Redis PING round trip from the server's core (idle, raw socket): p50 {ping_p50:.3f} ms, "
         f"p99 {ping_p99:.3f} ms — a prediction needs one such hop, the echo none",
+        f"gRPC load generator: {H.GRPC_CLIENT} (BENCH_GRPC_CLIENT); "
         f"sequential: one call at a time; max: {c} outstanding over {k} load-generator processes; "
         f"batch: 50 of 200 restaurants at {plan.batch_rate:.0f}/s open loop",
         f"tracing on: always_on sampler + ETA_TRACES_FILE JSON-lines exporter ({spans} spans written); "

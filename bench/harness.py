@@ -37,6 +37,10 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # A core this busy (all processes, from /proc/stat) over a window is saturated.
 SATURATED_PCT = 90.0
 PEERS_VENV = REPO_ROOT / ".venv" / "peers"  # `make bench-peers` installs the `peers` extra here
+# The gRPC load generator: "h2" (bench.loadgen's minimal HTTP/2 gRPC client: ~95 µs of client CPU per call
+# against the echo at 16 outstanding vs grpc.aio's ~175, so one client core keeps a server core saturated)
+# or "grpc" (grpc.aio).
+GRPC_CLIENT = os.environ.get("BENCH_GRPC_CLIENT", "h2")
 
 
 # --- statistics ------------------------------------------------------------------------------------------
@@ -107,13 +111,19 @@ def tree_cpu_seconds(pid: int) -> float:
 
 def core_busy_seconds() -> dict[int, float]:
     """Per core: seconds spent not idle (all processes, interrupts included), from /proc/stat."""
+    return {core: busy for core, (busy, _) in core_times().items()}
+
+
+def core_times() -> dict[int, tuple[float, float]]:
+    """Per core: (busy, steal) seconds from /proc/stat — busy: user, nice, system, irq, softirq; steal:
+    time the hypervisor ran something else while this virtual CPU wanted to run."""
     out = {}
     for line in Path("/proc/stat").read_text().splitlines():
         match = re.match(r"cpu(\d+) (.*)", line)
         if match:
             values = [int(v) for v in match[2].split()]
-            idle = values[3] + values[4]  # idle + iowait
-            out[int(match[1])] = (sum(values[:8]) - idle) / CLK_TCK
+            busy = values[0] + values[1] + values[2] + values[5] + values[6]
+            out[int(match[1])] = (busy / CLK_TCK, values[7] / CLK_TCK)
     return out
 
 
@@ -330,6 +340,7 @@ class LoadRun:
     client_cpu_s: list[float]  # per load-generator process
     watched_cpu_s: dict[str, float]  # e.g. redis
     core_busy_s: dict[int, float]
+    core_steal_s: dict[int, float] = field(default_factory=dict)
     redis_commands: int = 0
     send_lag_p99_ms: float = 0.0
     # CPU the watched processes spend anyway (measured idle, e.g. Redis serving the row maintenance),
@@ -361,6 +372,11 @@ class LoadRun:
         return max(0.0, self.pct(busy - self.server_cpu_s))
 
     @property
+    def server_core_steal_pct(self) -> float:
+        """Time the hypervisor took the server's virtual CPU away (another VM ran on it)."""
+        return self.pct(sum(self.core_steal_s.get(c, 0.0) for c in SERVER_CPUS))
+
+    @property
     def client_bound(self) -> bool:
         """The load generator's core was saturated while the server's was not: the client set the pace."""
         return self.client_core_pct >= SATURATED_PCT and self.pct(self.server_cpu_s) < SATURATED_PCT
@@ -388,6 +404,7 @@ class LoadRun:
             "client_procs": len(self.client_cpu_s),
             "client_core_busy_pct": self.client_core_pct,
             "server_core_others_pct": self.server_core_others_pct,
+            "server_core_steal_pct": self.server_core_steal_pct,
             "client_bound": self.client_bound,
             "bound": self.bound,
             **{f"{k}_cpu_us_per_call": self.per_call_us(v) for k, v in self.watched_cpu_s.items()},
@@ -411,7 +428,7 @@ def run_load(
     duration: float,
     warmup: float,
     server_pid: int,
-    protocol: str = "grpc",
+    protocol: str = GRPC_CLIENT,
     concurrency: int = 1,
     rate: float = 0.0,
     clients: int = 1,
@@ -450,10 +467,10 @@ def run_load(
             **{k: tree_cpu_seconds(v) for k, v in watch.items()},
         }
         before_clients = [cpu_seconds(p.pid) for p in procs]
-        before_cores = core_busy_seconds()
+        before_cores = core_times()
         before_commands = redis_command_calls(redis_url) if redis_url else 0
         time.sleep(max(0.0, start_at + warmup + duration - time.time()))
-        after_cores = core_busy_seconds()
+        after_cores = core_times()
         after_clients = [cpu_seconds(p.pid) for p in procs]
         after_cpu = {
             "server": tree_cpu_seconds(server_pid),
@@ -488,7 +505,8 @@ def run_load(
         server_cpu_s=after_cpu["server"] - before_cpu["server"],
         client_cpu_s=[a - b for a, b in zip(after_clients, before_clients, strict=True)],
         watched_cpu_s={k: after_cpu[k] - before_cpu[k] for k in watch},
-        core_busy_s={c: after_cores[c] - before_cores.get(c, 0.0) for c in after_cores},
+        core_busy_s={c: after_cores[c][0] - before_cores[c][0] for c in after_cores if c in before_cores},
+        core_steal_s={c: after_cores[c][1] - before_cores[c][1] for c in after_cores if c in before_cores},
         redis_commands=after_commands - before_commands,
         send_lag_p99_ms=max(lags) if lags else 0.0,
         background=dict(background or {}),
