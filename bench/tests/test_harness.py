@@ -134,3 +134,31 @@ def test_closed_loop_medians_use_server_bound_runs() -> None:
     assert (med["rps"], used) == (3600.0, 3)
     med, used = H.medians([{"rps": 1.0, "bound": "client"}], closed_loop=True)
     assert (med["rps"], used) == (1.0, 1)  # none server-bound: all runs, flagged by the caller
+
+
+async def test_h2_grpc_client_against_grpc_aio() -> None:
+    import grpc
+
+    from bench.loadgen import _h2_caller
+
+    async def echo(request: bytes, _context: object) -> bytes:
+        return request * 300  # a reply of several DATA frames' worth
+
+    server = grpc.aio.server()
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        client = await _h2_caller(f"127.0.0.1:{port}", "/bench.Echo/Echo")
+        results = await asyncio.gather(*(client.call(b"x" * 100) for _ in range(200)))
+        assert results == ["OK"] * 200
+        missing = await _h2_caller(f"127.0.0.1:{port}", "/bench.Echo/Nope")
+        assert await missing.call(b"x") == "GRPC_ERROR"  # UNIMPLEMENTED: trailers only
+        for connection in (client, missing):
+            assert connection._transport is not None
+            connection._transport.close()
+    finally:
+        await server.stop(None)
