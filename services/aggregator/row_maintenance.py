@@ -47,18 +47,23 @@ class RowMaintenance:
         self._owner = f"{socket.gethostname()}-{os.getpid()}"
 
     async def tick(self) -> int:
-        """Compute the next row of every row due within the lookahead; returns how many."""
+        """Compute the next row of every row due within the lookahead, in every market; returns how many."""
         done = 0
-        for _ in range(MAX_CLAIMS_PER_TICK):
-            horizon = now_ms() + self._lookahead_ms
-            due = await self._store.claim_due(now_ms=horizon, lease_ms=self._lease_ms, limit=CLAIM_LIMIT)
-            if not due:
-                break
-            started = time.perf_counter()
-            await self._store.materialize(due, now_ms=now_ms(), lookahead_ms=self._lookahead_ms)
-            metrics.ROWS_MATERIALIZED.labels("timer").inc(len(due))
-            metrics.ROW_TIMER_SECONDS.observe(time.perf_counter() - started)
-            done += len(due)
+        for market in await self._store.markets():
+            for _ in range(MAX_CLAIMS_PER_TICK):
+                horizon = now_ms() + self._lookahead_ms
+                due = await self._store.claim_due(
+                    now_ms=horizon, lease_ms=self._lease_ms, limit=CLAIM_LIMIT, market=market
+                )
+                if not due:
+                    break
+                started = time.perf_counter()
+                await self._store.materialize(
+                    due, now_ms=now_ms(), lookahead_ms=self._lookahead_ms, market=market
+                )
+                metrics.ROWS_MATERIALIZED.labels("timer").inc(len(due))
+                metrics.ROW_TIMER_SECONDS.observe(time.perf_counter() - started)
+                done += len(due)
         return done
 
     async def run_timer(self) -> None:
@@ -71,12 +76,18 @@ class RowMaintenance:
             await asyncio.sleep(self._tick)
 
     async def refresh_supply(self) -> int:
-        started = time.perf_counter()
+        """Recount the supply of every market's restaurants this replica holds the buckets of."""
         hold_ms = int(self._supply_every * 1000 * 0.9)
-        written = await self._store.refresh_supply(now_ms=now_ms(), owner=self._owner, hold_ms=hold_ms)
-        if written:
-            metrics.SUPPLY_REFRESH_SECONDS.observe(time.perf_counter() - started)
-            metrics.ROWS_MATERIALIZED.labels("supply").inc(written)
+        written = 0
+        for market in await self._store.markets():
+            started = time.perf_counter()
+            count = await self._store.refresh_supply(
+                now_ms=now_ms(), owner=self._owner, hold_ms=hold_ms, market=market
+            )
+            if count:
+                metrics.SUPPLY_REFRESH_SECONDS.observe(time.perf_counter() - started)
+                metrics.ROWS_MATERIALIZED.labels("supply").inc(count)
+            written += count
         return written
 
     async def run_supply(self) -> None:

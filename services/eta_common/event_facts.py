@@ -29,6 +29,7 @@ class EventFacts(NamedTuple):
     lng: float | None
     customer_lat: float | None
     customer_lng: float | None
+    market: str = ""  # the event's market_id ('' = the default market)
 
 
 @functools.cache

@@ -36,6 +36,7 @@ key                            type    content
                                        (driver events) and ``dispatch`` (PLACED, CANCELLED,
                                        ASSIGNED with an order id)
 ``eta:online:initialized``     string  present once the online state was built (absent: rebuild)
+``eta:markets``                set     every market seen by a writer (C above is a market)
 =============================  ======  ===========================================================
 """
 
@@ -43,9 +44,12 @@ from __future__ import annotations
 
 import zlib
 
+from eta_common.markets import DEFAULT_MARKET
+
 __all__ = [
     "CITY",
     "INITIALIZED_KEY",
+    "MARKETS_KEY",
     "ROW_BUCKETS",
     "driver_keys",
     "due_key",
@@ -55,7 +59,8 @@ __all__ = [
     "supply_lock_key",
 ]
 
-CITY = "city"
+CITY = DEFAULT_MARKET  # the city-wide keys' hash tag is the market (see eta_common.markets)
+MARKETS_KEY = "eta:markets"  # set: every market the writers have seen (the row maintenance's list)
 INITIALIZED_KEY = "eta:online:initialized"
 # Due buckets: enough that a platform's restaurants spread over Redis Cluster shards, few enough that
 # the row timer's per-tick claim (one script call per bucket) stays cheap. Fixed: writers and timers

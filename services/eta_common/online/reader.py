@@ -35,6 +35,7 @@ class OnlineReader(Pipelines):
     def __init__(self, client: aioredis.Redis, *, city: str = CITY) -> None:
         super().__init__(client)
         self._reader_city_keys = driver_keys(city)
+        self._reader_market_keys: dict[str, dict[str, str]] = {}
 
     async def read_restaurants(
         self, requests: Sequence[tuple[str, Location]], *, now_ms: int, customer_id: str = ""
@@ -44,15 +45,29 @@ class OnlineReader(Pipelines):
             return []
         return (await self.read_block(requests, now_ms=now_ms, customer_id=customer_id)).restaurants()
 
+    def _city_keys_of(self, market: str) -> dict[str, str]:
+        if not market:
+            return self._reader_city_keys
+        keys = self._reader_market_keys.get(market)
+        if keys is None:
+            keys = self._reader_market_keys[market] = driver_keys(market)
+        return keys
+
     async def read_block(
-        self, requests: Sequence[tuple[str, Location]], *, now_ms: int, customer_id: str = ""
+        self,
+        requests: Sequence[tuple[str, Location]],
+        *,
+        now_ms: int,
+        customer_id: str = "",
+        market: str = "",
     ) -> FeatureBlock:
-        """Features of many restaurants (id, location) — e.g. a home feed — with, given a
-        ``customer_id``, the customer's batch history features (the same for every restaurant)."""
+        """Features of many restaurants (id, location) of one market (default: the reader's) — e.g. a
+        home feed — with, given a ``customer_id``, the customer's batch history features (the same for
+        every restaurant)."""
         if not requests:
             return FeatureBlock.defaults(requests, now_ms)
         bounds = Bounds.at(now_ms)
-        city_keys = self._reader_city_keys
+        city_keys = self._city_keys_of(market)
 
         def build(pipe: Any) -> None:
             queue_city(pipe, city_keys, bounds)
@@ -79,7 +94,7 @@ class OnlineReader(Pipelines):
                 states.append(None)
                 stale.append(i)
         if stale:
-            exact = await self._read_exact([requests[i] for i in stale], bounds, city)
+            exact = await self._read_exact([requests[i] for i in stale], bounds, city, city_keys)
             for i, state in zip(stale, exact, strict=True):
                 states[i] = state
         block = assemble(
@@ -94,18 +109,20 @@ class OnlineReader(Pipelines):
         block.from_rows = len(requests) - len(stale)
         return block
 
-    async def read_exact(self, requests: Sequence[tuple[str, Location]], *, now_ms: int) -> FeatureBlock:
+    async def read_exact(
+        self, requests: Sequence[tuple[str, Location]], *, now_ms: int, market: str = ""
+    ) -> FeatureBlock:
         """The exact read from the sorted sets, ignoring the ready rows (the source of truth: checks,
         tests, and what the serving read falls back to)."""
         bounds = Bounds.at(now_ms)
-        city_keys = self._reader_city_keys
+        city_keys = self._city_keys_of(market)
 
         def build(pipe: Any) -> None:
             queue_city(pipe, city_keys, bounds)
 
         waiting, fields = await self._run(build, scripts=False)
         city = City.of(waiting, fields)
-        states = await self._read_exact(requests, bounds, city) if requests else []
+        states = await self._read_exact(requests, bounds, city, city_keys) if requests else []
         block = assemble(
             [rid for rid, _ in requests], [loc for _, loc in requests], now_ms, states, city, NO_CUSTOMER
         )
@@ -113,11 +130,15 @@ class OnlineReader(Pipelines):
         return block
 
     async def _read_exact(
-        self, requests: Sequence[tuple[str, Location | None]], bounds: Bounds, city: City
+        self,
+        requests: Sequence[tuple[str, Location | None]],
+        bounds: Bounds,
+        city: City,
+        city_keys: dict[str, str],
     ) -> list[RestaurantState]:
         """The exact read of these restaurants (one round trip), supply counted around each location
         (one GEOSEARCH per restaurant, or one around them all from :data:`BULK_NEARBY_MIN` on)."""
-        free = self._reader_city_keys["free"]
+        free = city_keys["free"]
         placed = [location for _, location in requests if location is not None]
         bulk = len(placed) >= BULK_NEARBY_MIN
 
@@ -169,14 +190,15 @@ class OnlineReader(Pipelines):
         return states
 
     async def read_restaurant(
-        self, restaurant_id: str, *, now_ms: int, location: Location | None = None
+        self, restaurant_id: str, *, now_ms: int, location: Location | None = None, market: str = ""
     ) -> RestaurantFeatures:
         """All online features of one restaurant. Without ``location``, the stored one: still one round
         trip when the ready row is valid (it carries the location)."""
         if location is not None:
-            return (await self.read_restaurants([(restaurant_id, location)], now_ms=now_ms))[0]
+            block = await self.read_block([(restaurant_id, location)], now_ms=now_ms, market=market)
+            return block.restaurant(0)
         bounds = Bounds.at(now_ms)
-        city_keys = self._reader_city_keys
+        city_keys = self._city_keys_of(market)
 
         def build(pipe: Any) -> None:
             queue_city(pipe, city_keys, bounds)
@@ -196,7 +218,7 @@ class OnlineReader(Pipelines):
             meta_key = f"rst:{{{restaurant_id}}}:meta"
             ((lat, lng),) = await self._run(lambda pipe: pipe.hmget(meta_key, ("lat", "lng")), scripts=False)
             stored = (float(lat), float(lng)) if lat is not None and lng is not None else None
-        (state,) = await self._read_exact([(restaurant_id, stored)], bounds, city)
+        (state,) = await self._read_exact([(restaurant_id, stored)], bounds, city, city_keys)
         block = assemble([restaurant_id], [stored], now_ms, [state], city, NO_CUSTOMER)
         block.from_fallback = 1
         return block.restaurant(0)

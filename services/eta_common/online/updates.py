@@ -33,6 +33,7 @@ class RestaurantUpdate(NamedTuple):
     lng: float | None = None
     # "<trace_id>-<span_id>" of the (sampled) span that applied it, stored as the feature's provenance.
     writer: str = ""
+    market: str = ""  # '' = the writer's default market
 
 
 class DriverUpdate(NamedTuple):
@@ -44,6 +45,7 @@ class DriverUpdate(NamedTuple):
     writer: str = ""
     # The order an ASSIGNED event assigns (settles it in the dispatch backlog); '' when none.
     order_id: str = ""
+    market: str = ""  # '' = the writer's default market
 
 
 def update_from_event(event: Any) -> RestaurantUpdate | DriverUpdate | None:
@@ -61,8 +63,8 @@ def update_from_facts(f: EventFacts) -> RestaurantUpdate | DriverUpdate | None:
         assert f.driver_id is not None
         assert f.lat is not None
         assert f.lng is not None
-        return DriverUpdate(f.driver_id, f.type, f.event_ms, f.lat, f.lng, "", f.order_id or "")
+        return DriverUpdate(f.driver_id, f.type, f.event_ms, f.lat, f.lng, "", f.order_id or "", f.market)
     if f.kind == "order" and f.type not in RESTAURANT_ORDER_EVENTS:
         return None
     assert f.restaurant_id is not None
-    return RestaurantUpdate(f.restaurant_id, f.type, f.order_id or "", f.event_ms, f.lat, f.lng)
+    return RestaurantUpdate(f.restaurant_id, f.type, f.order_id or "", f.event_ms, f.lat, f.lng, "", f.market)

@@ -35,6 +35,7 @@ from eta_common.online.geo import count_within, covering_disc, decode_geohashes
 from eta_common.online.keys import (
     CITY,
     INITIALIZED_KEY,
+    MARKETS_KEY,
     ROW_BUCKETS,
     driver_keys,
     due_key,
@@ -82,8 +83,10 @@ class OnlineWriter(Pipelines):
         self.pickup_retention_ms = F.MAX_PICKUP_WINDOW_MS + allowed_lateness_ms
         self.waiting_retention_ms = F.WAITING_ORDER_TTL_MS + allowed_lateness_ms
         self.settled_retention_ms = F.SETTLED_ORDER_RETENTION_MS + allowed_lateness_ms
-        self.city = city
+        self.city = city  # the default market
         self._city_keys = driver_keys(city)
+        self._market_keys: dict[str, dict[str, str]] = {city: self._city_keys}
+        self._markets_seen: set[str] = set()
 
     def _queue_restaurant(
         self, pipe: Any, restaurant_id: str, now_ms: int, updates_json: str, *ahead: Any
@@ -120,19 +123,35 @@ class OnlineWriter(Pipelines):
         city's)."""
         if not updates:
             return []
+        default = self.city
         by_restaurant: dict[str, tuple[list[int], list[list[str]]]] = {}
-        city: list[int] = []
-        city_rows: list[list[str]] = []
+        market_of: dict[str, str] = {}
+        by_market: dict[str, tuple[list[int], list[list[str]]]] = {}  # city-wide updates per market
         for index, u in enumerate(updates):
+            market = u.market or default
             if type(u) is DriverUpdate:
-                city.append(index)
-                lat, lng = repr(u.lat), repr(u.lng)
-                city_rows.append([u.event_type, u.driver_id, u.order_id, str(u.event_ms), lat, lng, u.writer])
+                group = by_market.get(market)
+                if group is None:
+                    group = by_market[market] = ([], [])
+                group[0].append(index)
+                group[1].append(
+                    [
+                        u.event_type,
+                        u.driver_id,
+                        u.order_id,
+                        str(u.event_ms),
+                        repr(u.lat),
+                        repr(u.lng),
+                        u.writer,
+                    ]
+                )
                 continue
             assert type(u) is RestaurantUpdate
-            group = by_restaurant.get(u.restaurant_id)
+            rid = u.restaurant_id
+            group = by_restaurant.get(rid)
             if group is None:
-                group = by_restaurant[u.restaurant_id] = ([], [])
+                group = by_restaurant[rid] = ([], [])
+                market_of[rid] = market
             raw = str(u.event_ms)
             group[0].append(index)
             group[1].append(
@@ -146,16 +165,20 @@ class OnlineWriter(Pipelines):
                 ]
             )
             if u.event_type in DISPATCH_ORDER_EVENTS and u.order_id:
-                city.append(index)
-                city_rows.append([u.event_type, "", u.order_id, raw, "", "", u.writer])
-        dkeys = self._city_keys
+                city = by_market.get(market)
+                if city is None:
+                    city = by_market[market] = ([], [])
+                city[0].append(index)
+                city[1].append([u.event_type, "", u.order_id, raw, "", "", u.writer])
         groups = list(by_restaurant.items())
+        cities = list(by_market.items())
         queue_restaurant = self._queue_restaurant
 
         def build(pipe: Any) -> None:
             for restaurant_id, (_, rows) in groups:
                 queue_restaurant(pipe, restaurant_id, now_ms, _json(rows))
-            if city:
+            for market, (_, rows) in cities:
+                dkeys = self._keys_of(market)
                 pipe.evalsha(
                     self._sha["apply_city"],
                     5,
@@ -167,31 +190,44 @@ class OnlineWriter(Pipelines):
                     now_ms,
                     self.waiting_retention_ms,
                     self.settled_retention_ms,
-                    _json(city_rows),
+                    _json(rows),
                 )
 
         results = await self._run(build)
         changed = [0] * len(updates)
-        due: list[tuple[str, float]] = []
+        due: dict[str, list[tuple[str, float]]] = defaultdict(list)
         for (restaurant_id, (indices, _)), result in zip(groups, results, strict=False):
             flags, until = _valid_until(result)
-            due.append((restaurant_id, until))
+            due[market_of[restaurant_id]].append((restaurant_id, until))
             for index, flag in zip(indices, flags, strict=True):
                 changed[index] = flag - 48  # b"0"/b"1"
-        if city:
-            for index, flag in zip(city, results[-1], strict=True):
+        for (_, (indices, _)), flags in zip(cities, results[len(groups) :], strict=True):
+            for index, flag in zip(indices, flags, strict=True):
                 changed[index] |= flag - 48
-        if due:
-            await self._register(due)
+        new_markets = {m for m in (*due, *by_market) if m not in self._markets_seen}
+        if due or new_markets:
+            await self._register(due, new_markets)
         return changed
 
+    def _keys_of(self, market: str) -> dict[str, str]:
+        keys = self._market_keys.get(market)
+        if keys is None:
+            keys = self._market_keys[market] = driver_keys(market)
+        return keys
+
+    async def markets(self) -> list[str]:
+        """Every market a writer has seen (the default one included)."""
+        found = {m.decode() if isinstance(m, bytes) else m for m in await self.client.smembers(MARKETS_KEY)}
+        return sorted(found | {self.city})
+
     async def materialize(
-        self, restaurant_ids: Sequence[str], *, now_ms: int, lookahead_ms: int = 0
+        self, restaurant_ids: Sequence[str], *, now_ms: int, lookahead_ms: int = 0, market: str = ""
     ) -> dict[str, float]:
-        """Recompute the rows of these restaurants and register when each is next due (returned, ``inf``
-        when no window can change by itself). Without ``lookahead_ms``: as of ``now_ms``. With it (the
-        row timer): as of each row's ``valid_until``, into the row's ``n`` field when that is still
-        ahead, so a read at the edge finds a valid row without waiting for the timer."""
+        """Recompute the rows of these restaurants (of ``market``, default: the writer's) and register
+        when each is next due (returned, ``inf`` when no window can change by itself). Without
+        ``lookahead_ms``: as of ``now_ms``. With it (the row timer): as of each row's ``valid_until``,
+        into the row's ``n`` field when that is still ahead, so a read at the edge finds a valid row
+        without waiting for the timer."""
         if not restaurant_ids:
             return {}
         queue_restaurant = self._queue_restaurant
@@ -203,43 +239,56 @@ class OnlineWriter(Pipelines):
 
         results = await self._run(build)
         due = [(rid, _valid_until(result)[1]) for rid, result in zip(restaurant_ids, results, strict=True)]
-        await self._register(due)
+        await self._register({market or self.city: due}, set())
         return dict(due)
 
-    async def _register(self, due: Iterable[tuple[str, float]]) -> None:
-        """Each row's next re-materialisation time into its bucket (one ZADD per bucket)."""
-        buckets: dict[int, dict[str, float]] = defaultdict(dict)
-        for restaurant_id, until in due:
-            buckets[row_bucket(restaurant_id)][restaurant_id] = until
+    async def _register(self, due: dict[str, list[tuple[str, float]]], new_markets: set[str]) -> None:
+        """Each row's next re-materialisation time into its market's bucket (one ZADD per bucket), and
+        markets not seen before into the markets set."""
+        buckets: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+        for market, rows in due.items():
+            for restaurant_id, until in rows:
+                buckets[(market, row_bucket(restaurant_id))][restaurant_id] = until
 
         def build(pipe: Any) -> None:
-            for bucket, mapping in buckets.items():
-                pipe.zadd(due_key(bucket, self.city), mapping)
+            for (market, bucket), mapping in buckets.items():
+                pipe.zadd(due_key(bucket, market), mapping)
+            if new_markets:
+                pipe.sadd(MARKETS_KEY, *sorted(new_markets))
 
         await self._run(build, scripts=False)
+        self._markets_seen |= new_markets
 
     async def claim_due(
-        self, *, now_ms: int, lease_ms: int, limit: int, buckets: Iterable[int] = range(ROW_BUCKETS)
+        self,
+        *,
+        now_ms: int,
+        lease_ms: int,
+        limit: int,
+        buckets: Iterable[int] = range(ROW_BUCKETS),
+        market: str = "",
     ) -> list[str]:
-        """Claim up to ``limit`` rows per bucket whose ``valid_until`` has passed (leased for
-        ``lease_ms``: :meth:`materialize` registers their next time)."""
+        """Claim up to ``limit`` rows per bucket of ``market`` (default: the writer's) due by ``now_ms``
+        (leased for ``lease_ms``: :meth:`materialize` registers their next time)."""
         chosen = list(buckets)
+        market = market or self.city
 
         def build(pipe: Any) -> None:
             for bucket in chosen:
-                pipe.evalsha(self._sha["claim_due"], 1, due_key(bucket, self.city), now_ms, lease_ms, limit)
+                pipe.evalsha(self._sha["claim_due"], 1, due_key(bucket, market), now_ms, lease_ms, limit)
 
         results = await self._run(build)
         return [member.decode() for members in results for member in members]
 
-    async def refresh_supply(self, *, now_ms: int, owner: str, hold_ms: int) -> int:
-        """Count the free drivers near the restaurants of every bucket this process can hold for
-        ``hold_ms`` (``SET NX PX``: one refresher per bucket per period, across aggregators) and write
-        the counts into their rows. Returns the number of rows written."""
+    async def refresh_supply(self, *, now_ms: int, owner: str, hold_ms: int, market: str = "") -> int:
+        """Count the free drivers near the restaurants of ``market`` (default: the writer's) in every
+        bucket this process can hold for ``hold_ms`` (``SET NX PX``: one refresher per bucket per period,
+        across aggregators) and write the counts into their rows. Returns the number of rows written."""
+        market = market or self.city
 
         def lock(pipe: Any) -> None:
             for bucket in range(ROW_BUCKETS):
-                pipe.set(supply_lock_key(bucket, self.city), owner, nx=True, px=hold_ms)
+                pipe.set(supply_lock_key(bucket, market), owner, nx=True, px=hold_ms)
 
         held = [
             bucket
@@ -251,7 +300,7 @@ class OnlineWriter(Pipelines):
 
         def members(pipe: Any) -> None:
             for bucket in held:
-                pipe.zrange(due_key(bucket, self.city), 0, -1)
+                pipe.zrange(due_key(bucket, market), 0, -1)
 
         ids = [m.decode() for found in await self._run(members, scripts=False) for m in found]
         if not ids:
@@ -271,7 +320,7 @@ class OnlineWriter(Pipelines):
         counts: dict[str, str] = {}
         for start in range(0, len(located), SUPPLY_CHUNK):
             chunk = located[start : start + SUPPLY_CHUNK]
-            counts.update(await self._count_chunk(chunk))
+            counts.update(await self._count_chunk(chunk, self._keys_of(market)))
         as_of = now_ms
         for restaurant_id in unplaced:
             counts[restaurant_id] = supply_text_unknown(as_of)
@@ -283,13 +332,14 @@ class OnlineWriter(Pipelines):
         await self._run(write, scripts=False)
         return len(counts)
 
-    async def _count_chunk(self, chunk: Sequence[tuple[str, tuple[float, float]]]) -> dict[str, str]:
+    async def _count_chunk(
+        self, chunk: Sequence[tuple[str, tuple[float, float]]], keys: dict[str, str]
+    ) -> dict[str, str]:
         """One GEOSEARCH around the chunk and the drivers group's freshness, read together; the as-of
         time is taken just before the read (a count is exact for the driver state at that instant up to
         the read's own round trip)."""
         points = [location for _, location in chunk]
         centre, radius = covering_disc(points, F.SUPPLY_RADIUS_KM)
-        keys = self._city_keys
 
         def build(pipe: Any) -> None:
             pipe.hmget(keys["meta"], ("u:drivers", "e:drivers", "t:drivers"))
@@ -311,7 +361,10 @@ class OnlineWriter(Pipelines):
 
     async def is_initialized(self) -> bool:
         """False when the online store was never built or was lost (flushed, new Redis)."""
-        return bool(await self.client.exists(INITIALIZED_KEY))
+        initialized = bool(await self.client.exists(INITIALIZED_KEY))
+        if not initialized:
+            self._markets_seen.clear()  # the markets set went with it: the rebuild registers them again
+        return initialized
 
     async def mark_initialized(self, now_ms: int) -> None:
         await self.client.set(INITIALIZED_KEY, str(now_ms))

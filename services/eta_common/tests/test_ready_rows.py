@@ -89,7 +89,7 @@ async def _city(store: OnlineStore, t: int) -> City:
 
 async def _exact(store: OnlineStore, restaurant: str, t: int) -> FeatureBlock:
     city = await _city(store, t)
-    (state,) = await store._read_exact([(restaurant, None)], Bounds.at(t), city)
+    (state,) = await store._read_exact([(restaurant, None)], Bounds.at(t), city, store._city_keys)
     return assemble([restaurant], [AT], t, [state], city, NO_CUSTOMER)
 
 
@@ -245,3 +245,34 @@ async def test_the_timer_computes_rows_ahead_so_every_edge_is_served_from_a_row(
             assert _same(served, exact), _diff(served, exact)
         edges += n is not None
     assert edges > 20
+
+
+async def test_markets_keep_their_city_state_rows_and_supply_apart(store: OnlineStore) -> None:
+    """Two markets in one store: drivers and the backlog under each market's hash tag, rows registered in
+    each market's due buckets, supply counted from the restaurant's own market only; an update without
+    a market belongs to the store's default market."""
+    here, there = (52.5, 13.4), (48.1, 11.6)
+    t = T0
+    updates: list[RestaurantUpdate | DriverUpdate] = [
+        RestaurantUpdate("m-berlin", "PLACED", "b1", t - MIN, *here, market="berlin"),
+        RestaurantUpdate("m-munich", "PLACED", "m1", t - MIN, *there, market="munich"),
+        RestaurantUpdate("m-munich", "PLACED", "m2", t - MIN, *there, market="munich"),
+        RestaurantUpdate("m-default", "PLACED", "d1", t - MIN, *here),
+        DriverUpdate("drv-b", "ONLINE", t - MIN, *here, market="berlin"),
+        DriverUpdate("drv-m1", "ONLINE", t - MIN, *there, market="munich"),
+        DriverUpdate("drv-m2", "ONLINE", t - MIN, *there, market="munich"),
+    ]
+    await store.apply(updates, now_ms=t)
+    assert set(await store.markets()) == {"berlin", "munich", store.city}
+    for market, rid in (("berlin", "m-berlin"), ("munich", "m-munich"), (store.city, "m-default")):
+        assert await store.client.zscore(due_key(row_bucket(rid), market), rid) is not None
+        await store.refresh_supply(now_ms=t, owner="test", hold_ms=1, market=market)
+    munich = (await store.read_block([("m-munich", there)], now_ms=t, market="munich")).restaurant(0).readings
+    berlin = (await store.read_block([("m-berlin", here)], now_ms=t, market="berlin")).restaurant(0).readings
+    assert munich[F.ORDERS_WAITING_FOR_DRIVER].value == 2
+    assert berlin[F.ORDERS_WAITING_FOR_DRIVER].value == 1
+    assert munich[F.FREE_DRIVERS_NEARBY].value == 2
+    assert berlin[F.FREE_DRIVERS_NEARBY].value == 1
+    default = (await store.read_block([("m-default", here)], now_ms=t)).restaurant(0).readings
+    assert default[F.ORDERS_WAITING_FOR_DRIVER].value == 1
+    assert math.isnan(default[F.FREE_DRIVERS_NEARBY].value)  # no driver ever in the default market
