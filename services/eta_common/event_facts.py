@@ -58,7 +58,7 @@ def event_facts(event: events_pb2.Event) -> EventFacts | None:
         etype, known = _type(kind, d.type)
         return EventFacts(
             kind, etype, known, d.event_id, t.seconds * 1000 + t.nanos // 1_000_000, None,
-            d.driver_id, d.order_id or None, None, loc.lat, loc.lng, None, None,
+            d.driver_id, d.order_id or None, None, loc.lat, loc.lng, None, None, d.market_id,
         )  # fmt: skip
     if kind == "kitchen":
         k = event.kitchen
@@ -70,7 +70,7 @@ def event_facts(event: events_pb2.Event) -> EventFacts | None:
             lat, lng = loc.lat, loc.lng
         return EventFacts(
             kind, etype, known, k.event_id, t.seconds * 1000 + t.nanos // 1_000_000, k.restaurant_id,
-            None, k.order_id or None, None, lat, lng, None, None,
+            None, k.order_id or None, None, lat, lng, None, None, k.market_id,
         )  # fmt: skip
     if kind == "order":
         o = event.order
@@ -85,6 +85,6 @@ def event_facts(event: events_pb2.Event) -> EventFacts | None:
             clat, clng = loc.lat, loc.lng
         return EventFacts(
             kind, etype, known, o.event_id, t.seconds * 1000 + t.nanos // 1_000_000, o.restaurant_id,
-            o.driver_id or None, o.order_id, o.customer_id or None, lat, lng, clat, clng,
+            o.driver_id or None, o.order_id, o.customer_id or None, lat, lng, clat, clng, o.market_id,
         )  # fmt: skip
     return None
