@@ -10,8 +10,16 @@ PY     := $(VENV)/bin/python
 PROTO_SRC := $(wildcard protos/eta/v1/*.proto)
 PROTO_OUT := services
 STAMP  := $(VENV)/.installed
+# buf (protobuf lint + breaking-change check), from the npm registry into .tools/ (git-ignored), pinned.
+BUF_VERSION := 1.75.0
+BUF    := .tools/node_modules/.bin/buf
+BUF_STAMP := .tools/.buf-$(BUF_VERSION)
+# The API every proto change must stay wire- and JSON-compatible with (buf breaking, WIRE_JSON rules):
+# a committed image of the protos as of the last landed main, so a shallow CI clone can check against it.
+API_BASELINE := protos/baseline/eta-v1.binpb
 
-.PHONY: help install protos run test lint typecheck unit integration deploy-check bench bench-peers clean stop image-test
+.PHONY: help install protos run test lint typecheck unit integration deploy-check bench bench-peers clean stop image-test \
+	buf api-check api-baseline
 
 help:
 	@sed -n '1,6p' Makefile
@@ -25,7 +33,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) protos
+install: $(STAMP) protos $(BUF_STAMP)
 
 protos: $(STAMP) $(PROTO_OUT)/eta/v1/.stamp
 
@@ -37,6 +45,23 @@ $(PROTO_OUT)/eta/v1/.stamp: $(PROTO_SRC) | $(STAMP)
 		--mypy_out=$(PROTO_OUT) --mypy_grpc_out=$(PROTO_OUT) $(PROTO_SRC)
 	touch $(PROTO_OUT)/eta/__init__.py $(PROTO_OUT)/eta/v1/__init__.py $(PROTO_OUT)/eta/py.typed
 	touch $@
+
+$(BUF_STAMP):
+	npm install --prefix .tools --no-save --no-audit --no-fund --loglevel=error @bufbuild/buf@$(BUF_VERSION)
+	$(BUF) --version
+	touch $@
+
+# buf lint (protos/buf.yaml: STANDARD; names that predate it are excepted in place with the reason) and
+# buf breaking against $(API_BASELINE) (WIRE_JSON: wire and JSON compatibility). Part of `make test`.
+api-check buf: $(BUF_STAMP)
+	$(BUF) lint protos
+	$(BUF) breaking protos --against $(API_BASELINE)
+
+# Deliberately move the baseline to the API as of a landed commit (default HEAD), after review:
+#   make api-baseline API_BASELINE_REF=<commit>
+API_BASELINE_REF ?= HEAD
+api-baseline: $(BUF_STAMP)
+	$(BUF) build '.git#ref=$(API_BASELINE_REF),subdir=protos' --exclude-source-info -o $(API_BASELINE)
 
 run: install
 	$(PY) -m devstack run
@@ -54,7 +79,7 @@ unit: install
 integration: install
 	$(PY) -m pytest -q -m integration tests/integration
 
-test: lint typecheck
+test: lint typecheck api-check
 	$(PY) -m pytest -q services tests
 
 # Build the Docker image from the repo root and run migrate/seed/train and the three services from it
@@ -79,4 +104,4 @@ format: install
 	$(VENV)/bin/ruff format services tests bench
 
 clean:
-	rm -rf $(VENV) $(PROTO_OUT)/eta .run build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools $(PROTO_OUT)/eta .run build .pytest_cache .mypy_cache .ruff_cache

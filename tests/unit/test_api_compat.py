@@ -1,0 +1,85 @@
+"""The API check (`make api-check`): buf lint is clean and buf breaking holds the protos to wire AND JSON
+compatibility with the committed baseline. The negative cases prove which rules are in force: a field
+renamed under its old number (wire-compatible, JSON-breaking) and a renumbered field must both fail."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BUF = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
+BASELINE = ROOT / "protos" / "baseline" / "eta-v1.binpb"
+
+pytestmark = pytest.mark.skipif(not BUF.exists(), reason="buf not installed (make install: .tools/)")
+
+
+def _buf(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BUF), *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def _copy_protos(tmp_path: Path) -> Path:
+    dst = tmp_path / "protos"
+    shutil.copytree(ROOT / "protos", dst)
+    return dst
+
+
+def test_lint_and_breaking_pass_on_the_repo() -> None:
+    lint = _buf("lint", "protos", cwd=ROOT)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    breaking = _buf("breaking", "protos", "--against", str(BASELINE), cwd=ROOT)
+    assert breaking.returncode == 0, breaking.stdout + breaking.stderr
+
+
+def test_baseline_is_the_api_before_markets() -> None:
+    # the baseline is the pre-market API: market_id is new relative to it (a check that it is not simply a
+    # copy of the working tree, which would make `buf breaking` vacuous for the market change)
+    out = _buf("build", str(BASELINE), "-o", "-#format=json", cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert '"PredictEtaRequest"' in out.stdout
+    assert "market_id" not in out.stdout
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_breaking_rejects_a_json_only_break(tmp_path: Path) -> None:
+    protos = _copy_protos(tmp_path)
+    # same number and type: wire-compatible, but the JSON name changes
+    _edit(protos / "eta" / "v1" / "eta.proto", "string customer_id = 5;", "string customer_ref = 5;")
+    out = _buf("breaking", str(protos), "--against", str(BASELINE), "--error-format=json", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "FIELD_SAME_JSON_NAME" in out.stdout, out.stdout
+
+
+def test_breaking_rejects_an_enum_value_rename(tmp_path: Path) -> None:
+    protos = _copy_protos(tmp_path)
+    # JSON carries enum values by name: renaming one breaks JSON clients even with the same number
+    _edit(protos / "eta" / "v1" / "eta.proto", "HEURISTIC_MODEL = 3;", "DEGRADATION_HEURISTIC_MODEL = 3;")
+    out = _buf("breaking", str(protos), "--against", str(BASELINE), "--error-format=json", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "ENUM_VALUE_SAME_NAME" in out.stdout, out.stdout
+
+
+def test_breaking_rejects_a_wire_break(tmp_path: Path) -> None:
+    protos = _copy_protos(tmp_path)
+    _edit(protos / "eta" / "v1" / "events.proto", "string driver_id = 3;", "string driver_id = 30;")
+    out = _buf("breaking", str(protos), "--against", str(BASELINE), cwd=tmp_path)
+    assert out.returncode != 0
+
+
+def test_lint_holds_new_names_to_the_rules(tmp_path: Path) -> None:
+    protos = _copy_protos(tmp_path)
+    path = protos / "eta" / "v1" / "eta.proto"
+    path.write_text(path.read_text() + "\nenum Region {\n  REGION_UNSPECIFIED = 0;\n  NORTH = 1;\n}\n")
+    out = _buf("lint", str(protos), "--error-format=json", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "ENUM_VALUE_PREFIX" in out.stdout, out.stdout
