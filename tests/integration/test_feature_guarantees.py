@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 
 from devstack import synthetic
-from devstack.infra import start_postgres, start_redis
+from devstack.infra import ChildProcess, start_postgres, start_redis
 from devstack.stack import LocalStack
 from devstack.synthetic import (
     MIN,
@@ -37,6 +37,7 @@ from eta.v1 import events_pb2
 from eta_common import customer_features as CF
 from eta_common import features as F
 from eta_common.config import KafkaSettings
+from eta_common.kafka import ensure_topics
 from eta_common.offline_features import FeatureQuery, OfflineFeatureBuilder
 from eta_common.online_store import OnlineStore
 from eta_common.timeutil import now_ms, timestamp_from_ms
@@ -272,21 +273,81 @@ async def test_kill_9_at_random_points_loses_and_doubles_nothing(
     assert compared == len(city.restaurants) * len(streaming)
 
 
-async def test_two_aggregators_with_a_rebalance_mid_stream_equal_one(
-    fstack: LocalStack, store: OnlineStore
+def records_consumed(child: ChildProcess) -> float:
+    """Records an aggregator process has consumed (its ``eta_aggregator_records_total``, all outcomes)."""
+    body = scrape(f"http://127.0.0.1:{child.extra['metrics_port']}/metrics")
+    prefix = "eta_aggregator_records_total{"
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(prefix))
+
+
+@pytest.mark.parametrize(
+    ("partitions", "aggregators"),
+    [
+        pytest.param(3, 2, id="3-partitions-2-aggregators"),
+        pytest.param(6, 3, id="6-partitions-3-aggregators"),
+    ],
+)
+async def test_aggregators_with_a_rebalance_mid_stream_equal_one(
+    fstack: LocalStack, store: OnlineStore, partitions: int, aggregators: int
 ) -> None:
+    """Partitions are the parallelism: ``aggregators`` processes of one consumer group over topics of
+    ``partitions`` partitions, joining one at a time while the stream flows (a rebalance at each join),
+    each consuming a share of it, give the features of one process (the offline recomputation).
+
+    Its own topics (prefix) and group, so the count of partitions and of processes is the test's; the
+    stack's Redis and PostgreSQL are shared (the city-wide features see every test's stream, as the
+    recomputation does)."""
+    tag = f"p{partitions}x{aggregators}"
+    settings = KafkaSettings(bootstrap_servers=fstack.kafka, topic_prefix=f"{tag}.", partitions=partitions)
+    await ensure_topics(settings)
+    env = AGGREGATOR_ENV | {
+        "KAFKA_TOPIC_PREFIX": settings.topic_prefix,
+        "KAFKA_TOPIC_PARTITIONS": str(partitions),
+        "AGGREGATOR_GROUP_ID": f"eta-aggregator-{tag}",
+    }
     rng = random.Random(7)
-    city = make_city(rng, "scale", (51.5, -0.12))
+    city = make_city(rng, f"scale{tag}", (51.5, -0.12), n_drivers=30)
     stream = random_stream(rng, city, start_ms=now_ms() - 120 * MIN, minutes=115, orders_per_minute=20)
-    half = len(stream) // 2
-    await produce(kafka(fstack), stream[:half])
-    second = await asyncio.to_thread(
-        fstack.start_service, "aggregator", extra_env=AGGREGATOR_ENV, instance="second"
-    )
-    await produce(kafka(fstack), stream[half:])
-    await wait_archived(fstack, "scale", unique_count(stream))
-    await assert_online_equals_offline(store, city, stream, max(s.ingest_ms for s in stream) + 1)
-    second.stop()
+    pieces = [stream[i : i + 120] for i in range(0, len(stream), 120)]
+    started: list[ChildProcess] = []
+    produced = asyncio.Event()
+
+    async def producer() -> None:
+        for piece in pieces:
+            await produce(settings, piece)
+            await asyncio.sleep(0.25)
+        produced.set()
+
+    async def join_one_by_one() -> None:
+        for i in range(aggregators):
+            child = await asyncio.to_thread(
+                fstack.start_service, "aggregator", extra_env=env, instance=f"{tag}-{i}"
+            )
+            started.append(child)
+            # the next one joins (another rebalance) once this one owns partitions and consumes
+            while await asyncio.to_thread(records_consumed, child) == 0:
+                assert not produced.is_set(), f"the stream ended before aggregator {i} consumed anything"
+                await asyncio.sleep(0.1)
+
+    try:
+        await asyncio.gather(producer(), join_one_by_one())
+        await wait_archived(fstack, city.prefix, unique_count(stream))
+        await assert_online_equals_offline(store, city, stream, max(s.ingest_ms for s in stream) + 1)
+        shares = [await asyncio.to_thread(records_consumed, child) for child in started]
+        assert all(share > 0 for share in shares), f"records consumed per aggregator: {shares}"
+        conn = await asyncpg.connect(fstack.database_url)
+        try:
+            used = await conn.fetchval(
+                "SELECT count(DISTINCT kafka_partition) FROM events "
+                "WHERE event_id LIKE $1 AND kind = 'driver'",
+                f"{city.prefix}-%",
+            )
+        finally:
+            await conn.close()
+        assert used == partitions  # the drivers' records spread over every partition of the topic
+    finally:
+        for child in started:
+            child.stop()
 
 
 async def test_rebuild_after_redis_loss_restores_identical_features(
