@@ -9,9 +9,18 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from eta.v1 import events_pb2
 from eta_common.geo import check_point
+from eta_common.markets import MARKET_ID_PATTERN
 from eta_common.timeutil import ms_from_timestamp
 
-__all__ = ["ValidationLimits", "Violation", "event_id_of", "event_type_of", "validate_event"]
+__all__ = [
+    "MARKET_ID_REASON",
+    "ValidationLimits",
+    "Violation",
+    "check_market_id",
+    "event_id_of",
+    "event_type_of",
+    "validate_event",
+]
 
 MAX_ID_LENGTH = 128
 Violation = tuple[str, str]  # (field path, reason)
@@ -35,6 +44,15 @@ def _check_id(out: list[Violation], path: str, value: str) -> None:
 def _check_optional_id(out: list[Violation], path: str, value: str) -> None:
     if value:
         _check_id(out, path, value)
+
+
+MARKET_ID_REASON = "must be 1..64 characters of [A-Za-z0-9_.-] (empty = the default market)"
+
+
+def check_market_id(out: list[Violation], path: str, value: str) -> None:
+    """An optional ``market_id``: empty is the default market; else it must match MARKET_ID_PATTERN."""
+    if value and MARKET_ID_PATTERN.fullmatch(value) is None:
+        out.append((path, MARKET_ID_REASON))
 
 
 def _check_time(
@@ -85,6 +103,7 @@ def validate_event(event: events_pb2.Event, *, now_ms: int, limits: ValidationLi
             _check_id(out, "driver.order_id", d.order_id)
         else:
             _check_optional_id(out, "driver.order_id", d.order_id)
+        check_market_id(out, "driver.market_id", d.market_id)
     elif kind == "kitchen":
         k = event.kitchen
         _check_id(out, "kitchen.event_id", k.event_id)
@@ -102,6 +121,7 @@ def validate_event(event: events_pb2.Event, *, now_ms: int, limits: ValidationLi
             k.restaurant_location,
             required=False,
         )
+        check_market_id(out, "kitchen.market_id", k.market_id)
     elif kind == "order":
         o = event.order
         _check_id(out, "order.event_id", o.event_id)
@@ -132,6 +152,7 @@ def validate_event(event: events_pb2.Event, *, now_ms: int, limits: ValidationLi
             _check_id(out, "order.driver_id", o.driver_id)
         else:
             _check_optional_id(out, "order.driver_id", o.driver_id)
+        check_market_id(out, "order.market_id", o.market_id)
     else:
         out.append(("payload", "one of driver, kitchen, order is required"))
     return out

@@ -28,6 +28,7 @@ from eta_common import features as F
 from eta_common.feature_block import ONLINE_NAMES, FeatureBlock, Rows
 from eta_common.geo import check_point
 from eta_common.grpc_errors import abort_bad_request
+from eta_common.markets import MARKET_ID_PATTERN
 from eta_common.timeutil import now_ms
 from prediction import metrics
 from prediction.config import ONLINE_FEATURES
@@ -140,6 +141,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             request.customer_location,
             required=True,
         )
+        _check_market(violations, request.market_id)
         if violations:
             await abort_bad_request(context, violations)
         budget = await self._time_budget(context, "PredictEta", 1)
@@ -213,6 +215,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
                     item.location,
                     required=True,
                 )
+        _check_market(violations, request.market_id)
         if violations:
             await abort_bad_request(context, violations)
         metrics.BATCH_SIZE.observe(len(restaurants))
@@ -469,6 +472,15 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
                 )
             )
         metrics.LOG_BUFFERED.set(len(plog))
+
+
+MARKET_ID_REASON = "must be 1..64 characters of [A-Za-z0-9_.-] (empty = the default market)"
+
+
+def _check_market(out: list[tuple[str, str]], market_id: str) -> None:
+    """Optional: empty is the default market (ETA_DEFAULT_MARKET); when set it must match the pattern."""
+    if market_id and MARKET_ID_PATTERN.fullmatch(market_id) is None:
+        out.append(("market_id", MARKET_ID_REASON))
 
 
 def _stamp(stamps: dict[float, dict[str, int]], ms: float) -> dict[str, int]:

@@ -1,0 +1,81 @@
+"""market_id on PredictEta / PredictEtaBatch: optional (an old-shaped request, without the field, is
+served exactly as before), INVALID_ARGUMENT with a field violation on ``market_id`` when malformed."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import grpc
+import pytest
+
+from eta.v1 import eta_pb2
+from prediction.inference import ServingModel
+from prediction.models import load_model
+from prediction.server import MARKET_ID_REASON
+from prediction.tests.support import synthetic_bundle
+from prediction.tests.test_servicer import CUSTOMER, RESTAURANT, Aborted, Context, fresh, make, single
+
+
+@pytest.fixture(scope="module")
+def model() -> ServingModel:
+    return load_model("v-test", synthetic_bundle(rows=1500, rounds=25))
+
+
+@pytest.fixture(autouse=True)
+def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prediction.tests.test_servicer import NOW
+
+    monkeypatch.setattr("prediction.server.now_ms", lambda: NOW)
+
+
+def _batch(market_id: str = "") -> eta_pb2.PredictEtaBatchRequest:
+    return eta_pb2.PredictEtaBatchRequest(
+        customer_location=CUSTOMER,
+        restaurants=[eta_pb2.RestaurantLocation(restaurant_id=r, location=RESTAURANT) for r in ("a", "b")],
+        request_id="q",
+        market_id=market_id,
+    )
+
+
+@pytest.mark.parametrize("market", ["x" * 65, "drv:{x}", "ber lin", "berlin\n", "münchen"])
+async def test_bad_market_is_invalid_argument_on_its_field(model: ServingModel, market: str) -> None:
+    servicer, reader, _ = make(model)
+    calls: list[tuple[Any, Any]] = [
+        (servicer.PredictEta, eta_pb2.PredictEtaRequest(**_single_fields(), market_id=market)),
+        (servicer.PredictEtaBatch, _batch(market)),
+    ]
+    for call, request in calls:
+        context = Context()
+        with pytest.raises(Aborted):
+            await call(request, cast(Any, context))
+        assert context.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"market_id: {MARKET_ID_REASON}" in context.details
+    assert reader.budgets == []  # refused before touching the store
+
+
+def _single_fields() -> dict[str, Any]:
+    request = single(request_id="q")
+    return {
+        "restaurant_id": request.restaurant_id,
+        "restaurant_location": request.restaurant_location,
+        "customer_location": request.customer_location,
+        "request_id": request.request_id,
+    }
+
+
+async def test_old_shaped_requests_get_the_same_answer(model: ServingModel) -> None:
+    """A request serialized by a client that predates markets (no field 6 / 5 on the wire) decodes with an
+    empty market_id and is answered like a request naming the default market explicitly."""
+    servicer, reader, _ = make(model)
+    reader.readings["r1"] = fresh()
+    old_bytes = single(request_id="q").SerializeToString()
+    old = eta_pb2.PredictEtaRequest.FromString(old_bytes)
+    assert old.market_id == ""
+    a = await servicer.PredictEta(old, cast(Any, Context()))
+    b = await servicer.PredictEta(
+        eta_pb2.PredictEtaRequest(**_single_fields(), market_id="default"), cast(Any, Context())
+    )
+    assert a == b
+    batch_old = await servicer.PredictEtaBatch(_batch(), cast(Any, Context()))
+    batch_new = await servicer.PredictEtaBatch(_batch("default"), cast(Any, Context()))
+    assert batch_old == batch_new
