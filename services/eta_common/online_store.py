@@ -34,6 +34,7 @@ from eta_common.online.updates import (
     update_from_facts,
 )
 from eta_common.online.writer import ORDER_STATE_TTL_S, OnlineWriter
+from eta_common.redis_client import redis_from_url
 
 __all__ = [
     "BULK_NEARBY_MIN",
@@ -76,4 +77,5 @@ class OnlineStore(OnlineWriter, OnlineReader):
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> OnlineStore:
-        return cls(aioredis.Redis.from_url(url, decode_responses=False), **kwargs)
+        """A store on a Redis or on a Redis Cluster (any node's URL; see :mod:`eta_common.redis_client`)."""
+        return cls(redis_from_url(url, decode_responses=False), **kwargs)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import socket
 
 import grpc
-import redis.asyncio as aioredis
 
 from eta_common.auth import BearerAuthInterceptor, TokenStore
 from eta_common.grpc_server import GrpcService, run_grpc_service, service_parser
 from eta_common.kafka import Topics, ensure_topics, make_producer
+from eta_common.redis_client import redis_from_url
 from ingestion import config, metrics
 from ingestion.budget import InFlightBudget
 from ingestion.dedup import DedupStore
@@ -25,7 +25,7 @@ REDIS_TIMEOUT_SECONDS = 1.0
 
 def build(settings: config.IngestionSettings) -> GrpcService:
     producer = make_producer(settings.kafka, client_id="eta-ingestion")
-    redis_client = aioredis.Redis.from_url(settings.redis.url, socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
+    redis_client = redis_from_url(settings.redis.url, socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
     ingestor = Ingestor(
         publisher=Publisher(producer, Topics.from_settings(settings.kafka), replica=socket.gethostname()),
         dedup=DedupStore(

@@ -14,25 +14,29 @@ from redis.backoff import NoBackoff
 from eta.v1 import eta_pb2, eta_pb2_grpc
 from eta_common.grpc_server import GrpcService, run_grpc_service, service_parser
 from eta_common.online_store import OnlineStore
+from eta_common.redis_client import redis_from_url
 from prediction import config
 from prediction.admission import AdmissionInterceptor
 from prediction.models import ModelHolder
 from prediction.prediction_log import PredictionLog, copy_sink
 from prediction.reader import CircuitBreaker, FeatureReader
-from prediction.redis_client import LeanRedis
+from prediction.redis_client import LeanRedis, LeanRedisCluster, lean_from_url
 from prediction.server import EtaServicer
 
 log = logging.getLogger(__name__)
 SERVICE = eta_pb2.DESCRIPTOR.services_by_name["EtaService"].full_name
 
 
-def _online_store(settings: config.PredictionSettings) -> tuple[OnlineStore, LeanRedis | None]:
+def _online_store(
+    settings: config.PredictionSettings,
+) -> tuple[OnlineStore, LeanRedis | LeanRedisCluster | None]:
     connect_timeout = max(settings.redis_timeout_ms / 1000.0, 0.5)
     if settings.redis_client == "lean":
-        lean = LeanRedis.from_url(settings.redis.url, connect_timeout=connect_timeout)
-        # LeanRedis implements the part of redis.asyncio.Redis that OnlineStore's reads use.
+        # a node of a Redis Cluster gives the cluster client (one connection per primary)
+        lean = lean_from_url(settings.redis.url, connect_timeout=connect_timeout)
+        # both implement the part of redis.asyncio.Redis that OnlineStore's reads use
         return OnlineStore(cast(aioredis.Redis, lean)), lean
-    client = aioredis.Redis.from_url(
+    client = redis_from_url(
         settings.redis.url,
         decode_responses=False,
         socket_connect_timeout=connect_timeout,

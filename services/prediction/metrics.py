@@ -9,7 +9,8 @@ All names start with ``eta_prediction_``:
 * ``stale_features_total{feature}`` / ``missing_features_total{feature}``: a feature over its staleness
   budget / replaced by its default;
 * ``fallbacks_total{reason}``: predictions answered with a fallback (``redis_unavailable``,
-  ``redis_timeout``, ``redis_circuit_open``, ``store_error``, ``heuristic_model``, ``model_error``);
+  ``redis_shard_unavailable`` (one Redis Cluster shard), ``redis_timeout``, ``redis_circuit_open``,
+  ``store_error``, ``heuristic_model``, ``model_error``);
 * ``rejected_total{method,reason}``: ``overloaded`` (RESOURCE_EXHAUSTED), ``deadline``, ``no_model``;
 * ``in_flight_units``, ``redis_circuit_open`` (1 while Redis is considered down),
   ``batch_size`` (restaurants per PredictEtaBatch);

@@ -15,6 +15,9 @@ no reply within the time left   same defaults; ``ONLINE_STORE_TIMEOUT``. The tim
                                 full Redis timeout counts as a Redis failure (a short client deadline
                                 says nothing about Redis); a connection whose oldest reply is overdue
                                 by the Redis timeout is dropped and reopened by the next read
+one Redis Cluster shard down    the same defaults and ``ONLINE_STORE_UNAVAILABLE`` for the reads that need
+(others answer)                 that shard (``redis_shard_unavailable``); reads on the other shards are
+                                answered as usual, and the circuit is not opened for a shard
 N failures in a row             the circuit opens: for ``PREDICTION_REDIS_BACKOFF_SECONDS`` reads do
                                 not try Redis (answers are immediate, ``ONLINE_STORE_UNAVAILABLE``),
                                 then one read probes it; success closes the circuit
@@ -43,6 +46,7 @@ from eta.v1 import eta_pb2
 from eta_common.feature_block import ONLINE_COLUMNS, ONLINE_NAMES, FeatureBlock, parse_writer
 from eta_common.online_store import OnlineStore, RestaurantFeatures
 from prediction import metrics
+from prediction.redis_client import ShardUnavailableError
 
 __all__ = ["CircuitBreaker", "FeatureReader", "default_features"]
 
@@ -214,6 +218,12 @@ class FeatureReader:
                 self._on_timeout(self._timeout)  # the connection is dropped only if it is stalled
             metrics.FALLBACKS.labels("redis_timeout").inc(len(requests))
             return self._defaults(requests, now_ms), Degradation.ONLINE_STORE_TIMEOUT
+        except ShardUnavailableError as exc:  # one shard of a cluster: its reads degrade, not everyone's
+            breaker.abandon()
+            metrics.FALLBACKS.labels("redis_shard_unavailable").inc(len(requests))
+            if span is not None:
+                span.record_exception(exc)
+            return self._defaults(requests, now_ms), Degradation.ONLINE_STORE_UNAVAILABLE
         except (RedisError, OSError) as exc:
             breaker.failure()
             metrics.FALLBACKS.labels("redis_unavailable").inc(len(requests))

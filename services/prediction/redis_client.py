@@ -24,12 +24,26 @@ caller's business (``asyncio.timeout``); connecting is bounded by ``connect_time
 Supported URLs: ``redis://[[user]:password@]host[:port][/db]`` and ``rediss://`` (TLS). The same reads
 through redis-py (``PREDICTION_REDIS_CLIENT=redis-py``) give identical results; an integration test
 holds both to that.
+
+**Redis Cluster.** :func:`lean_from_url` asks the URL's node whether it is in cluster mode
+(:func:`eta_common.redis_client.is_cluster`) and returns a :class:`LeanRedisCluster` if so; the
+single-node :class:`LeanRedis` is untouched by cluster support (not one extra step per call). The cluster
+client reads the slot map with ``CLUSTER SLOTS`` from any node it knows, holds one :class:`LeanRedis`
+(one connection) per primary, opened up front, and runs a pipeline as **one write per shard involved,
+all sent before any reply is awaited** (parallel round trips), reassembling the replies in command order.
+``MOVED`` updates the slot and resends (the whole map is re-read in the background), ``ASK`` resends
+once with ``ASKING``; a connection error re-reads the map too. A shard that cannot be reached is marked
+down for ``down_seconds`` (commands for it fail at once instead of waiting to connect) and its failures
+raise :class:`ShardUnavailableError` while other shards still answer, so the service degrades only the
+predictions that need that shard and keeps its circuit breaker for a Redis that is down as a whole.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
+from binascii import crc_hqx
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
@@ -44,7 +58,16 @@ try:  # hiredis' C parser: ~10x less CPU per reply (a batch reads ~1,300 values)
 except ImportError:  # pragma: no cover - the pure-Python parser below reads the same replies
     _hiredis = None
 
-__all__ = ["LeanPipeline", "LeanRedis", "encode_commands", "parse_reply"]
+__all__ = [
+    "LeanPipeline",
+    "LeanRedis",
+    "LeanRedisCluster",
+    "ShardUnavailableError",
+    "encode_commands",
+    "key_slot",
+    "lean_from_url",
+    "parse_reply",
+]
 
 Command = Sequence[Any]
 _CRLF = b"\r\n"
@@ -422,7 +445,7 @@ def _raise_first_error(replies: list[Any]) -> None:
 class LeanPipeline:
     """The subset of redis-py's pipeline API the online store uses for reads."""
 
-    def __init__(self, client: LeanRedis) -> None:
+    def __init__(self, client: LeanRedis | LeanRedisCluster) -> None:
         self._client = client
         self._commands: list[Command] = []
 
@@ -473,3 +496,322 @@ class LeanPipeline:
     async def execute(self) -> list[Any]:
         commands, self._commands = self._commands, []
         return await self._client.execute(commands)
+
+
+# --- Redis Cluster ------------------------------------------------------------------------------------
+
+SLOTS = 16384
+Address = tuple[str, int]
+
+
+class ShardUnavailableError(RedisConnectionError):
+    """One shard of a Redis Cluster cannot be reached while others still answer: the commands that need
+    it failed, the rest of the cluster is fine (not a reason to treat Redis as down as a whole)."""
+
+
+def key_slot(key: Any) -> int:
+    """The cluster slot of a key (CRC16/XMODEM of its hash tag, as Redis computes it)."""
+    data = key if type(key) is bytes else _arg_bytes(key)
+    start = data.find(b"{")
+    if start > -1:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1 : end]
+    return crc_hqx(data, 0) % SLOTS
+
+
+def _command_key(command: Command) -> Any | None:
+    """The key a command is routed by: the first key of EVAL/EVALSHA (all its keys share one slot), the
+    first argument of every other command the store sends; None for a command with no key."""
+    name = command[0]
+    if name in ("EVALSHA", "EVAL", "evalsha", "eval"):
+        return command[3] if int(command[2]) > 0 else None
+    return command[1] if len(command) > 1 else None
+
+
+class LeanRedisCluster:
+    """:class:`LeanRedis` over a Redis Cluster (see the module docstring): the same ``execute`` /
+    ``pipeline`` / ``script_load`` / ``reset_if_stalled`` / ``aclose`` surface, one LeanRedis per primary."""
+
+    def __init__(
+        self,
+        seeds: Sequence[Address],
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool = False,
+        connect_timeout: float = 1.0,
+        down_seconds: float = 1.0,
+        refresh_interval: float = 1.0,
+    ) -> None:
+        self._seeds = list(seeds)
+        self._options: dict[str, Any] = {
+            "username": username,
+            "password": password,
+            "tls": tls,
+            "connect_timeout": connect_timeout,
+        }
+        self._down_seconds = down_seconds
+        self._refresh_interval = refresh_interval
+        self._nodes: dict[Address, LeanRedis] = {}
+        self._primaries: list[LeanRedis] = []
+        self._slot_node: list[LeanRedis | None] | None = None
+        self._down: dict[LeanRedis, float] = {}  # node -> monotonic time until which it is not tried
+        self._mapping: asyncio.Future[None] | None = None
+        self._refreshed_at = -1e18
+        self._refresh_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_url(cls, url: str, *, connect_timeout: float = 1.0) -> LeanRedisCluster:
+        seed = LeanRedis.from_url(url, connect_timeout=connect_timeout)
+        if seed.db:
+            raise ValueError("a Redis Cluster has only database 0")
+        return cls(
+            [(seed.host, seed.port)],
+            username=seed._username,
+            password=seed._password,
+            tls=seed._tls,
+            connect_timeout=connect_timeout,
+        )
+
+    # --- topology -------------------------------------------------------------------------------------
+
+    def _node(self, address: Address) -> LeanRedis:
+        node = self._nodes.get(address)
+        if node is None:
+            node = self._nodes[address] = LeanRedis(address[0], address[1], **self._options)
+        return node
+
+    async def _ensure_map(self) -> None:
+        if self._slot_node is not None:
+            return
+        if self._mapping is None:
+            self._mapping = asyncio.ensure_future(self._load_map())
+            self._mapping.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            await asyncio.shield(self._mapping)
+        finally:
+            if self._mapping is not None and self._mapping.done():
+                self._mapping = None
+
+    async def _load_map(self) -> None:
+        """Read CLUSTER SLOTS from the first node that answers (known primaries first, then the seeds),
+        then open a connection to every primary (a shard's failure is told from a cluster's by them)."""
+        candidates = list(dict.fromkeys([*((n.host, n.port) for n in self._primaries), *self._seeds]))
+        errors: list[str] = []
+        for address in candidates:
+            node = self._node(address)
+            try:
+                (reply,) = await node.execute([("CLUSTER", "SLOTS")])
+            except RedisError as exc:
+                errors.append(f"{address[0]}:{address[1]}: {exc}")
+                continue
+            self._apply_map(reply, address)
+            self._refreshed_at = asyncio.get_running_loop().time()
+            await asyncio.gather(*(self._connect(node) for node in self._primaries), return_exceptions=True)
+            return
+        raise RedisConnectionError(f"cannot read the Redis Cluster slot map: {'; '.join(errors)}")
+
+    def _apply_map(self, reply: list[Any], asked: Address) -> None:
+        slot_node: list[LeanRedis | None] = [None] * SLOTS
+        primaries: dict[Address, LeanRedis] = {}
+        for entry in reply:
+            start, end, primary = int(entry[0]), int(entry[1]), entry[2]
+            host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
+            address = (host if host not in ("", "?") else asked[0], int(primary[1]))
+            node = primaries.get(address) or self._node(address)
+            primaries[address] = node
+            slot_node[start : end + 1] = [node] * (end + 1 - start)
+        if not primaries:
+            raise ResponseError("CLUSTERDOWN the cluster serves no slot")
+        self._primaries = list(primaries.values())
+        self._slot_node = slot_node
+
+    def _refresh_soon(self) -> None:
+        """Re-read the slot map in the background (at most once per ``refresh_interval``)."""
+        loop = asyncio.get_running_loop()
+        if self._refresh_task is not None and not self._refresh_task.done():
+            return
+        if loop.time() - self._refreshed_at < self._refresh_interval:
+            return
+        self._refreshed_at = loop.time()
+
+        async def refresh() -> None:
+            with contextlib.suppress(RedisError):
+                await self._load_map()
+
+        self._refresh_task = loop.create_task(refresh())
+
+    async def _connect(self, node: LeanRedis) -> _RespProtocol:
+        """The node's connection, or a failure at once while the node is marked down."""
+        protocol = node._protocol
+        if protocol is not None and protocol.closed is None:
+            return protocol
+        loop = asyncio.get_running_loop()
+        until = self._down.get(node)
+        if until is not None and loop.time() < until:
+            raise self._classify(node, RedisConnectionError(f"{node.host}:{node.port} is marked down"))
+        try:
+            protocol = await node._connection()
+        except RedisConnectionError as exc:
+            self._down[node] = loop.time() + self._down_seconds
+            self._refresh_soon()
+            raise self._classify(node, exc) from exc
+        self._down.pop(node, None)
+        return protocol
+
+    def _classify(self, failed: LeanRedis, exc: RedisConnectionError) -> RedisConnectionError:
+        """A shard's failure while another primary's connection is up; else the cluster's."""
+        if isinstance(exc, ShardUnavailableError):
+            return exc
+        for node in self._primaries:
+            protocol = node._protocol
+            if node is not failed and protocol is not None and protocol.closed is None:
+                return ShardUnavailableError(f"Redis Cluster shard {failed.host}:{failed.port}: {exc}")
+        return exc
+
+    # --- commands -------------------------------------------------------------------------------------
+
+    async def execute(self, commands: Sequence[Command]) -> list[Any]:
+        """Send each shard's commands in one write, to every shard involved at once, and return the
+        replies in command order (raises the first error reply)."""
+        if not commands:
+            return []
+        if self._slot_node is None:
+            await self._ensure_map()
+        replies = await self._execute(commands, 0)
+        _raise_first_error(replies)
+        return replies
+
+    async def _execute(self, commands: Sequence[Command], redirections: int) -> list[Any]:
+        slot_node = self._slot_node
+        assert slot_node is not None
+        groups: dict[LeanRedis, list[int]] = {}
+        for index, command in enumerate(commands):
+            key = _command_key(command)
+            node = slot_node[key_slot(key)] if key is not None else self._primaries[0]
+            if node is None:
+                raise ResponseError(f"CLUSTERDOWN no node serves the slot of {key!r}")
+            group = groups.get(node)
+            if group is None:
+                groups[node] = [index]
+            else:
+                group.append(index)
+        if len(groups) == 1:
+            node = next(iter(groups))
+            replies = await self._round_trip(node, commands)
+        else:
+            sent: list[tuple[LeanRedis, list[int], asyncio.Future[list[Any]] | RedisConnectionError]] = []
+            for node, indexes in groups.items():  # every write leaves before any reply is awaited
+                try:
+                    protocol = await self._connect(node)
+                    part = [commands[i] for i in indexes]
+                    sent.append((node, indexes, protocol.send(encode_commands(part), len(part))))
+                except RedisConnectionError as exc:
+                    sent.append((node, indexes, exc))
+            replies = [None] * len(commands)
+            failure: RedisConnectionError | None = None
+            for node, indexes, pending in sent:
+                try:
+                    if isinstance(pending, RedisConnectionError):
+                        raise pending
+                    part_replies = await pending
+                except RedisConnectionError as exc:
+                    failure = failure or self._lost(node, exc)
+                    continue
+                for index, reply in zip(indexes, part_replies, strict=True):
+                    replies[index] = reply
+            if failure is not None:
+                raise failure
+        return await self._follow_redirections(commands, replies, redirections)
+
+    async def _round_trip(self, node: LeanRedis, commands: Sequence[Command]) -> list[Any]:
+        protocol = await self._connect(node)
+        try:
+            return await protocol.send(encode_commands(commands), len(commands))
+        except RedisConnectionError as exc:
+            raise self._lost(node, exc) from exc
+
+    def _lost(self, node: LeanRedis, exc: RedisConnectionError) -> RedisConnectionError:
+        self._refresh_soon()
+        return self._classify(node, exc)
+
+    async def _follow_redirections(
+        self, commands: Sequence[Command], replies: list[Any], redirections: int
+    ) -> list[Any]:
+        redirected = [
+            index
+            for index, reply in enumerate(replies)
+            if type(reply) is ResponseError and str(reply).startswith(("MOVED ", "ASK "))
+        ]
+        if not redirected:
+            return replies
+        if redirections >= 5:
+            raise ResponseError(f"too many cluster redirections: {replies[redirected[0]]}")
+        moved: list[int] = []
+        for index in redirected:
+            kind, slot, target = str(replies[index]).split()[:3]
+            host, _, port = target.rpartition(":")
+            node = self._node((host or self._seeds[0][0], int(port)))
+            if kind == "MOVED":
+                assert self._slot_node is not None
+                self._slot_node[int(slot)] = node
+                moved.append(index)
+            else:  # ASK: this command only, on the target node, after ASKING
+                _, reply = await self._round_trip(node, [("ASKING",), commands[index]])
+                replies[index] = reply
+        if moved:
+            self._refresh_soon()
+            again = await self._execute([commands[i] for i in moved], redirections + 1)
+            for index, reply in zip(moved, again, strict=True):
+                replies[index] = reply
+        return replies
+
+    async def script_load(self, source: str) -> str:
+        """SCRIPT LOAD on every primary (a script call runs on whichever one serves its keys)."""
+        await self._ensure_map()
+        results = await asyncio.gather(
+            *(self._round_trip(node, [("SCRIPT", "LOAD", source)]) for node in self._primaries),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, list) and not isinstance(result[0], Exception):
+                return bytes(result[0]).decode()
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            if isinstance(result[0], Exception):
+                raise result[0]
+        raise AssertionError("unreachable")
+
+    def pipeline(self, transaction: bool = False) -> LeanPipeline:
+        if transaction:
+            raise ValueError("LeanRedis pipelines are not transactions (MULTI/EXEC is not supported)")
+        return LeanPipeline(self)
+
+    @property
+    def primaries(self) -> list[Address]:
+        return [(node.host, node.port) for node in self._primaries]
+
+    def reset_if_stalled(self, older_than: float) -> bool:
+        """:meth:`LeanRedis.reset_if_stalled` on every node."""
+        return any([node.reset_if_stalled(older_than) for node in list(self._nodes.values())])
+
+    def reset(self) -> None:
+        for node in self._nodes.values():
+            node.reset()
+
+    async def aclose(self) -> None:
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+        self.reset()
+
+
+def lean_from_url(url: str, *, connect_timeout: float = 1.0) -> LeanRedis | LeanRedisCluster:
+    """:class:`LeanRedisCluster` when ``url`` names a node of a Redis Cluster (asked once; see
+    :func:`eta_common.redis_client.is_cluster`), else :class:`LeanRedis`."""
+    from eta_common.redis_client import is_cluster
+
+    if is_cluster(url, detect_timeout=max(connect_timeout, 1.0)):
+        return LeanRedisCluster.from_url(url, connect_timeout=connect_timeout)
+    return LeanRedis.from_url(url, connect_timeout=connect_timeout)
