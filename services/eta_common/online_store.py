@@ -72,8 +72,7 @@ class OnlineStore(OnlineWriter, OnlineReader):
         city: str = CITY,
     ) -> None:
         OnlineWriter.__init__(self, client, allowed_lateness_ms=allowed_lateness_ms, city=city)
-        self._reader_city_keys = driver_keys(city)
-        self._reader_market_keys = {}
+        self._init_reader(city)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> OnlineStore:

@@ -82,6 +82,7 @@ def build(settings: config.PredictionSettings) -> GrpcService:
         max_batch=settings.max_batch,
         deadline_reserve_seconds=settings.deadline_reserve_ms / 1000.0,
         prediction_log=prediction_log,
+        feed_log_sample=settings.log_feed_sample,
     )
     admission = AdmissionInterceptor(
         service=SERVICE,

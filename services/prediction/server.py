@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import random
 import secrets
 import time
 from collections import Counter
@@ -99,6 +100,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         deadline_reserve_seconds: float = 0.002,
         prediction_log: PredictionLog | None = None,
         request_ids: RequestIds | None = None,
+        feed_log_sample: float = 1.0,
     ) -> None:
         self._reader = reader
         self._models = models
@@ -109,6 +111,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         self._max_batch = max_batch
         self._reserve = deadline_reserve_seconds
         self._log = prediction_log
+        self._feed_log_sample = feed_log_sample
         self._ids = request_ids or RequestIds()
         self._quality_counters = {q: metrics.QUALITY.labels(name) for q, name in _QUALITY_NAMES.items()}
         self._stale_counters = {name: metrics.STALE_FEATURES.labels(name) for name in ONLINE_NAMES}
@@ -257,13 +260,15 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             etas=etas,
             degradations=degradations,
         )
-        self._account(model, rows, points, lows, highs, request_id, now, request.customer_id)
+        logged = self._feed_log_sample >= 1.0 or random.random() < self._feed_log_sample
+        self._account(model, rows, points, lows, highs, request_id, now, request.customer_id, log=logged)
         span = trace.get_current_span()
         if span.is_recording():
             span.set_attributes(
                 {
                     "eta.model.version": model.version,
                     "eta.request_id": request_id,
+                    "eta.logged": logged,
                     "eta.restaurants": len(rows),
                     "eta.rows_stale": qualities.count(STALE),
                     "eta.rows_missing": qualities.count(MISSING),
@@ -420,9 +425,11 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         request_id: str,
         now: int,
         customer_id: str = "",
+        *,
+        log: bool = True,
     ) -> None:
-        """Metrics and the prediction log, for every row (counters summed first: one ``inc`` per label
-        and call, as each takes a lock)."""
+        """Metrics for every row (counters summed first: one ``inc`` per label and call, as each takes a
+        lock), and the prediction log unless this call was not drawn (``log``)."""
         qualities = rows.quality
         for quality, counter in self._quality_counters.items():
             n = qualities.count(quality)
@@ -448,7 +455,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             self._missing_counters[name].inc(n)
         metrics.FEATURE_AGE.observe_rows(observed)
         plog = self._log
-        if plog is None:
+        if plog is None or not log:
             return
         names, columns = model.feature_names, model.columns
         ids = rows.block.restaurant_ids

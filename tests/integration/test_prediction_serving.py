@@ -187,6 +187,7 @@ async def serving(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ser
                 "PREDICTION_STALENESS_BUDGETS": "free_drivers_within_3km=900",
                 "PREDICTION_DEADLINE_RESERVE_MS": "1000",
                 "PREDICTION_LOG_FLUSH_MS": "100",
+                "PREDICTION_LOG_FEED_SAMPLE": "1",  # every feed row logged (checked below)
                 "SHUTDOWN_GRACE_SECONDS": "2",
             },
         )

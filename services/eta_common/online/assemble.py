@@ -124,87 +124,118 @@ _MEANS = [(k, 6) for k in _PREP_COLUMNS] + [(k, 12) for k in _PICKUP_COLUMNS]
 _NO_WRITERS: tuple[None, ...] = (None,) * K
 
 
-def assemble(
-    restaurant_ids: list[str],
-    locations: list[tuple[float, float] | None],
-    now_ms: int,
-    states: Sequence[RestaurantState],
-    city: City,
-    customer: CustomerFeatures,
-) -> FeatureBlock:
-    """The block of a read: each row starts from a copy of the defaults with the city's and the
-    customer's values in place, then takes its restaurant's state.
+class RowTemplate(NamedTuple):
+    """One restaurant's part of a block row: every column from its state, the request's columns (the
+    city's backlog, the customer's features) still at their defaults. Immutable: a read copies it."""
+
+    values: list[float]
+    present: list[bool]
+    updated: list[float]
+    event: list[float]
+    writers: Sequence[Any]  # per column, or _NO_WRITERS
+    supply_as_of_ms: float
+
+
+def template_of(state: RestaurantState) -> RowTemplate:
+    """The row of one restaurant state.
 
     Presence: a group's features are present once the store has seen the group (its ``u:`` field); a
     windowed mean with no sample in its window is then present with the value NaN (what the offline
     builder and the model see for it), not missing."""
     nan = math.nan
-    base_values, base_present = list(DEFAULT_ROW), [False] * K
-    base_updated, base_event = [nan] * K, [nan] * K
+    meta = state.meta
+    values, present = list(DEFAULT_ROW), [False] * K
+    updated, event = [nan] * K, [nan] * K
+    for columns, at in _GROUPS:
+        u, e = num(meta[at]), num(meta[at + 1])
+        for k in columns:
+            updated[k] = u
+            event[k] = e
+    orders_known = not math.isnan(updated[_COUNT_COLUMNS[0]])
+    for k, count in zip(_COUNT_COLUMNS, state.counts, strict=True):
+        values[k], present[k] = float(count), orders_known
+    values[_KITCHEN_COLUMN] = float(state.kitchen)
+    present[_KITCHEN_COLUMN] = not math.isnan(updated[_KITCHEN_COLUMN])
+    for (k, group), (total, n) in zip(_MEANS, state.means, strict=True):
+        if n:
+            values[k] = total / n / 60_000.0
+        present[k] = meta[group] is not None
+    status = meta[0]
+    values[_BUSY_COLUMN] = 1.0 if status in {b"BUSY", "BUSY"} else 0.0
+    present[_BUSY_COLUMN] = status is not None
+    supply = state.supply
+    supply_ref = None
+    if supply is not None and not math.isnan(supply.drivers):  # NaN: counted, but unknowable
+        values[_FREE_COLUMN], present[_FREE_COLUMN] = supply.drivers, True
+        updated[_FREE_COLUMN], event[_FREE_COLUMN] = supply.updated_ms, supply.event_ms
+        supply_ref = supply.writer
+    refs = (meta[5], meta[8], meta[11], meta[14])
+    writers: Sequence[Any] = _NO_WRITERS
+    if refs != (None, None, None, None) or supply_ref is not None:
+        per_column: list[Any] = [None] * K
+        for ref, (columns, _at) in zip(refs, _GROUPS, strict=True):
+            for k in columns:
+                per_column[k] = ref
+        per_column[_FREE_COLUMN] = supply_ref
+        writers = per_column
+    return RowTemplate(values, present, updated, event, writers, nan if supply is None else supply.as_of_ms)
+
+
+def assemble(
+    restaurant_ids: list[str],
+    locations: list[tuple[float, float] | None],
+    now_ms: int,
+    states: Sequence[RestaurantState | RowTemplate],
+    city: City,
+    customer: CustomerFeatures,
+) -> FeatureBlock:
+    """The block of a read: each restaurant's row (:func:`template_of`; a ready row's template is
+    cached by the reader) copied, with the request's columns — the city's backlog and the customer's
+    features — in place."""
+    nan = math.nan
     dispatch = city.dispatch
-    base_updated[_BACKLOG_COLUMN] = nan if dispatch.updated is None else float(dispatch.updated)
-    base_event[_BACKLOG_COLUMN] = nan if dispatch.event is None else float(dispatch.event)
-    if dispatch.updated is not None:
-        base_values[_BACKLOG_COLUMN], base_present[_BACKLOG_COLUMN] = float(city.waiting), True
-    if customer is not NO_CUSTOMER:
+    backlog = (
+        (float(city.waiting), True) if dispatch.updated is not None else (DEFAULT_ROW[_BACKLOG_COLUMN], False)
+    )
+    backlog_updated = nan if dispatch.updated is None else float(dispatch.updated)
+    backlog_event = nan if dispatch.event is None else float(dispatch.event)
+    dispatch_ref = dispatch.writer
+    with_customer = customer is not NO_CUSTOMER
+    if with_customer:
         known_at = customer.as_of_ms
         at = nan if known_at is None else float(known_at)
         mean = customer.mean_delivery_minutes_last_28_days
-        base_values[_CUSTOMER_ORDERS_COLUMN] = customer.orders_last_28_days
-        base_present[_CUSTOMER_ORDERS_COLUMN] = known_at is not None
-        base_values[_CUSTOMER_MEAN_COLUMN] = mean
-        base_present[_CUSTOMER_MEAN_COLUMN] = not math.isnan(mean)
-        for k in (_CUSTOMER_ORDERS_COLUMN, _CUSTOMER_MEAN_COLUMN):
-            base_updated[k] = base_event[k] = at
-    dispatch_ref = dispatch.writer
+        orders = customer.orders_last_28_days
     values_rows: list[list[float]] = []
     present_rows: list[list[bool]] = []
     updated_rows: list[list[float]] = []
     event_rows: list[list[float]] = []
     writers: list[Sequence[Any]] = []
     supply_as_of: list[float] = []
-    for state in states:
-        meta = state.meta
-        values, present = base_values.copy(), base_present.copy()
-        updated, event = base_updated.copy(), base_event.copy()
-        for columns, at in _GROUPS:
-            u, e = num(meta[at]), num(meta[at + 1])
-            for k in columns:
-                updated[k] = u
-                event[k] = e
-        orders_known = not math.isnan(updated[_COUNT_COLUMNS[0]])
-        for k, count in zip(_COUNT_COLUMNS, state.counts, strict=True):
-            values[k], present[k] = float(count), orders_known
-        values[_KITCHEN_COLUMN] = float(state.kitchen)
-        present[_KITCHEN_COLUMN] = not math.isnan(updated[_KITCHEN_COLUMN])
-        for (k, group), (total, n) in zip(_MEANS, state.means, strict=True):
-            if n:
-                values[k] = total / n / 60_000.0
-            present[k] = meta[group] is not None
-        status = meta[0]
-        values[_BUSY_COLUMN] = 1.0 if status in {b"BUSY", "BUSY"} else 0.0
-        present[_BUSY_COLUMN] = status is not None
-        supply = state.supply
-        supply_ref = None
-        supply_as_of.append(nan if supply is None else supply.as_of_ms)
-        if supply is not None and not math.isnan(supply.drivers):  # NaN: counted, but unknowable
-            values[_FREE_COLUMN], present[_FREE_COLUMN] = supply.drivers, True
-            updated[_FREE_COLUMN], event[_FREE_COLUMN] = supply.updated_ms, supply.event_ms
-            supply_ref = supply.writer
+    b = _BACKLOG_COLUMN
+    for item in states:
+        row = item if type(item) is RowTemplate else template_of(item)  # type: ignore[arg-type]
+        values, present = row.values.copy(), row.present.copy()
+        updated, event = row.updated.copy(), row.event.copy()
+        values[b], present[b] = backlog
+        updated[b], event[b] = backlog_updated, backlog_event
+        if with_customer:
+            values[_CUSTOMER_ORDERS_COLUMN] = orders
+            present[_CUSTOMER_ORDERS_COLUMN] = known_at is not None
+            values[_CUSTOMER_MEAN_COLUMN] = mean
+            present[_CUSTOMER_MEAN_COLUMN] = not math.isnan(mean)
+            updated[_CUSTOMER_ORDERS_COLUMN] = event[_CUSTOMER_ORDERS_COLUMN] = at
+            updated[_CUSTOMER_MEAN_COLUMN] = event[_CUSTOMER_MEAN_COLUMN] = at
+        refs = row.writers
+        if dispatch_ref is not None:
+            refs = list(refs)
+            refs[b] = dispatch_ref
         values_rows.append(values)
         present_rows.append(present)
         updated_rows.append(updated)
         event_rows.append(event)
-        refs = (meta[5], meta[8], meta[11], meta[14])
-        if refs == (None, None, None, None) and supply_ref is None and dispatch_ref is None:
-            writers.append(_NO_WRITERS)
-        else:
-            per_column: list[Any] = [None] * K
-            for ref, (columns, _at) in zip(refs, _GROUPS, strict=True):
-                for k in columns:
-                    per_column[k] = ref
-            per_column[_FREE_COLUMN], per_column[_BACKLOG_COLUMN] = supply_ref, dispatch_ref
-            writers.append(per_column)
+        writers.append(refs)
+        supply_as_of.append(row.supply_as_of_ms)
     block = FeatureBlock(
         restaurant_ids, locations, now_ms, values_rows, present_rows, updated_rows, event_rows, writers
     )

@@ -19,7 +19,15 @@ import redis.asyncio as aioredis
 from eta_common import features as F
 from eta_common.customer_features import CUSTOMER_READ_REPLIES, parse_customer_read, queue_customer_read
 from eta_common.feature_block import FeatureBlock, RestaurantFeatures
-from eta_common.online.assemble import NO_CUSTOMER, City, RestaurantState, Supply, assemble
+from eta_common.online.assemble import (
+    NO_CUSTOMER,
+    City,
+    RestaurantState,
+    RowTemplate,
+    Supply,
+    assemble,
+    template_of,
+)
 from eta_common.online.connection import Pipelines
 from eta_common.online.exact import RESTAURANT_READ_REPLIES, Bounds, queue_city, queue_exact, reduce_exact
 from eta_common.online.geo import BULK_NEARBY_MIN, count_within, covering_disc, decode_geohashes
@@ -29,13 +37,19 @@ from eta_common.online.rows import ROW_FIELDS, parse_row, parse_supply, valid_ro
 __all__ = ["OnlineReader"]
 
 Location = tuple[float, float]
+# Parsed ready rows kept (by their bytes); at ~1 KB each, a bound of 20k is ~20 MB.
+TEMPLATE_CACHE_SIZE = 20_000
 
 
 class OnlineReader(Pipelines):
     def __init__(self, client: aioredis.Redis, *, city: str = CITY) -> None:
         super().__init__(client)
+        self._init_reader(city)
+
+    def _init_reader(self, city: str) -> None:
         self._reader_city_keys = driver_keys(city)
         self._reader_market_keys: dict[str, dict[str, str]] = {}
+        self._templates: dict[tuple[bytes, bytes], tuple[int, float, RowTemplate]] = {}
 
     async def read_restaurants(
         self, requests: Sequence[tuple[str, Location]], *, now_ms: int, customer_id: str = ""
@@ -83,15 +97,15 @@ class OnlineReader(Pipelines):
         if customer_id:
             customer = parse_customer_read(results[base : base + CUSTOMER_READ_REPLIES])
             base += CUSTOMER_READ_REPLIES
-        states: list[RestaurantState | None] = []
+        states: list[RestaurantState | RowTemplate | None] = []
         stale: list[int] = []
+        template = self._template
         for i, (w, n, s) in enumerate(results[base:]):
-            supply = parse_supply(s)
-            row = valid_row(w, n, supply, now_ms) if supply is not None else None
-            if row is not None:
-                states.append(row.state)
-            else:
-                states.append(None)
+            found = template(w, s, now_ms) if s else None
+            if found is None and n and s:
+                found = template(n, s, now_ms)
+            states.append(found)
+            if found is None:
                 stale.append(i)
         if stale:
             exact = await self._read_exact([requests[i] for i in stale], bounds, city, city_keys)
@@ -108,6 +122,22 @@ class OnlineReader(Pipelines):
         block.from_fallback = len(stale)
         block.from_rows = len(requests) - len(stale)
         return block
+
+    def _template(self, packed: bytes, supply: bytes, now_ms: int) -> RowTemplate | None:
+        """The row template of a ready row version (``w`` or ``n``) with its supply, when valid at
+        ``now_ms``. Parsed templates are cached by the row's bytes: a restaurant's row is read by every
+        feed it appears in and changes only with its events, so a hot row is parsed once, not per read."""
+        key = (packed, supply)
+        cached = self._templates.get(key)
+        if cached is None:
+            row = parse_row(packed, parse_supply(supply))
+            if row is None:
+                return None
+            if len(self._templates) >= TEMPLATE_CACHE_SIZE:
+                self._templates.clear()  # simple bound: rows change, old bytes are never asked again
+            cached = self._templates[key] = (row.computed_ms, row.valid_until_ms, template_of(row.state))
+        computed, valid_until, found = cached
+        return found if computed <= now_ms < valid_until else None
 
     async def read_exact(
         self, requests: Sequence[tuple[str, Location]], *, now_ms: int, market: str = ""

@@ -373,3 +373,30 @@ async def test_the_customer_reaches_the_read_and_the_log(model: ServingModel) ->
     await servicer.PredictEta(single(), Context())  # no customer: none is invented
     assert reader.customers == ["cust-00042", "cust-00042", ""]
     assert [row.customer_id for row in log.rows] == ["cust-00042", "cust-00042", ""]
+
+
+@pytest.mark.parametrize(
+    ("share", "some", "every"), [(0.0, False, False), (0.5, True, False), (1.0, True, True)]
+)
+async def test_feed_rows_are_logged_for_the_drawn_share_of_calls_and_checkouts_always(
+    model: ServingModel, share: float, some: bool, every: bool
+) -> None:
+    """PREDICTION_LOG_FEED_SAMPLE: a feed (PredictEtaBatch) call logs all its rows or none, drawn per call;
+    a checkout (PredictEta) is always logged."""
+    servicer, reader, log = make(model)
+    servicer._feed_log_sample = share
+    for rid in ("a", "b", "c"):
+        reader.readings[rid] = fresh()
+    request = eta_pb2.PredictEtaBatchRequest(
+        customer_location=CUSTOMER,
+        restaurants=[eta_pb2.RestaurantLocation(restaurant_id=r, location=RESTAURANT) for r in "abc"],
+    )
+    for _ in range(40):
+        await servicer.PredictEtaBatch(request, cast(Any, Context()))
+    logged = len(log)
+    assert logged % 3 == 0  # whole calls
+    assert (logged > 0) == some
+    assert (logged == 120) == every
+    reader.readings["r1"] = fresh()
+    await servicer.PredictEta(single(), cast(Any, Context()))
+    assert len(log) == logged + 1
