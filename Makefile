@@ -92,12 +92,12 @@ image-test: install
 bench: install
 	$(PY) -m bench
 
-# Feast and the maintained Redis clients as peers, in their own venv ($(VENV)/peers: Feast pins redis<8 and
-# prometheus-client<0.25, older than the project's); the benchmarks themselves run from the main venv.
+# Feast, Quix Streams and the maintained Redis clients as peers, in their own venv ($(VENV)/peers: Feast pins
+# redis<8 and prometheus-client<0.25, older than the project's); the benchmarks themselves run from the main venv.
 bench-peers: install
 	test -x $(VENV)/peers/bin/python || $(PYTHON) -m venv $(VENV)/peers
 	$(VENV)/peers/bin/python -m pip install --quiet -e '.[peers]'
-	$(PY) -m bench peers_feast redis_clients
+	$(PY) -m bench peers_feast peers_quix redis_clients
 
 format: install
 	$(VENV)/bin/ruff check --fix services tests bench
