@@ -1,0 +1,394 @@
+"""Per-unit costs for the capacity model (``docs/capacity.md``, ``eta-capacity``).
+
+The aggregator, Redis and PostgreSQL costs are measured here, **per event kind**, on the real stack
+(Tansu broker, Redis, PostgreSQL, one aggregator process with its row maintenance, tracing off). Each kind
+is a *segment* with its own topics (a topic prefix) and its own consumer group, so one aggregator process
+sees only that kind:
+
+* ``pings``: drivers go ONLINE once, then send LOCATION pings every 4 s (the platform's largest stream);
+* ``orders``: order lifecycles without pings — PLACED, dispatch (ASSIGNED, DELIVERED), kitchen ACCEPTED /
+  READY, PICKED_UP, a few CANCELLED — over a set of restaurants (no duplicates, nothing late);
+* ``restaurants``: one kitchen status event per restaurant of a fresh set (Redis memory per restaurant).
+
+For each segment an aggregator starts on the segment's empty topics; once it idles, the records are
+produced as fast as the broker takes them (a backlog builds, so the aggregator works in full batches) and
+the window runs until every record is applied and archived (its Prometheus counters). Over the window,
+from ``/proc``: the CPU of the aggregator, of Redis and of PostgreSQL (process trees; their idle
+background — the row maintenance, serverCron —, measured just before, is subtracted), Redis's
+server-side script time (``INFO commandstats``: wall time around each script, so on a shared machine it
+includes time Redis was descheduled) and, before and after, Redis's dataset (Σ ``MEMORY USAGE`` over the
+keys) and the ``events`` table's size with its indexes (``pg_total_relation_size``).
+
+Ingestion (CPU per event, streaming RPC) and prediction (CPU per PredictEta call, per restaurant of a
+batch, Redis per call) come from the latest ``bench/results/ingestion.json`` and ``serving.json`` (their
+own benchmarks; measured-at dates kept). Everything lands in ``bench/results/capacity.json``: ``figures``
+holds the cost keys ``eta-capacity --costs`` reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
+
+from bench.harness import load_average, tree_cpu_seconds
+from bench.result import RESULTS_DIR, BenchResult
+from devstack.infra import ChildProcess
+from devstack.stack import LocalStack, ServicePorts
+from devstack.synthetic import MIN, Sent, make_city, random_stream
+from eta.v1 import events_pb2
+from eta_common.config import KafkaSettings
+from eta_common.kafka import Topics, ensure_topics, event_kind, record_key
+from eta_common.timeutil import now_ms, timestamp_from_ms
+
+NAME = "capacity"
+PING_INTERVAL_MS = 4_000
+DriverType = events_pb2.DriverEvent
+# Driver events that are not part of an order's lifecycle (the orders segment leaves them out).
+_NOT_ORDER_EVENTS = {DriverType.LOCATION, DriverType.ONLINE, DriverType.OFFLINE}
+
+
+def ping_stream(rng: random.Random, n_drivers: int, rounds: int, start_ms: int) -> list[Sent]:
+    """Drivers go ONLINE, then ping every 4 s from a random walk around a city centre."""
+    centre = (52.52, 13.405)
+    events: list[tuple[int, events_pb2.Event]] = []
+    for d in range(n_drivers):
+        lat = centre[0] + rng.uniform(-0.05, 0.05)
+        lng = centre[1] + rng.uniform(-0.08, 0.08)
+        phase = rng.randrange(PING_INTERVAL_MS)
+        for r in range(rounds + 1):
+            when = start_ms + phase + r * PING_INTERVAL_MS
+            lat += rng.uniform(-0.0004, 0.0004)  # up to ~45 m between pings
+            lng += rng.uniform(-0.0006, 0.0006)
+            event = events_pb2.Event(
+                driver=events_pb2.DriverEvent(
+                    event_id=f"cap-ping-{d}-{r}",
+                    event_time=timestamp_from_ms(when),
+                    driver_id=f"cap-d{d}",
+                    type=DriverType.ONLINE if r == 0 else DriverType.LOCATION,
+                    location=events_pb2.GeoPoint(lat=lat, lng=lng),
+                )
+            )
+            events.append((when + rng.randrange(20, 800), event))
+    events.sort(key=lambda item: item[0])
+    return [Sent(event, ingest) for ingest, event in events]
+
+
+def order_stream(
+    rng: random.Random, n_restaurants: int, minutes: int, per_minute: int, start_ms: int
+) -> list[Sent]:
+    """Order lifecycles (no pings, no driver sessions, no duplicates, nothing late)."""
+    city = make_city(rng, "cap-o", (48.85, 2.35), n_restaurants=n_restaurants, n_drivers=n_restaurants * 3)
+    stream = random_stream(
+        rng, city, start_ms=start_ms, minutes=minutes, orders_per_minute=per_minute, late_fraction=0.0,
+        duplicate_fraction=0.0,
+    )  # fmt: skip
+    return [
+        s for s in stream if not (s.event.HasField("driver") and s.event.driver.type in _NOT_ORDER_EVENTS)
+    ]
+
+
+def restaurant_stream(n_restaurants: int, start_ms: int) -> list[Sent]:
+    """One OPENED status per restaurant (with its location): the restaurant's base state."""
+    out = []
+    for i in range(n_restaurants):
+        event = events_pb2.Event(
+            kitchen=events_pb2.KitchenEvent(
+                event_id=f"cap-rst-{i}",
+                event_time=timestamp_from_ms(start_ms + i),
+                restaurant_id=f"cap-r{i}",
+                type=events_pb2.KitchenEvent.OPENED,
+                restaurant_location=events_pb2.GeoPoint(lat=45.0 + i * 1e-5, lng=9.0),
+            )
+        )
+        out.append(Sent(event, start_ms + i + 50))
+    return out
+
+
+def _records(settings: KafkaSettings, stream: list[Sent]) -> list[tuple[str, bytes, bytes]]:
+    """(topic, key, value) of each record, serialised as ingestion would (envelope with the ingest time)."""
+    topics = Topics.from_settings(settings)
+    out = []
+    for item in stream:
+        kind = event_kind(item.event)
+        assert kind is not None
+        envelope = events_pb2.EventEnvelope(
+            event=item.event, ingest_time=timestamp_from_ms(item.ingest_ms), ingested_by="bench"
+        )
+        out.append((topics.for_kind(kind), record_key(item.event), envelope.SerializeToString()))
+    return out
+
+
+async def _send_all(producer: AIOKafkaProducer, records: list[tuple[str, bytes, bytes]]) -> None:
+    """Send as fast as the client queues (futures awaited at the end): a backlog builds up quickly."""
+    futures = [await producer.send(topic, value, key=key) for topic, key, value in records]
+    for future in futures:
+        await future
+
+
+async def _dataset_bytes(redis: aioredis.Redis) -> float:
+    """Σ ``MEMORY USAGE`` (every element sampled) over all keys: the dataset, without client buffers."""
+    total = 0
+    batch: list[bytes] = []
+
+    async def flush() -> int:
+        pipe = redis.pipeline(transaction=False)
+        for key in batch:
+            pipe.memory_usage(key, samples=0)
+        sizes = await pipe.execute()
+        batch.clear()
+        return sum(int(size or 0) for size in sizes)
+
+    async for key in redis.scan_iter(count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            total += await flush()
+    if batch:
+        total += await flush()
+    return float(total)
+
+
+def _counter(url: str, prefix: str) -> float:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(prefix))
+
+
+@dataclass
+class Segment:
+    name: str
+    records: int
+    seconds: float
+    cpu_us: dict[str, float]  # per record: aggregator, redis (net), postgres (net)
+    redis_script_us: float  # per record, server-side (EVALSHA usec)
+    redis_bytes: float  # Redis dataset (Σ MEMORY USAGE) delta over the segment
+    archive_bytes: float  # events table + indexes delta
+    aggregator_core_pct: float  # the aggregator's share of a core over the window (≈100: CPU-bound)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "segment": self.name,
+            "records": self.records,
+            "rec/s": self.records / self.seconds,
+            "agg µs/rec": self.cpu_us["aggregator"],
+            "redis µs/rec": self.cpu_us["redis"],
+            "redis script µs/rec": self.redis_script_us,
+            "pg µs/rec": self.cpu_us["postgres"],
+            "archive B/row": self.archive_bytes / self.records,
+            "redis B/rec": self.redis_bytes / self.records,
+            "agg core %": self.aggregator_core_pct,
+        }
+
+
+async def _script_usec(redis: aioredis.Redis) -> float:
+    stats = await redis.info("commandstats")
+    return float(stats.get("cmdstat_evalsha", {}).get("usec", 0))
+
+
+async def _archive_bytes(database_url: str) -> float:
+    conn = await asyncpg.connect(database_url)
+    try:
+        exists = await conn.fetchval("SELECT to_regclass('events') IS NOT NULL")
+        return float(await conn.fetchval("SELECT pg_total_relation_size('events')")) if exists else 0.0
+    finally:
+        await conn.close()
+
+
+async def _segment(stack: LocalStack, name: str, stream: list[Sent]) -> Segment:
+    """Start an aggregator on the segment's (empty) topics, measure everyone's idle CPU, then produce the
+    segment as fast as the client sends (a backlog builds: the aggregator works in full batches) and
+    wait until every record is applied and archived."""
+    settings = KafkaSettings(bootstrap_servers=stack.kafka, topic_prefix=f"cap-{name}.")
+    await ensure_topics(settings)
+    child: ChildProcess = await asyncio.to_thread(
+        stack.start_service,
+        "aggregator",
+        extra_env={
+            "KAFKA_TOPIC_PREFIX": settings.topic_prefix,
+            "AGGREGATOR_GROUP_ID": f"cap-{name}",
+            "OTEL_TRACES_SAMPLER": "always_off",
+        },
+        instance=f"cap-{name}",
+    )
+    url = f"http://127.0.0.1:{child.extra['metrics_port']}/metrics"
+    redis_proc = next(p for p in stack.processes if p.name == "redis")
+    pg_proc = next(p for p in stack.processes if p.name == "postgres")
+    watched = {"aggregator": child.proc.pid, "redis": redis_proc.proc.pid, "postgres": pg_proc.proc.pid}
+    redis = aioredis.Redis.from_url(stack.redis_url)
+    total = len(stream)
+    records = _records(settings, stream)
+    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        await asyncio.sleep(3.0)  # group join, first row-maintenance ticks
+        # idle background (row maintenance, serverCron, autovacuum…), subtracted from the window below
+        idle_before = {k: tree_cpu_seconds(v) for k, v in watched.items()}
+        idle_started = time.perf_counter()
+        await asyncio.sleep(3.0)
+        idle_seconds = time.perf_counter() - idle_started
+        idle_rate = {k: (tree_cpu_seconds(v) - idle_before[k]) / idle_seconds for k, v in watched.items()}
+        memory_start = await _dataset_bytes(redis)
+        script_start = await _script_usec(redis)
+        archive_before = await _archive_bytes(stack.database_url)
+        cpu_start = {k: tree_cpu_seconds(v) for k, v in watched.items()}
+        started = time.perf_counter()
+        await _send_all(producer, records)
+        while True:
+            consumed = await asyncio.to_thread(_counter, url, "eta_aggregator_records_total{")
+            if consumed >= total:
+                archived = await asyncio.to_thread(_counter, url, "eta_aggregator_archived_events_total ")
+                if archived >= total:
+                    break
+            await asyncio.sleep(0.25)  # scraping costs the aggregator CPU: poll gently
+        seconds = time.perf_counter() - started
+        cpu_end = {k: tree_cpu_seconds(v) for k, v in watched.items()}
+        script_end = await _script_usec(redis)
+    finally:
+        await producer.stop()
+        await asyncio.to_thread(child.stop)
+    await asyncio.sleep(1.0)  # the last row-maintenance writes land before memory is read
+    memory_end = await _dataset_bytes(redis)
+    await redis.aclose()
+    archive_after = await _archive_bytes(stack.database_url)
+    used = {k: cpu_end[k] - cpu_start[k] - idle_rate[k] * seconds for k in cpu_end}
+    return Segment(
+        name=name,
+        records=total,
+        seconds=seconds,
+        cpu_us={k: max(0.0, v) / total * 1e6 for k, v in used.items()},
+        redis_script_us=(script_end - script_start) / total,
+        redis_bytes=memory_end - memory_start,
+        archive_bytes=archive_after - archive_before,
+        aggregator_core_pct=100.0 * (cpu_end["aggregator"] - cpu_start["aggregator"]) / seconds,
+    )
+
+
+def _sibling(name: str) -> dict[str, Any] | None:
+    path = RESULTS_DIR / f"{name}.json"
+    if not path.exists():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def _ingestion_costs() -> tuple[dict[str, float], str]:
+    data = _sibling("ingestion")
+    if data is None:
+        return {}, "ingestion: no bench/results/ingestion.json (run `python -m bench ingestion`)"
+    out: dict[str, float] = {}
+    for row in data["rows"]:
+        rate, cpu = row.get("events/s (median)"), row.get("process CPU %")
+        if not rate or cpu is None:
+            continue
+        if str(row.get("path", "")).startswith("streaming"):
+            out["ingestion_cpu_us_per_event"] = cpu / 100 / rate * 1e6
+        elif str(row.get("path", "")).startswith("batch"):
+            out["ingestion_batch_cpu_us_per_event"] = cpu / 100 / rate * 1e6
+    return out, f"ingestion: from bench/results/ingestion.json measured {data.get('measured_at')}"
+
+
+def _serving_costs() -> tuple[dict[str, float], str]:
+    data = _sibling("serving")
+    if data is None:
+        return {}, "prediction: no bench/results/serving.json (run `python -m bench serving`)"
+    f = data["figures"]
+    out: dict[str, float] = {}
+    single = f.get("eta_server_cpu_us_per_call")
+    if single:
+        out["prediction_cpu_us_per_call"] = single
+    batch_ms = f.get("batch50_server_cpu_ms")
+    if single and batch_ms:
+        # a batch of 50 = one call's fixed cost + 50 restaurants' share
+        out["prediction_cpu_us_per_batch_restaurant"] = max(0.0, (batch_ms * 1000 - single) / 50)
+    if f.get("redis_cpu_us_per_prediction"):
+        out["redis_cpu_us_per_prediction"] = f["redis_cpu_us_per_prediction"]
+    if f.get("batch50_redis_cpu_us"):
+        out["redis_cpu_us_per_batch_restaurant"] = f["batch50_redis_cpu_us"] / 50
+    return out, f"prediction: from bench/results/serving.json measured {data.get('measured_at')}"
+
+
+async def _run(quick: bool) -> BenchResult:
+    load_start = load_average()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-capacity-"))
+    stack = LocalStack(
+        workdir,
+        ports=ServicePorts.free(),
+        use_env_endpoints=False,
+        extra_env={"LOG_FORMAT": "json", "LOG_LEVEL": "WARNING"},
+    )
+    rng = random.Random(14)
+    start_ms = now_ms() - 90 * MIN
+    n_drivers, rounds = (500, 10) if quick else (4000, 15)
+    n_rest, minutes, per_minute = (100, 20, 50) if quick else (600, 60, 200)
+    pings = ping_stream(rng, n_drivers, rounds, start_ms)
+    orders = order_stream(rng, n_rest, minutes, per_minute, start_ms)
+    restaurants = restaurant_stream(200 if quick else 2000, start_ms)
+    n_orders = sum(
+        1 for s in orders if s.event.HasField("order") and s.event.order.type == events_pb2.OrderEvent.PLACED
+    )
+    kinds = Counter(str(s.event.WhichOneof("payload")) for s in orders)
+    try:
+        await asyncio.to_thread(stack.start_infra)
+        segments = {}
+        for name, stream in (("pings", pings), ("orders", orders), ("restaurants", restaurants)):
+            segments[name] = await _segment(stack, name, stream)
+    finally:
+        await asyncio.to_thread(stack.stop)
+        shutil.rmtree(workdir, ignore_errors=True)
+    p, o, r = segments["pings"], segments["orders"], segments["restaurants"]
+    events_per_order = len(orders) / n_orders
+    figures: dict[str, float] = {
+        "aggregator_cpu_us_per_ping": p.cpu_us["aggregator"],
+        "aggregator_cpu_us_per_order_event": o.cpu_us["aggregator"],
+        "redis_cpu_us_per_ping": p.cpu_us["redis"],
+        "redis_cpu_us_per_order_event": o.cpu_us["redis"],
+        "redis_script_us_per_ping": p.redis_script_us,
+        "redis_script_us_per_order_event": o.redis_script_us,
+        "postgres_cpu_us_per_ping_row": p.cpu_us["postgres"],
+        "postgres_cpu_us_per_order_event_row": o.cpu_us["postgres"],
+        "archive_bytes_per_ping_row": p.archive_bytes / p.records,
+        "archive_bytes_per_order_event_row": o.archive_bytes / o.records,
+        "order_events_per_order": events_per_order,
+        "redis_bytes_per_driver": p.redis_bytes / n_drivers,
+        "redis_bytes_per_order": o.redis_bytes / n_orders,
+        "redis_bytes_per_restaurant": r.redis_bytes / len(restaurants),
+        "aggregator_records_per_s_pings": p.records / p.seconds,
+        "aggregator_records_per_s_orders": o.records / o.seconds,
+    }
+    notes = [
+        f"load average at start {load_start}, at end {load_average()} (2 cores shared with other work: "
+        "per-unit CPU figures move by ±20 % between runs)",
+        "agg core %: the aggregator's share of one core over the window; well under 100 means it waited "
+        "(on Redis, PostgreSQL or other work on the machine), so its µs/record is still its own CPU",
+        f"orders segment: {len(orders)} records for {n_orders} orders ({dict(kinds)}); "
+        "redis_bytes_per_order holds every order's state (window entries, per-order hash, dispatch sets) "
+        "as written, before any of it expires: an upper bound per order retained",
+        "redis_bytes_per_restaurant: a restaurant's base state (meta hash, ready row, due-bucket entry)",
+    ]
+    for costs, note in (_ingestion_costs(), _serving_costs()):
+        figures.update(costs)
+        notes.append(note)
+    return BenchResult(
+        name=NAME,
+        baseline="none: per-unit costs for docs/capacity.md and eta-capacity",
+        rows=[s.summary() for s in segments.values()],
+        figures=figures,
+        notes=notes,
+        extra={"segments": {name: s.__dict__ for name, s in segments.items()}, "n_drivers": n_drivers},
+    )
+
+
+def run(quick: bool = False) -> BenchResult:
+    return asyncio.run(_run(quick))
