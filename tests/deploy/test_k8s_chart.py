@@ -18,7 +18,7 @@ Render = Callable[..., dict[str, Any]]
 # kubeVersion floor is 1.27; native gRPC probes are GA since 1.27).
 KUBE_VERSIONS = ["1.30.0", "1.33.0"]
 # CRD-backed kinds kubernetes-validate has no schema for; checked structurally below.
-CRD_KINDS = {"ServiceMonitor"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 COMPONENTS = ("ingestion", "aggregator", "prediction")
 # Every optional feature on at once, to validate the objects that are off by default.
 EVERYTHING_ON: dict[str, Any] = {
@@ -127,10 +127,16 @@ def test_manifests_are_valid_kubernetes_objects(
     validated = 0
     for doc in manifests:
         clean = strip_private(doc)
-        if clean["kind"] in CRD_KINDS:
+        if clean["kind"] == "ServiceMonitor":
             assert clean["apiVersion"] == "monitoring.coreos.com/v1"
             assert clean["spec"]["selector"]["matchLabels"]
             assert all(ep["port"] == "metrics" for ep in clean["spec"]["endpoints"])
+            continue
+        if clean["kind"] == "PrometheusRule":
+            assert clean["apiVersion"] == "monitoring.coreos.com/v1"
+            groups = clean["spec"]["groups"]
+            assert groups
+            assert all(group["rules"] for group in groups)
             continue
         kubernetes_validate.validate(clean, kube_version, strict=True)
         validated += 1
