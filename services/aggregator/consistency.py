@@ -10,6 +10,11 @@ Visibility: by default an event counts as visible from the moment its Redis upda
 the same restaurant (or a driver event, for supply) became visible within ``--in-flight-ms`` of serving
 is reported as *in flight* (the read raced the update) rather than as a mismatch, unless ``--strict``.
 
+Markets: each served row is recomputed in its market (``predictions.market_id``, the market the request
+named; when the log has none, the restaurant's market from its archived events; else the default market),
+whose drivers, free-driver index and dispatch backlog are that market's only, as online. A race on a
+city-wide feature is looked for among the events of that market only.
+
 The customer features are batch values (refreshed hourly from the archive, see
 :mod:`eta_common.customer_features`): each is compared with the value of the refresh at or before serving
 time; a value that still is the previous refresh's, served within ``--refresh-grace-minutes`` of the
@@ -38,6 +43,7 @@ import asyncpg
 
 from eta_common import customer_features as CF
 from eta_common import features as F
+from eta_common.markets import DEFAULT_MARKET
 from eta_common.offline_features import FeatureQuery, HistoryEvent, OfflineFeatureBuilder
 from eta_common.timeutil import datetime_from_ms, now_ms
 
@@ -58,6 +64,7 @@ class ServedRow:
     features: dict[str, float | None]
     key: str = ""
     customer_id: str = ""
+    market: str | None = None  # the request's market as logged ('' = default); None: not logged
 
 
 @dataclass
@@ -113,19 +120,24 @@ def check_consistency(
     report = ConsistencyReport()
     locations: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     seen_by_restaurant: dict[str, list[int]] = defaultdict(list)
-    driver_seen: list[int] = []
-    dispatch_seen: list[int] = []  # what moves the city-wide backlog: PLACED, CANCELLED, ASSIGNED anywhere
+    restaurant_market: dict[str, str] = {}
+    # per market: what moves its drivers, and what moves its backlog (PLACED, CANCELLED, ASSIGNED)
+    driver_seen: dict[str, list[int]] = defaultdict(list)
+    dispatch_seen: dict[str, list[int]] = defaultdict(list)
     for ev in events:
+        market = ev.market or DEFAULT_MARKET
         if ev.restaurant_id and ev.lat is not None and ev.lng is not None:
             locations[ev.restaurant_id].append((ev.seen_ms, ev.lat, ev.lng))
         if ev.restaurant_id:
             seen_by_restaurant[ev.restaurant_id].append(ev.seen_ms)
+            restaurant_market[ev.restaurant_id] = market
         if ev.kind == "driver":
-            driver_seen.append(ev.seen_ms)
+            driver_seen[market].append(ev.seen_ms)
         if ev.type in ("PLACED", "CANCELLED", "ASSIGNED"):
-            dispatch_seen.append(ev.seen_ms)
+            dispatch_seen[market].append(ev.seen_ms)
     queries: list[FeatureQuery] = []
     rows: dict[str, ServedRow] = {}
+    markets: dict[str, str] = {}
     for i, row in enumerate(served):
         known = [loc for loc in locations.get(row.restaurant_id, []) if loc[0] <= row.served_ms]
         if not known:
@@ -133,10 +145,15 @@ def check_consistency(
         _, lat, lng = known[-1]
         key = row.key or str(i)
         rows[key] = row
-        queries.append(FeatureQuery(key, row.restaurant_id, row.served_ms, lat, lng))
+        if row.market is not None:
+            market = row.market or DEFAULT_MARKET
+        else:
+            market = restaurant_market.get(row.restaurant_id, DEFAULT_MARKET)
+        markets[key] = market
+        queries.append(FeatureQuery(key, row.restaurant_id, row.served_ms, lat, lng, market))
         as_of = row.features.get(SUPPLY_AS_OF)
         if as_of is not None:  # a materialised free-driver count: judged at the instant it was counted
-            queries.append(FeatureQuery(key + SUPPLY_AS_OF, row.restaurant_id, int(as_of), lat, lng))
+            queries.append(FeatureQuery(key + SUPPLY_AS_OF, row.restaurant_id, int(as_of), lat, lng, market))
 
     def racing(times: list[int], at: int) -> bool:
         lo = bisect.bisect_left(times, at - in_flight_ms)
@@ -161,10 +178,10 @@ def check_consistency(
                 continue
             at = row.served_ms
             if name == _SUPPLY:
-                times = driver_seen
+                times = driver_seen[markets[key]]
                 at = int(supply_as_of) if supply_as_of is not None else at
             elif name == F.ORDERS_WAITING_FOR_DRIVER:
-                times = dispatch_seen
+                times = dispatch_seen[markets[key]]
             else:
                 times = seen_by_restaurant[row.restaurant_id]
             if not strict and racing(times, at):
@@ -174,6 +191,7 @@ def check_consistency(
             report.samples.append(
                 {
                     "restaurant_id": row.restaurant_id,
+                    "market": markets[key],
                     "served_ms": row.served_ms,
                     "feature": name,
                     "online": row.features[name],
@@ -226,12 +244,12 @@ _EVENTS_SQL = """
 SELECT kind, type, (extract(epoch FROM event_time) * 1000)::bigint AS event_ms,
        (extract(epoch FROM ingest_time) * 1000)::bigint AS ingest_ms,
        (extract(epoch FROM applied_at) * 1000)::bigint AS applied_ms,
-       restaurant_id, driver_id, order_id, lat, lng
+       restaurant_id, driver_id, order_id, lat, lng, coalesce(market_id, '') AS market_id
 FROM events WHERE ingest_time >= $1 AND ingest_time <= $2
 """
 _SERVED_SQL = """
 SELECT id, (extract(epoch FROM served_at) * 1000)::bigint AS served_ms, restaurant_id, features,
-       coalesce(customer_id, '') AS customer_id
+       coalesce(customer_id, '') AS customer_id, market_id
 FROM predictions WHERE served_at >= $1 AND served_at <= $2 ORDER BY served_at LIMIT $3
 """
 
@@ -263,6 +281,7 @@ async def load_and_check(
             served_features(r["features"]),
             str(r["id"]),
             r["customer_id"],
+            r["market_id"],
         )
         for r in served_rows
     ]
@@ -282,6 +301,7 @@ async def load_and_check(
             r["lat"],
             r["lng"],
             int(r["applied_ms"]) if visibility == "applied" and r["applied_ms"] is not None else None,
+            r["market_id"],
         )
         for r in rows
     ]

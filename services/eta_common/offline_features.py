@@ -5,6 +5,12 @@ through an in-memory model of exactly the semantics the Redis scripts in :mod:`e
 implement, and evaluates features at query times. A query at time t sees only events seen at or before
 t, so no value from the future — including late-arriving events — can leak into a training row; late events
 (beyond the allowed lateness) are ignored exactly as online.
+
+Markets: city-wide state — driver states, the free drivers, the dispatch backlog — is kept per market, as
+online (each market under its own hash tag): a driver event moves its market's drivers (and an ASSIGNED
+one settles the order in its market's backlog), a PLACED/CANCELLED order event its market's backlog, and a
+query counts the free drivers and the backlog of its own market only. Restaurant state is per restaurant
+(ids are platform-wide). An empty market is the default market (``ETA_DEFAULT_MARKET``).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from eta_common import features as F
+from eta_common.markets import DEFAULT_MARKET
 
 __all__ = ["FeatureQuery", "HistoryEvent", "OfflineFeatureBuilder"]
 
@@ -35,6 +42,7 @@ class HistoryEvent:
     # When the online store could first have seen it (default: ingest time). The consistency check uses
     # the recorded Redis apply time here; lateness is always judged by ingest time.
     visible_ms: int | None = None
+    market: str = ""  # the event's market_id ('' = the default market)
 
     @property
     def seen_ms(self) -> int:
@@ -50,6 +58,7 @@ class FeatureQuery:
     at_ms: int
     restaurant_lat: float
     restaurant_lng: float
+    market: str = ""  # the restaurant's market, whose city-wide features are read ('' = default)
 
 
 @dataclass
@@ -80,13 +89,22 @@ _DISPATCH_TRIM_AT = 1024
 
 @dataclass
 class _Dispatch:
-    """The city's dispatch backlog (``drv:{C}:waiting`` / ``drv:{C}:settled`` online)."""
+    """A market's dispatch backlog (``drv:{C}:waiting`` / ``drv:{C}:settled`` online, C the market)."""
 
     waiting: dict[str, int] = field(default_factory=dict)  # order_id -> PLACED ms, no outcome seen
     settled: dict[str, int] = field(default_factory=dict)  # order_id -> first ASSIGNED/CANCELLED ms
     seen: bool = False  # any PLACED, CANCELLED or ASSIGNED (with an order id) applied: the group exists
     trim_waiting_at: int = _DISPATCH_TRIM_AT
     trim_settled_at: int = _DISPATCH_TRIM_AT
+
+
+@dataclass
+class _Market:
+    """A market's city-wide state: its drivers, the free ones, its dispatch backlog."""
+
+    drivers: dict[str, _Driver] = field(default_factory=dict)
+    free: set[str] = field(default_factory=set)
+    dispatch: _Dispatch = field(default_factory=_Dispatch)
 
 
 class OfflineFeatureBuilder:
@@ -100,9 +118,20 @@ class OfflineFeatureBuilder:
         self.waiting_retention_ms = F.WAITING_ORDER_TTL_MS + allowed_lateness_ms
         self.settled_retention_ms = F.SETTLED_ORDER_RETENTION_MS + allowed_lateness_ms
         self._restaurants: dict[str, _Restaurant] = {}
-        self._drivers: dict[str, _Driver] = {}
-        self._free: set[str] = set()
-        self._dispatch = _Dispatch()
+        self._markets: dict[str, _Market] = {}
+        self._empty = _Market()
+
+    def _market(self, market: str) -> _Market:
+        key = market or DEFAULT_MARKET
+        found = self._markets.get(key)
+        if found is None:
+            found = self._markets[key] = _Market()
+        return found
+
+    @property
+    def markets(self) -> list[str]:
+        """The markets with city-wide state so far."""
+        return sorted(self._markets)
 
     def apply(self, ev: HistoryEvent) -> None:
         if F.is_late(ev.event_ms, ev.ingest_ms, self.allowed_lateness_ms):
@@ -111,16 +140,17 @@ class OfflineFeatureBuilder:
             self._apply_driver(ev)
             return
         if ev.type in _DISPATCH_ORDER_EVENTS:
-            self._apply_dispatch(ev)  # online: forwarded to the city script as well
+            self._apply_dispatch(ev)  # online: forwarded to its market's city script as well
         if ev.restaurant_id:
             self._apply_restaurant(ev)
 
     def _apply_driver(self, ev: HistoryEvent) -> None:
         assert ev.driver_id is not None
+        m = self._market(ev.market)
         if ev.type == "ASSIGNED" and ev.order_id:
             # settles the order whether or not it is newer than the driver's state (a fact about the order)
-            self._settle(ev.order_id, ev.event_ms)
-        driver = self._drivers.setdefault(ev.driver_id, _Driver())
+            self._settle(m.dispatch, ev.order_id, ev.event_ms)
+        driver = m.drivers.setdefault(ev.driver_id, _Driver())
         if ev.event_ms <= driver.last_ms:
             return
         if ev.type in ("ONLINE", "DELIVERED"):
@@ -132,13 +162,12 @@ class OfflineFeatureBuilder:
         driver.last_ms = ev.event_ms
         if driver.status == "free":
             driver.lat, driver.lng = float(ev.lat or 0.0), float(ev.lng or 0.0)
-            self._free.add(ev.driver_id)
+            m.free.add(ev.driver_id)
         else:
-            self._free.discard(ev.driver_id)
+            m.free.discard(ev.driver_id)
 
-    def _settle(self, order_id: str, event_ms: int) -> None:
+    def _settle(self, d: _Dispatch, order_id: str, event_ms: int) -> None:
         """An order got its outcome (ASSIGNED or CANCELLED): never waiting again."""
-        d = self._dispatch
         d.seen = True
         d.settled.setdefault(order_id, event_ms)
         d.waiting.pop(order_id, None)
@@ -148,14 +177,14 @@ class OfflineFeatureBuilder:
             d.trim_settled_at = max(_DISPATCH_TRIM_AT, 2 * len(d.settled))
 
     def _apply_dispatch(self, ev: HistoryEvent) -> None:
-        """A PLACED or CANCELLED order event's effect on the city's backlog."""
+        """A PLACED or CANCELLED order event's effect on its market's backlog."""
         oid, ems = ev.order_id, ev.event_ms
         if not oid:
             return
+        d = self._market(ev.market).dispatch
         if ev.type == "CANCELLED":
-            self._settle(oid, ems)
+            self._settle(d, oid, ems)
             return
-        d = self._dispatch
         d.seen = True
         if oid not in d.settled:
             d.waiting.setdefault(oid, ems)
@@ -232,23 +261,25 @@ class OfflineFeatureBuilder:
             waits = [int(member.rsplit(":", 1)[1]) for member, at in r.pickup.items() if lo < at <= t]
             out[wait.name] = (sum(waits) / len(waits) / 60_000.0) if waits else math.nan
         out[F.KITCHEN_BUSY] = 1.0 if r.status == "BUSY" else 0.0
-        if self._drivers:
+        m = self._markets.get(query.market or DEFAULT_MARKET, self._empty)
+        if m.drivers:
+            drivers = m.drivers
             out[F.FREE_DRIVERS_NEARBY] = float(
                 sum(
                     1
-                    for d in self._free
+                    for d in m.free
                     if F.haversine_km(
-                        query.restaurant_lat, query.restaurant_lng, self._drivers[d].lat, self._drivers[d].lng
+                        query.restaurant_lat, query.restaurant_lng, drivers[d].lat, drivers[d].lng
                     )
                     <= F.SUPPLY_RADIUS_KM
                 )
             )
         else:
             out[F.FREE_DRIVERS_NEARBY] = F.DEFAULTS[F.FREE_DRIVERS_NEARBY]
-        if self._dispatch.seen:
+        if m.dispatch.seen:
             cutoff = t - F.WAITING_ORDER_TTL_MS
             out[F.ORDERS_WAITING_FOR_DRIVER] = float(
-                sum(1 for ms in self._dispatch.waiting.values() if ms > cutoff)
+                sum(1 for ms in m.dispatch.waiting.values() if ms > cutoff)
             )
         else:
             out[F.ORDERS_WAITING_FOR_DRIVER] = F.DEFAULTS[F.ORDERS_WAITING_FOR_DRIVER]

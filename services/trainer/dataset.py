@@ -13,6 +13,8 @@ free at noon): the replay starts ``warmup`` before ``since``; rows are made only
 The customer's batch history features are those of the hourly refresh at or before ``t``
 (:class:`eta_common.customer_features.CustomerHistory`: events archived by that boundary only).
 The label is DELIVERED − PLACED in minutes, by event time (a label is from the future by design).
+Markets: each row is in its order's market (``events.market_id`` of the PLACED event; empty = default), and
+its city-wide features (free drivers, dispatch backlog) are that market's only, as online.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ DEFAULT_WARMUP_MS = 24 * 3_600_000
 _EVENTS_SQL = """
 SELECT kind, type, (extract(epoch FROM event_time) * 1000)::bigint AS event_ms,
        (extract(epoch FROM ingest_time) * 1000)::bigint AS ingest_ms,
-       restaurant_id, driver_id, order_id, lat, lng, customer_lat, customer_lng, customer_id
+       restaurant_id, driver_id, order_id, lat, lng, customer_lat, customer_lng, customer_id,
+       coalesce(market_id, '') AS market_id
 FROM events
 WHERE event_time >= $1 AND event_time < $2
 ORDER BY ingest_time, event_id
@@ -59,6 +62,7 @@ class TrainingSet:
     placed_ms: npt.NDArray[np.int64]
     restaurant_ids: list[str]
     order_ids: list[str] = field(default_factory=list)
+    markets: list[str] = field(default_factory=list)  # each row's market ('' = the default market)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -82,6 +86,7 @@ class TrainingSet:
             self.placed_ms[idx],
             [self.restaurant_ids[i] for i in idx],
             [self.order_ids[i] for i in idx] if self.order_ids else [],
+            [self.markets[i] for i in idx] if self.markets else [],
         )
 
 
@@ -103,25 +108,26 @@ async def load_training_set(
         _EVENTS_SQL, datetime_from_ms(since_ms - warmup_ms), datetime_from_ms(min(until, 253_402_300_799_000))
     )
     fetched = time.perf_counter()
-    placed: dict[str, tuple[int, str, float, float, float, float, str]] = {}
+    placed: dict[str, tuple[int, str, float, float, float, float, str, str]] = {}
     delivered: dict[str, int] = {}
     events: list[HistoryEvent] = []
     append = events.append
-    for kind, etype, event_ms, ingest_ms, rid, did, oid, lat, lng, clat, clng, cid in rows:
-        append(HistoryEvent(kind, etype, event_ms, ingest_ms, rid, did, oid, lat, lng))
+    for kind, etype, event_ms, ingest_ms, rid, did, oid, lat, lng, clat, clng, cid, market in rows:
+        append(HistoryEvent(kind, etype, event_ms, ingest_ms, rid, did, oid, lat, lng, None, market))
         if kind == "order" and oid:
             if etype == "PLACED":
                 if since_ms <= event_ms and clat is not None and lat is not None and lng is not None:
-                    placed.setdefault(oid, (event_ms, rid or "", lat, lng, clat, clng, cid or ""))
+                    placed.setdefault(oid, (event_ms, rid or "", lat, lng, clat, clng, cid or "", market))
             elif etype == "DELIVERED":
                 delivered.setdefault(oid, event_ms)
     queries: list[FeatureQuery] = []
     labels: dict[str, tuple[float, float, float, str]] = {}
-    for order_id, (t0, rid, rlat, rlng, clat, clng, cid) in placed.items():
+    for order_id, (t0, rid, rlat, rlng, clat, clng, cid, market) in placed.items():
         t1 = delivered.get(order_id)
         if t1 is None or t1 <= t0:
             continue
-        queries.append(FeatureQuery(order_id, rid, t0, rlat, rlng))
+        # the order's market (its PLACED event's): whose free drivers and backlog the row sees
+        queries.append(FeatureQuery(order_id, rid, t0, rlat, rlng, market))
         labels[order_id] = (
             (t1 - t0) / 60_000.0,
             F.haversine_km(rlat, rlng, clat, clng),
@@ -139,6 +145,7 @@ async def load_training_set(
     placed_ms = np.empty(n, dtype=np.int64)
     restaurant_ids: list[str] = []
     order_ids: list[str] = []
+    markets: list[str] = []
     for i, (query, values) in enumerate(builder.run(events, queries)):
         minutes, distance, how, customer_id = labels[query.key]
         values[F.DISTANCE_KM] = distance
@@ -149,6 +156,7 @@ async def load_training_set(
         placed_ms[i] = query.at_ms
         restaurant_ids.append(query.restaurant_id)
         order_ids.append(query.key)
+        markets.append(query.market)
     log.info(
         "training set built",
         extra={
@@ -159,7 +167,7 @@ async def load_training_set(
             "replay_s": round(time.perf_counter() - fetched, 2),
         },
     )
-    return TrainingSet(names, X, y, placed_ms, restaurant_ids, order_ids)
+    return TrainingSet(names, X, y, placed_ms, restaurant_ids, order_ids, markets)
 
 
 class CustomerFeaturesAt:

@@ -1,4 +1,6 @@
-"""Event archive in PostgreSQL: one row per ``event_id``; re-delivery is a no-op (ON CONFLICT DO NOTHING)."""
+"""Event archive in PostgreSQL: one row per ``event_id``; re-delivery is a no-op (ON CONFLICT DO NOTHING).
+
+``market_id`` is the event's market as sent (NULL: none named, the default market; migration 0007)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ __all__ = ["ArchivedEvent", "archive_events", "event_row"]
 _COLUMNS = (
     "event_id", "kind", "type", "event_time", "ingest_time", "restaurant_id", "driver_id", "order_id",
     "customer_id", "lat", "lng", "customer_lat", "customer_lng", "payload", "kafka_topic", "kafka_partition",
-    "kafka_offset", "applied_at",
+    "kafka_offset", "applied_at", "market_id",
 )  # fmt: skip
 
 Row = tuple[
@@ -39,6 +41,7 @@ Row = tuple[
     int | None,
     int | None,
     datetime | None,
+    str | None,
 ]
 
 
@@ -62,7 +65,7 @@ def event_row(item: ArchivedEvent) -> Row:
         f.event_id, f.kind, f.type, datetime_from_ms(f.event_ms), datetime_from_ms(item.ingest_ms),
         f.restaurant_id, f.driver_id, f.order_id, f.customer_id, f.lat, f.lng, f.customer_lat,
         f.customer_lng, item.event.SerializeToString(), item.topic, item.partition, item.offset,
-        None if item.applied_ms is None else datetime_from_ms(item.applied_ms),
+        None if item.applied_ms is None else datetime_from_ms(item.applied_ms), f.market or None,
     )  # fmt: skip
 
 
@@ -70,7 +73,7 @@ def event_row(item: ArchivedEvent) -> Row:
 # round trip and no temporary table (measured ~30 % cheaper than COPY into a staging table + INSERT).
 _TYPES = (
     "text", "text", "text", "timestamptz", "timestamptz", "text", "text", "text", "text", "float8", "float8",
-    "float8", "float8", "bytea", "text", "int4", "int8", "timestamptz",
+    "float8", "float8", "bytea", "text", "int4", "int8", "timestamptz", "text",
 )  # fmt: skip
 _INSERT = (
     f"INSERT INTO events ({', '.join(_COLUMNS)}) "
