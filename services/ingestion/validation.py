@@ -8,6 +8,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from eta.v1 import events_pb2
+from eta_common import markets
 from eta_common.geo import check_point
 from eta_common.markets import MARKET_ID_PATTERN
 from eta_common.timeutil import ms_from_timestamp
@@ -46,7 +47,7 @@ def _check_optional_id(out: list[Violation], path: str, value: str) -> None:
         _check_id(out, path, value)
 
 
-MARKET_ID_REASON = "must be 1..64 characters of [A-Za-z0-9_.-] (empty = the default market)"
+MARKET_ID_REASON = markets.MARKET_ID_REASON
 
 
 def check_market_id(out: list[Violation], path: str, value: str) -> None:

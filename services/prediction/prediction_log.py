@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = (
     "served_at", "request_id", "restaurant_id", "model_version", "eta_minutes", "eta_low_minutes",
-    "eta_high_minutes", "feature_quality", "features", "customer_id",
+    "eta_high_minutes", "feature_quality", "features", "customer_id", "market_id",
 )  # fmt: skip
 _ENCODE_CHUNK = 64  # rows encoded between yields to the event loop (keeps request latency flat)
 
@@ -60,6 +60,7 @@ class LoggedPrediction(NamedTuple):
     # when the free-driver count came materialised (a ready row): the instant it is exact for; NaN when
     # the read counted it (exact at served_ms). Logged as "@free_drivers_within_3km" for the check.
     supply_as_of_ms: float = math.nan
+    market: str = ""  # the market the request was served in ('' = not recorded)
 
 
 Sink = Callable[[list[tuple[Any, ...]]], Awaitable[None]]
@@ -95,7 +96,7 @@ def features_document(row: LoggedPrediction) -> str:
 def _record(row: LoggedPrediction) -> tuple[Any, ...]:
     return (
         datetime_from_ms(row.served_ms), row.request_id, row.restaurant_id, row.model_version, row.eta,
-        row.low, row.high, row.quality, features_document(row), row.customer_id or None,
+        row.low, row.high, row.quality, features_document(row), row.customer_id or None, row.market or None,
     )  # fmt: skip
 
 

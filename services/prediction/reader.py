@@ -164,11 +164,12 @@ class FeatureReader:
         now_ms: int,
         budget_seconds: float | None,
         customer_id: str = "",
+        market: str = "",
     ) -> tuple[FeatureBlock, DegradationValue | None]:
         """Features of every (restaurant_id, location) — with the customer's history features when
         ``customer_id`` is given — and the degradation if defaults were used."""
         if not trace.get_current_span().is_recording():  # not sampled: no child spans either
-            return await self._read(requests, now_ms, budget_seconds, None, customer_id)
+            return await self._read(requests, now_ms, budget_seconds, None, customer_id, market)
         # A plain (not current) span: nothing runs under it, so no context switch is needed.
         span = tracer.start_span(
             "redis read features",
@@ -180,7 +181,7 @@ class FeatureReader:
             },
         )
         try:
-            found, degradation = await self._read(requests, now_ms, budget_seconds, span, customer_id)
+            found, degradation = await self._read(requests, now_ms, budget_seconds, span, customer_id, market)
             if degradation is not None:
                 span.set_attribute("eta.degradation", Degradation.Name(degradation))
             else:
@@ -196,6 +197,7 @@ class FeatureReader:
         budget_seconds: float | None,
         span: Span | None,
         customer_id: str = "",
+        market: str = "",
     ) -> tuple[FeatureBlock, DegradationValue | None]:
         breaker = self._breaker
         if not breaker.allow():
@@ -208,7 +210,9 @@ class FeatureReader:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
-                found = await self._store.read_block(requests, now_ms=now_ms, customer_id=customer_id)
+                found = await self._store.read_block(
+                    requests, now_ms=now_ms, customer_id=customer_id, market=market
+                )
         except TimeoutError:
             if client_bound:
                 breaker.abandon()

@@ -29,7 +29,7 @@ from eta_common import features as F
 from eta_common.feature_block import ONLINE_NAMES, FeatureBlock, Rows
 from eta_common.geo import check_point
 from eta_common.grpc_errors import abort_bad_request
-from eta_common.markets import MARKET_ID_PATTERN
+from eta_common.markets import check_market, market_or_default
 from eta_common.timeutil import now_ms
 from prediction import metrics
 from prediction.config import ONLINE_FEATURES
@@ -144,17 +144,19 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             request.customer_location,
             required=True,
         )
-        _check_market(violations, request.market_id)
+        check_market(violations, request.market_id)
         if violations:
             await abort_bad_request(context, violations)
         budget = await self._time_budget(context, "PredictEta", 1)
         model = await self._model(context, "PredictEta")
         now = now_ms()
         rloc = (request.restaurant_location.lat, request.restaurant_location.lng)
+        market = market_or_default(request.market_id)
         block, degradation = await self._reader.read(
             [(request.restaurant_id, rloc)],
             now_ms=now,
             budget_seconds=budget,
+            market=market,
             customer_id=request.customer_id,
         )
         customer = (request.customer_location.lat, request.customer_location.lng)
@@ -177,7 +179,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             request_id=request_id,
         )
         self._add_feature_values(reply.features, model, rows, now)
-        self._account(model, rows, points, lows, highs, request_id, now, request.customer_id)
+        self._account(model, rows, points, lows, highs, request_id, now, request.customer_id, market=market)
         span = trace.get_current_span()
         if span.is_recording():
             span.set_attributes(
@@ -218,7 +220,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
                     item.location,
                     required=True,
                 )
-        _check_market(violations, request.market_id)
+        check_market(violations, request.market_id)
         if violations:
             await abort_bad_request(context, violations)
         metrics.BATCH_SIZE.observe(len(restaurants))
@@ -226,8 +228,9 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         model = await self._model(context, "PredictEtaBatch")
         now = now_ms()
         wanted = [(item.restaurant_id, (item.location.lat, item.location.lng)) for item in restaurants]
+        market = market_or_default(request.market_id)
         block, degradation = await self._reader.read(
-            wanted, now_ms=now, budget_seconds=budget, customer_id=request.customer_id
+            wanted, now_ms=now, budget_seconds=budget, customer_id=request.customer_id, market=market
         )
         customer = (request.customer_location.lat, request.customer_location.lng)
         rows = self._rows(block, customer, now)
@@ -261,7 +264,9 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             degradations=degradations,
         )
         logged = self._feed_log_sample >= 1.0 or random.random() < self._feed_log_sample
-        self._account(model, rows, points, lows, highs, request_id, now, request.customer_id, log=logged)
+        self._account(
+            model, rows, points, lows, highs, request_id, now, request.customer_id, log=logged, market=market
+        )
         span = trace.get_current_span()
         if span.is_recording():
             span.set_attributes(
@@ -427,6 +432,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         customer_id: str = "",
         *,
         log: bool = True,
+        market: str = "",
     ) -> None:
         """Metrics for every row (counters summed first: one ``inc`` per label and call, as each takes a
         lock), and the prediction log unless this call was not drawn (``log``)."""
@@ -476,18 +482,10 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
                     [values[c] for c in columns],
                     customer_id,
                     as_of[i],
+                    market,
                 )
             )
         metrics.LOG_BUFFERED.set(len(plog))
-
-
-MARKET_ID_REASON = "must be 1..64 characters of [A-Za-z0-9_.-] (empty = the default market)"
-
-
-def _check_market(out: list[tuple[str, str]], market_id: str) -> None:
-    """Optional: empty is the default market (ETA_DEFAULT_MARKET); when set it must match the pattern."""
-    if market_id and MARKET_ID_PATTERN.fullmatch(market_id) is None:
-        out.append(("market_id", MARKET_ID_REASON))
 
 
 def _stamp(stamps: dict[float, dict[str, int]], ms: float) -> dict[str, int]:

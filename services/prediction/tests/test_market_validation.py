@@ -9,9 +9,9 @@ import grpc
 import pytest
 
 from eta.v1 import eta_pb2
+from eta_common.markets import MARKET_ID_REASON
 from prediction.inference import ServingModel
 from prediction.models import load_model
-from prediction.server import MARKET_ID_REASON
 from prediction.tests.support import synthetic_bundle
 from prediction.tests.test_servicer import CUSTOMER, RESTAURANT, Aborted, Context, fresh, make, single
 

@@ -38,7 +38,12 @@ class FakeStore:
         self.delay = 0.0
 
     async def read_block(
-        self, requests: Sequence[tuple[str, tuple[float, float]]], *, now_ms: int, customer_id: str = ""
+        self,
+        requests: Sequence[tuple[str, tuple[float, float]]],
+        *,
+        now_ms: int,
+        customer_id: str = "",
+        market: str = "",
     ) -> FeatureBlock:
         self.calls += 1
         if self.delay:
@@ -194,7 +199,12 @@ async def test_reads_run_concurrently_from_the_first() -> None:
             self.most = 0
 
         async def read_block(
-            self, requests: Sequence[tuple[str, tuple[float, float]]], *, now_ms: int, customer_id: str = ""
+            self,
+            requests: Sequence[tuple[str, tuple[float, float]]],
+            *,
+            now_ms: int,
+            customer_id: str = "",
+            market: str = "",
         ) -> FeatureBlock:
             self.active += 1
             self.most = max(self.most, self.active)

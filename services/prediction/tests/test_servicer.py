@@ -71,6 +71,7 @@ class Reader:
         self.degradation: Any = None
         self.budgets: list[float | None] = []
         self.customers: list[str] = []
+        self.markets: list[str] = []
 
     async def read(
         self,
@@ -79,9 +80,11 @@ class Reader:
         now_ms: int,
         budget_seconds: float | None,
         customer_id: str = "",
+        market: str = "",
     ) -> tuple[FeatureBlock, Any]:
         self.budgets.append(budget_seconds)
         self.customers.append(customer_id)
+        self.markets.append(market)
         if self.degradation is not None:
             return FeatureBlock.from_features(
                 [default_features(rid, loc, NOW) for rid, loc in requests]
@@ -400,3 +403,16 @@ async def test_feed_rows_are_logged_for_the_drawn_share_of_calls_and_checkouts_a
     reader.readings["r1"] = fresh()
     await servicer.PredictEta(single(), cast(Any, Context()))
     assert len(log) == logged + 1
+
+
+async def test_read_and_log_in_the_requests_market_or_the_default_one(model: ServingModel) -> None:
+    from eta_common.markets import DEFAULT_MARKET
+
+    servicer, reader, log = make(model)
+    reader.readings["r1"] = fresh()
+    await servicer.PredictEta(single(), cast(Any, Context()))
+    named = single()
+    named.market_id = "munich"
+    await servicer.PredictEta(named, cast(Any, Context()))
+    assert reader.markets == [DEFAULT_MARKET, "munich"]
+    assert [row.market for row in log.rows] == [DEFAULT_MARKET, "munich"]
