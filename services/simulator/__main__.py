@@ -5,8 +5,10 @@
                                                (and ask localhost:50053 for each order's ETA first)
 
 The same seed gives the same city (restaurants rst-000…, drivers drv-000…) in both modes, so a model
-trained on the seeded history serves the live city. Logging: LOG_LEVEL, LOG_FORMAT (json|text);
-tracing: OTEL_* / ETA_TRACES_FILE (see eta_common.telemetry).
+trained on the seeded history serves the live city. ``--markets berlin:20,munich:8`` runs several markets
+(cities) of different sizes at once, each with its own restaurants, drivers, customers and area and
+market_id on every event (see simulator.markets); without it, one city in the default market.
+Logging: LOG_LEVEL, LOG_FORMAT (json|text); tracing: OTEL_* / ETA_TRACES_FILE (see eta_common.telemetry).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from eta_common.telemetry import setup_tracing
 from eta_common.timeutil import now_ms
 from simulator.city import DRIVERS_PER_RESTAURANT, CityConfig
 from simulator.live import LIVE_DEMAND_MULTIPLIER, run_live
+from simulator.markets import MarketSpec, market_configs, parse_markets
 from simulator.seed import seed_history
 from simulator.tls import ClientTls
 
-__all__ = ["build_parser", "city_config", "main"]
+__all__ = ["build_parser", "city_config", "city_configs", "main"]
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -82,8 +85,24 @@ def parse_time_ms(text: str) -> int:
     return int(moment.timestamp() * 1000)
 
 
+def _markets(text: str) -> list[MarketSpec]:
+    try:
+        return parse_markets(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _add_city_options(parser: argparse.ArgumentParser, *, demand_multiplier: float) -> None:
     group = parser.add_argument_group("city")
+    group.add_argument(
+        "--markets",
+        type=_markets,
+        default=None,
+        metavar="NAME:RESTAURANTS[:DRIVERS],…",
+        help="several markets (cities) at once, e.g. berlin:20,munich:8: each its own restaurants, drivers,"
+        " customers and area, market_id on every event (--restaurants/--drivers are then per market);"
+        " default: one city in the default market (no market_id), sized by --restaurants/--drivers",
+    )
     group.add_argument(
         "--seed",
         type=int,
@@ -240,12 +259,20 @@ def city_config(args: argparse.Namespace) -> CityConfig:
     )
 
 
+def city_configs(args: argparse.Namespace) -> list[CityConfig]:
+    """One configuration per market (``--markets``), or the single city."""
+    base = city_config(args)
+    if not args.markets:
+        return [base]
+    return market_configs(base, args.markets)
+
+
 async def _seed(args: argparse.Namespace) -> int:
     url = args.database_url or DatabaseSettings.from_env().url
     end = args.end if args.end is not None else now_ms()
     stats = await seed_history(
         url,
-        city_config(args),
+        city_configs(args),
         days=args.days,
         end_ms=end,
         progress=not args.no_progress,
@@ -273,7 +300,7 @@ async def _live(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     stats = await run_live(
         args.target,
-        city_config(args),
+        city_configs(args),
         speed=args.speed,
         stop=stop,
         duration_seconds=args.duration_seconds,

@@ -57,6 +57,7 @@ class CheckoutEta:
             customer_location=order.customer_location,
             request_id=order.order_id,
             customer_id=order.customer_id,  # the customer's history features
+            market_id=order.market_id,  # the order's market ('' = none named: the default market)
         )
         self.stats.calls += 1
         try:

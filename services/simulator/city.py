@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from eta_common.features import haversine_km
+from eta_common.markets import MARKET_ID_PATTERN
 
 __all__ = [
     "DRIVERS_PER_RESTAURANT",
@@ -75,6 +76,10 @@ class CityConfig:
     """Every parameter of the simulated city. Ranges ``(low, high)`` are drawn uniformly."""
 
     # --- size and layout -------------------------------------------------------------------------
+    # The market (city) every event of this city carries as market_id; '' = none named (the default
+    # market). A named market prefixes every id ("berlin-rst-000", "berlin-drv-000", "berlin-cust-00000")
+    # so ids stay unique across the platform's markets.
+    market: str = ""
     seed: int = 42  # same seed + same start time → identical event stream
     restaurants: int = 20
     # None: sized from the restaurants (see :attr:`fleet_size`, 60 for the default city)
@@ -138,6 +143,8 @@ class CityConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.market and MARKET_ID_PATTERN.fullmatch(self.market) is None:
+            problems.append("market must be 1..64 characters of [A-Za-z0-9_.-]")
         if self.restaurants < 1:
             problems.append("restaurants must be >= 1")
         if self.drivers is not None and self.drivers < 1:
@@ -304,9 +311,10 @@ def build_city(config: CityConfig) -> City:
     """The static layout: depends on the seed only (not on the start time), so a live city started later
     has the same restaurants, drivers and customers as the history seeded for it."""
     rng = random.Random(f"eta-city-layout:{config.seed}")
+    prefix = f"{config.market}-" if config.market else ""
     restaurants = [
         Restaurant(
-            id=f"rst-{i:03d}",
+            id=f"{prefix}rst-{i:03d}",
             location=_point_in_disc(rng, config, config.radius_km),
             base_prep_minutes=round(rng.uniform(*config.base_prep_minutes), 2),
             capacity=rng.randint(*config.kitchen_capacity),
@@ -319,11 +327,11 @@ def build_city(config: CityConfig) -> City:
     for i in range(config.fleet_size):
         home = _point_in_disc(rng, config, config.radius_km)
         (shifts,) = rng.choices([s for _, s in SHIFT_TEMPLATES], weights=weights)
-        driver = Driver(id=f"drv-{i:03d}", home=home, shifts=shifts)
+        driver = Driver(id=f"{prefix}drv-{i:03d}", home=home, shifts=shifts)
         driver.stay(home, 0)
         drivers.append(driver)
     customers = [
-        Customer(id=f"cust-{i:05d}", location=_point_in_disc(rng, config, config.customer_radius_km))
+        Customer(id=f"{prefix}cust-{i:05d}", location=_point_in_disc(rng, config, config.customer_radius_km))
         for i in range(config.customers)
     ]
     return City(restaurants, drivers, customers)

@@ -104,6 +104,7 @@ class CitySimulation:
         if not 0 < time_scale <= 100:
             raise ValueError("time_scale must be in (0, 100]")
         self.config = config
+        self._market = config.market  # on every event ('' = none: the default market)
         self.city = build_city(config)
         self.model = CityModel(config, random.Random(f"eta-city-dynamics:{config.seed}"))
         self._rng = self.model.rng
@@ -188,10 +189,10 @@ class CitySimulation:
             at = self.model.ping_jitter(at)
         else:
             d.last_state_ms = self._now
-        self._emit(driver_event(self._eid(), self._ems(), d.id, etype, at, order_id))
+        self._emit(driver_event(self._eid(), self._ems(), d.id, etype, at, order_id, self._market))
 
     def _kitchen_event(self, r: Restaurant, etype: KitchenType.ValueType, order_id: str = "") -> None:
-        self._emit(kitchen_event(self._eid(), self._ems(), r.id, etype, r.location, order_id))
+        self._emit(kitchen_event(self._eid(), self._ems(), r.id, etype, r.location, order_id, self._market))
 
     def _order_event(self, o: Order, etype: OrderType.ValueType) -> None:
         if etype == _O.PLACED:
@@ -204,10 +205,19 @@ class CitySimulation:
                 customer_id=o.customer.id,
                 restaurant_at=o.restaurant.location,
                 customer_at=o.customer.location,
+                market_id=self._market,
             )
         else:
             driver_id = o.driver.id if o.driver is not None and etype in (_O.PICKED_UP, _O.DELIVERED) else ""
-            event = order_event(self._eid(), self._ems(), o.id, o.restaurant.id, etype, driver_id=driver_id)
+            event = order_event(
+                self._eid(),
+                self._ems(),
+                o.id,
+                o.restaurant.id,
+                etype,
+                driver_id=driver_id,
+                market_id=self._market,
+            )
         self._emit(event)
 
     def _driver_guard(self, d: Driver, handler: Handler, arg: Any) -> bool:

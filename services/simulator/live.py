@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import grpc
@@ -35,7 +35,8 @@ from eta_common.telemetry import TracingClientInterceptor
 from eta_common.timeutil import now_ms
 from simulator.checkout import CheckoutEta, is_placed
 from simulator.city import CityConfig
-from simulator.engine import CitySimulation, OrderOutcome
+from simulator.engine import OrderOutcome
+from simulator.markets import Platform
 from simulator.oracle_store import OracleWriter
 from simulator.publisher import EventPublisher, PublishStats
 from simulator.tls import ClientTls, ingestion_channel
@@ -80,7 +81,7 @@ class LiveStats:
 
 
 def _live_stats(
-    sim: CitySimulation,
+    sim: Platform,
     pub: PublishStats,
     elapsed: float,
     checkout: CheckoutEta | None = None,
@@ -101,7 +102,7 @@ def _live_stats(
 
 async def run_live(
     target: str,
-    config: CityConfig,
+    config: CityConfig | Sequence[CityConfig],
     *,
     speed: float,
     stop: asyncio.Event,
@@ -125,13 +126,15 @@ async def run_live(
     ``token`` is sent as ``authorization: Bearer <token>`` when ingestion requires authentication;
     ``tls`` speaks TLS (optionally mutual) to an ingestion whose gRPC port has it on;
     ``eta_target`` (host:port of the ETA service) makes every order ask for its ETA right before it is
-    placed; ``oracle_database_url`` stores each delivered order's oracle in PostgreSQL."""
+    placed; ``oracle_database_url`` stores each delivered order's oracle in PostgreSQL. Several
+    configurations are several markets at once (:mod:`simulator.markets`)."""
     if not 0 < speed <= 100:
         raise ValueError("speed must be in (0, 100]")
     if not 0 <= warmup_minutes <= 24 * 60:
         raise ValueError("warmup_minutes must be in [0, 1440]")
-    if around_the_clock and not config.always_open:
-        config = replace(config, always_open=True)
+    configs = [config] if isinstance(config, CityConfig) else list(config)
+    if around_the_clock:
+        configs = [c if c.always_open else replace(c, always_open=True) for c in configs]
     oracle = OracleWriter(oracle_database_url) if oracle_database_url else None
 
     def outcome_sinks(outcome: OrderOutcome) -> None:
@@ -141,8 +144,8 @@ async def run_live(
             on_outcome(outcome)
 
     origin = now_ms()
-    sim = CitySimulation(
-        config,
+    sim = Platform(
+        configs,
         start_ms=origin - round(warmup_minutes * 60_000),
         time_origin_ms=origin,
         time_scale=speed,
@@ -164,11 +167,12 @@ async def run_live(
             "target": target,
             "tls": tls is not None,
             "speed": speed,
-            "restaurants": config.restaurants,
-            "drivers": config.fleet_size,
-            "seed": config.seed,
-            "demand_multiplier": config.demand_multiplier,
-            "around_the_clock": config.always_open,
+            "markets": [c.market or "(default)" for c in configs],
+            "restaurants": sim.restaurants,
+            "drivers": sim.fleet_size,
+            "seed": configs[0].seed,
+            "demand_multiplier": configs[0].demand_multiplier,
+            "around_the_clock": configs[0].always_open,
             "warmup_minutes": warmup_minutes,
             "duration_seconds": duration_seconds,
             "eta_target": eta_target or None,

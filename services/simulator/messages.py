@@ -13,7 +13,13 @@ OrderType = events_pb2.OrderEvent.Type
 
 
 def driver_event(
-    event_id: str, ms: int, driver_id: str, etype: DriverType.ValueType, at: GeoPoint, order_id: str = ""
+    event_id: str,
+    ms: int,
+    driver_id: str,
+    etype: DriverType.ValueType,
+    at: GeoPoint,
+    order_id: str = "",
+    market_id: str = "",
 ) -> events_pb2.Event:
     event = events_pb2.Event()
     d = event.driver
@@ -26,11 +32,19 @@ def driver_event(
     d.location.lng = at.lng
     if order_id:
         d.order_id = order_id
+    if market_id:
+        d.market_id = market_id
     return event
 
 
 def kitchen_event(
-    event_id: str, ms: int, restaurant_id: str, etype: KitchenType.ValueType, at: GeoPoint, order_id: str = ""
+    event_id: str,
+    ms: int,
+    restaurant_id: str,
+    etype: KitchenType.ValueType,
+    at: GeoPoint,
+    order_id: str = "",
+    market_id: str = "",
 ) -> events_pb2.Event:
     event = events_pb2.Event()
     k = event.kitchen
@@ -43,6 +57,8 @@ def kitchen_event(
         k.order_id = order_id
     k.restaurant_location.lat = at.lat
     k.restaurant_location.lng = at.lng
+    if market_id:
+        k.market_id = market_id
     return event
 
 
@@ -57,6 +73,7 @@ def order_event(
     restaurant_at: GeoPoint | None = None,
     customer_at: GeoPoint | None = None,
     driver_id: str = "",
+    market_id: str = "",
 ) -> events_pb2.Event:
     event = events_pb2.Event()
     o = event.order
@@ -76,6 +93,8 @@ def order_event(
         o.customer_location.lng = customer_at.lng
     if driver_id:
         o.driver_id = driver_id
+    if market_id:
+        o.market_id = market_id
     return event
 
 

@@ -26,7 +26,8 @@ from eta.v1 import events_pb2
 from eta_common.db.archive import ArchivedEvent, archive_events
 from eta_common.db.migrate import apply_migrations
 from simulator.city import DAY_MS, CityConfig
-from simulator.engine import CitySimulation, OrderOutcome
+from simulator.engine import OrderOutcome
+from simulator.markets import Platform
 from simulator.messages import event_ms
 from simulator.oracle_store import store_oracle
 from simulator.progress import ProgressLine
@@ -60,7 +61,7 @@ class SeedStats:
 
 async def seed_history(
     database_url: str,
-    config: CityConfig,
+    config: CityConfig | Sequence[CityConfig],
     *,
     days: float,
     end_ms: int,
@@ -98,7 +99,7 @@ async def seed_history(
 
 async def write_history(
     sink: Sink,
-    config: CityConfig,
+    config: CityConfig | Sequence[CityConfig],
     *,
     days: float,
     end_ms: int,
@@ -108,15 +109,17 @@ async def write_history(
     oracle_sink: OracleSink | None = None,
 ) -> SeedStats:
     """The storage-independent part of :func:`seed_history`: batches of archived events go to ``sink``,
-    the outcomes (with their oracle) of the orders delivered meanwhile to ``oracle_sink``."""
+    the outcomes (with their oracle) of the orders delivered meanwhile to ``oracle_sink``. Several
+    configurations are several markets at once (:mod:`simulator.markets`), merged in event-time order."""
     if days <= 0:
         raise ValueError("days must be > 0")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     start_ms = end_ms - round(days * DAY_MS)
-    sim = CitySimulation(config, start_ms=start_ms)
+    configs = [config] if isinstance(config, CityConfig) else list(config)
+    sim = Platform(configs, start_ms=start_ms)
     stream = sim.run_until(end_ms)
-    delay_rng = random.Random(f"eta-ingest-delay:{config.seed}")
+    delay_rng = random.Random(f"eta-ingest-delay:{configs[0].seed}")
     display = ProgressLine(enabled=progress)
     started = time.perf_counter()
     generated = written = oracle_written = 0
@@ -146,9 +149,10 @@ async def write_history(
         extra={
             "start": datetime.fromtimestamp(sim.start_ms / 1000, UTC).isoformat(),
             "end": datetime.fromtimestamp(end_ms / 1000, UTC).isoformat(),
-            "restaurants": config.restaurants,
-            "drivers": config.fleet_size,
-            "seed": config.seed,
+            "markets": [c.market or "(default)" for c in configs],
+            "restaurants": sim.restaurants,
+            "drivers": sim.fleet_size,
+            "seed": configs[0].seed,
         },
     )
     writing: asyncio.Task[int] | None = None
