@@ -176,6 +176,7 @@ class Segment:
     redis_bytes: float  # Redis dataset (Σ MEMORY USAGE) delta over the segment
     archive_bytes: float  # events table + indexes delta
     aggregator_core_pct: float  # the aggregator's share of a core over the window (≈100: CPU-bound)
+    produce_seconds: float  # of the window, how long sending the records took
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -189,6 +190,8 @@ class Segment:
             "archive B/row": self.archive_bytes / self.records,
             "redis B/rec": self.redis_bytes / self.records,
             "agg core %": self.aggregator_core_pct,
+            "produce s": self.produce_seconds,
+            "window s": self.seconds,
         }
 
 
@@ -245,6 +248,7 @@ async def _segment(stack: LocalStack, name: str, stream: list[Sent]) -> Segment:
         cpu_start = {k: tree_cpu_seconds(v) for k, v in watched.items()}
         started = time.perf_counter()
         await _send_all(producer, records)
+        produce_seconds = time.perf_counter() - started
         while True:
             consumed = await asyncio.to_thread(_counter, url, "eta_aggregator_records_total{")
             if consumed >= total:
@@ -272,6 +276,38 @@ async def _segment(stack: LocalStack, name: str, stream: list[Sent]) -> Segment:
         redis_bytes=memory_end - memory_start,
         archive_bytes=archive_after - archive_before,
         aggregator_core_pct=100.0 * (cpu_end["aggregator"] - cpu_start["aggregator"]) / seconds,
+        produce_seconds=produce_seconds,
+    )
+
+
+def _dropped_ping_cost() -> tuple[float, str]:
+    """CPU µs the aggregator would spend on a ping the keep rule (``features.ping_kept``) drops: the
+    consume loop's share per record (``bench_aggregator``'s bare aiokafka loop, consumer + broker) plus
+    parsing the envelope, reading its facts and the rule (timed here). An estimate until the rule runs
+    in the aggregator's hot path, where the pings segment will measure it."""
+    from eta_common import features as F
+    from eta_common.event_facts import event_facts
+
+    event = ping_stream(random.Random(0), 1, 1, now_ms())[-1].event
+    raw = events_pb2.EventEnvelope(event=event, ingest_time=event.driver.event_time).SerializeToString()
+    parse = events_pb2.EventEnvelope.FromString
+
+    def one() -> None:
+        facts = event_facts(parse(raw).event)
+        assert facts is not None
+        assert facts.driver_id is not None
+        F.ping_kept(facts.driver_id, facts.event_ms)
+
+    n = 50_000
+    started = time.process_time()
+    for _ in range(n):
+        one()
+    decode_us = (time.process_time() - started) / n * 1e6
+    aggregator = _sibling("aggregator")
+    consume_us = float((aggregator or {}).get("figures", {}).get("bare_cpu_us_per_record", 3.5))
+    return consume_us + decode_us, (
+        f"aggregator_cpu_us_per_dropped_ping: estimate = consume loop {consume_us:.1f} µs/record "
+        f"(bench_aggregator's bare loop) + parse, facts and keep rule {decode_us:.1f} µs (timed here)"
     )
 
 
@@ -377,6 +413,9 @@ async def _run(quick: bool) -> BenchResult:
         "as written, before any of it expires: an upper bound per order retained",
         "redis_bytes_per_restaurant: a restaurant's base state (meta hash, ready row, due-bucket entry)",
     ]
+    dropped, dropped_note = _dropped_ping_cost()
+    figures["aggregator_cpu_us_per_dropped_ping"] = dropped
+    notes.append(dropped_note)
     for costs, note in (_ingestion_costs(), _serving_costs()):
         figures.update(costs)
         notes.append(note)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -41,6 +42,8 @@ __all__ = [
     "ORDERS_IN_KITCHEN",
     "ORDERS_WAITING_FOR_DRIVER",
     "PICKUP_WAIT_MEANS",
+    "PING_KEEP_PERIOD_MS",
+    "PING_KEEP_WINDOW_MS",
     "SETTLED_ORDER_RETENTION_MS",
     "SUPPLY_AS_OF_LOG_KEY",
     "SUPPLY_RADIUS_KM",
@@ -49,6 +52,7 @@ __all__ = [
     "WindowCount",
     "haversine_km",
     "hour_of_week",
+    "ping_kept",
 ]
 
 EARTH_RADIUS_M = 6372797.560856  # the radius Redis GEO uses, so offline distances match online ones
@@ -101,6 +105,16 @@ KITCHEN_BUSY = "kitchen_busy"
 # of the restaurant, at their last known position.
 SUPPLY_RADIUS_KM = 3.0
 FREE_DRIVERS_NEARBY = "free_drivers_within_3km"
+# Driver LOCATION pings at platform scale (README, "The archive at platform scale"): a ping is applied
+# online and archived only when its event time falls in its driver's keep window — the first
+# PING_KEEP_WINDOW_MS of every PING_KEEP_PERIOD_MS, shifted by a per-driver phase so the kept pings of a
+# fleet spread evenly over the period. With the apps pinging every 4 s (the window must be at least the
+# ping interval) that keeps one ping in 7.5: a free driver's position is at most ~30 s old (~250 m at
+# 30 km/h, against the 3 km radius). Every other driver event (ONLINE, OFFLINE, ASSIGNED, DELIVERED, …)
+# is always kept. The rule reads nothing but the ping itself, so it is the same decision for a duplicate,
+# a replay, an out-of-order or a late arrival, online and offline.
+PING_KEEP_PERIOD_MS = 30_000
+PING_KEEP_WINDOW_MS = 4_000
 # In a logged prediction's features: the instant a materialised free-driver count was exact for (the
 # online/offline check judges the count there, not at the serving time).
 SUPPLY_AS_OF_LOG_KEY = "@" + FREE_DRIVERS_NEARBY
@@ -184,6 +198,14 @@ def hour_of_week(ms: int) -> int:
 def _hour_of_week(epoch_hour: int) -> int:
     moment = datetime.fromtimestamp(epoch_hour * 3600, UTC)
     return moment.weekday() * 24 + moment.hour
+
+
+def ping_kept(driver_id: str, event_ms: int) -> bool:
+    """Whether a driver LOCATION ping changes features and is archived (the rule above; other driver
+    events are always kept). Both paths call it: the aggregator before Redis and the archive, the offline
+    builder before it applies the event."""
+    phase = zlib.crc32(driver_id.encode()) % PING_KEEP_PERIOD_MS  # ~0.1 µs: no cache for 1M drivers
+    return (event_ms + phase) % PING_KEEP_PERIOD_MS < PING_KEEP_WINDOW_MS
 
 
 def is_late(event_ms: int, ingest_ms: int, allowed_lateness_ms: int) -> bool:
