@@ -7,7 +7,8 @@ city traffic through the ingestion gRPC API → print live ETAs, their features 
 latency. Ctrl-C stops everything (services drain first, then the servers).
 
 Ports (defaults): ingestion 50051, features 50052, prediction 50053; embedded Kafka 19092, Redis 16379,
-PostgreSQL 15432. Logs and spans go to .run/ (logs/, traces/).
+PostgreSQL 15432 (``--redis-cluster``: a Redis Cluster of 3 primaries on 16379-16381). Logs and spans
+go to .run/ (logs/, traces/).
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="reuse PostgreSQL data from a previous run instead of starting fresh",
     )
+    run_p.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="a local Redis Cluster of 3 primaries (ports 16379-16381) instead of one Redis; the services "
+        "are given one node's URL and detect cluster mode",
+    )
     args = parser.parse_args(argv)
     options = RunOptions(
         workdir=args.workdir,
@@ -65,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         duration_seconds=args.duration_seconds,
         refresh_seconds=args.refresh_seconds,
         keep_data=args.keep_data,
+        redis_cluster=args.redis_cluster,
     )
     sys.exit(run(options))
 

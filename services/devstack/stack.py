@@ -2,7 +2,9 @@
 
 Used by ``make run`` (fixed, documented ports) and by the integration tests (free ports, temp dirs).
 Existing servers are used instead of embedded ones when ``KAFKA_BOOTSTRAP_SERVERS``, ``REDIS_URL`` or
-``DATABASE_URL`` are set.
+``DATABASE_URL`` are set. ``redis_cluster=True`` starts a local Redis Cluster of 3 primaries instead of one
+Redis (``make run`` with ``--redis-cluster``; the integration tests with ``--redis-mode=cluster``); the
+services get the first node's URL and discover the rest.
 """
 
 from __future__ import annotations
@@ -14,7 +16,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devstack.infra import ChildProcess, free_port, start_broker, start_postgres, start_redis, wait_for_port
+from devstack.infra import (
+    ChildProcess,
+    RedisServer,
+    free_port,
+    start_broker,
+    start_postgres,
+    start_redis,
+    start_redis_cluster,
+    wait_for_port,
+)
 
 __all__ = ["SERVICES", "LocalStack", "ServicePorts"]
 
@@ -49,9 +60,11 @@ class LocalStack:
     infra_ports: dict[str, int | None] = field(default_factory=dict)
     use_env_endpoints: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
+    redis_cluster: bool = False
     processes: list[ChildProcess] = field(default_factory=list)
     kafka: str = ""
     redis_url: str = ""
+    redis: RedisServer | None = None  # the Redis (or Redis Cluster) we started, if any
     database_url: str = ""
 
     @property
@@ -67,9 +80,16 @@ class LocalStack:
             self.kafka = broker.url
         self.redis_url = env.get("REDIS_URL", "")
         if not self.redis_url:
-            redis = start_redis(self.workdir / "redis", self.log_dir, self.infra_ports.get("redis"))
-            self.processes.append(redis)
-            self.redis_url = redis.url
+            port = self.infra_ports.get("redis")
+            if self.redis_cluster:
+                ports = [port, port + 1, port + 2] if port else None
+                cluster = start_redis_cluster(self.workdir / "redis", self.log_dir, ports)
+                self.processes.extend(cluster.nodes)
+                self.redis = cluster
+            else:
+                self.redis = start_redis(self.workdir / "redis", self.log_dir, port)
+                self.processes.append(self.redis)
+            self.redis_url = self.redis.url
         self.database_url = env.get("DATABASE_URL", "")
         if not self.database_url:
             pg = start_postgres(self.workdir / "pgdata", self.log_dir, self.infra_ports.get("postgres"))

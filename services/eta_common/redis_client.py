@@ -10,11 +10,12 @@ call touches one slot. ``SCRIPT LOAD`` goes to every primary (redis-py's cluster
 works on whichever node serves the keys; ``FLUSHALL``/``SCAN`` likewise span every primary.
 
 The answer is asked once per URL and process, when the first client is made (a synchronous round trip
-bounded by ``detect_timeout``). If the node cannot be reached then, the client is a standalone one and a
-warning says so: a cluster answers its first command with ``MOVED``, and the service's usual handling of
-Redis errors applies until it is restarted; set ``REDIS_CLUSTER=true`` (or ``false``) to skip the check.
-The prediction service's hand-written client (``prediction.redis_client.LeanRedis``) makes the same
-check with its own connection.
+bounded by ``detect_timeout``). If the node cannot be reached then, the redis-py client is a standalone
+one and a warning says so: a cluster would answer its commands with ``MOVED`` (errors the services treat
+as Redis errors) until the process restarts, so deployments on a cluster should set
+``REDIS_CLUSTER=true`` (``false`` for a standalone Redis), which skips the check. The prediction
+service's hand-written client (``prediction.redis_client.lean_from_url``) makes the same check and, when
+it cannot, uses its cluster client, which also works on a standalone Redis.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from eta_common.config import env_str
 
-__all__ = ["is_cluster", "parse_cluster_info", "redis_from_url", "sync_redis_from_url"]
+__all__ = ["cluster_mode", "is_cluster", "parse_cluster_info", "redis_from_url", "sync_redis_from_url"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,13 @@ def parse_cluster_info(info: bytes | str) -> bool:
 
 def is_cluster(url: str, *, detect_timeout: float = 2.0) -> bool:
     """Whether ``url`` names a node of a Redis Cluster (asked once per URL and process; ``REDIS_CLUSTER``
-    true/false overrides)."""
+    true/false overrides); a node that cannot be asked counts as standalone (see :func:`cluster_mode`)."""
+    return cluster_mode(url, detect_timeout=detect_timeout) is True
+
+
+def cluster_mode(url: str, *, detect_timeout: float = 2.0) -> bool | None:
+    """True for a node of a Redis Cluster, False for a standalone Redis, None when the node cannot be
+    asked now (not remembered: the next call asks again). ``REDIS_CLUSTER`` true/false overrides."""
     forced = env_str("REDIS_CLUSTER", "auto").strip().lower()
     if forced in {"1", "true", "yes", "on"}:
         return True
@@ -59,17 +66,16 @@ def is_cluster(url: str, *, detect_timeout: float = 2.0) -> bool:
         known = _DETECTED.get(url)
         if known is not None:
             return known
-        client = redis.Redis.from_url(
-            url, socket_connect_timeout=detect_timeout, socket_timeout=detect_timeout
-        )
+        timeouts = {"socket_connect_timeout": detect_timeout, "socket_timeout": detect_timeout}
+        client = redis.Redis.from_url(url, **timeouts)
         try:
             info = client.info("cluster")
         except redis.RedisError as exc:
             log.warning(
-                "cannot ask Redis whether it is a cluster node; assuming a standalone Redis",
+                "cannot ask Redis whether it is a cluster node (set REDIS_CLUSTER to say)",
                 extra={"error": repr(exc)},
             )
-            return False  # not remembered: the next client asks again
+            return None
         finally:
             client.close()
         found = str(dict(info).get("cluster_enabled", 0)) == "1"

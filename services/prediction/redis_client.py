@@ -603,6 +603,11 @@ class LeanRedisCluster:
             node = self._node(address)
             try:
                 (reply,) = await node.execute([("CLUSTER", "SLOTS")])
+            except ResponseError as exc:
+                if "cluster support disabled" not in str(exc):
+                    errors.append(f"{address[0]}:{address[1]}: {exc}")
+                    continue
+                reply = [[0, SLOTS - 1, [address[0].encode(), address[1]]]]  # a standalone Redis: every slot
             except RedisError as exc:
                 errors.append(f"{address[0]}:{address[1]}: {exc}")
                 continue
@@ -809,9 +814,13 @@ class LeanRedisCluster:
 
 def lean_from_url(url: str, *, connect_timeout: float = 1.0) -> LeanRedis | LeanRedisCluster:
     """:class:`LeanRedisCluster` when ``url`` names a node of a Redis Cluster (asked once; see
-    :func:`eta_common.redis_client.is_cluster`), else :class:`LeanRedis`."""
-    from eta_common.redis_client import is_cluster
+    :func:`eta_common.redis_client.is_cluster`), :class:`LeanRedis` when it names a standalone Redis. If
+    the node cannot be asked (Redis not up yet), the cluster client: it reads the slot map on first use
+    and, if the node turns out to be standalone, sends everything to it (a little more CPU per call than
+    :class:`LeanRedis`, never a ``MOVED`` storm)."""
+    from eta_common.redis_client import cluster_mode
 
-    if is_cluster(url, detect_timeout=max(connect_timeout, 1.0)):
-        return LeanRedisCluster.from_url(url, connect_timeout=connect_timeout)
-    return LeanRedis.from_url(url, connect_timeout=connect_timeout)
+    mode = cluster_mode(url, detect_timeout=max(connect_timeout, 1.0))
+    if mode is False:
+        return LeanRedis.from_url(url, connect_timeout=connect_timeout)
+    return LeanRedisCluster.from_url(url, connect_timeout=connect_timeout)

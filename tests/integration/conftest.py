@@ -1,5 +1,9 @@
 """The real stack for integration tests: Tansu (Kafka protocol), Redis and PostgreSQL from wheels, and the
-three services as separate processes, on free ports, started once per test session."""
+three services as separate processes, on free ports, started once per test session.
+
+``--redis-mode=cluster`` (or ``ETA_TEST_REDIS=cluster``) runs the same tests against a local Redis Cluster
+of 3 primaries instead of one Redis: every stack started here and every Redis a module starts through
+``helpers.start_test_redis`` is then a cluster, and the services are given one node's URL."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
@@ -15,10 +20,31 @@ import grpc
 import pytest
 
 from devstack.stack import LocalStack, ServicePorts
+from tests.integration.helpers import REDIS_MODE_ENV, redis_cluster_mode, redis_mode
 
 T = TypeVar("T")
 
 pytestmark = pytest.mark.integration
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--redis-mode",
+        choices=("single", "cluster"),
+        default=None,
+        help=f"integration tests against one Redis or a local Redis Cluster of 3 primaries "
+        f"(default: ${REDIS_MODE_ENV} or single)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    mode = config.getoption("--redis-mode", default=None)
+    if mode:
+        os.environ[REDIS_MODE_ENV] = mode  # read by helpers.redis_mode, here and in child processes
+
+
+def pytest_report_header() -> str:
+    return f"redis mode: {redis_mode()}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -43,6 +69,7 @@ def own_stack(
         ports=ServicePorts.free(),
         use_env_endpoints=False,
         extra_env=dict(extra_env or {}),
+        redis_cluster=redis_cluster_mode(),
     )
     try:
         local.start_infra()
@@ -70,6 +97,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
             "PREDICTION_MODEL_REFRESH_SECONDS": "1",
             "SHUTDOWN_GRACE_SECONDS": "2",
         },
+        redis_cluster=redis_cluster_mode(),
     )
     try:
         local.start_infra()

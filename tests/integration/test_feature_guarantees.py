@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 
 from devstack import synthetic
-from devstack.infra import ChildProcess, start_postgres, start_redis
+from devstack.infra import ChildProcess, RedisCluster, start_postgres
 from devstack.stack import LocalStack
 from devstack.synthetic import (
     MIN,
@@ -42,6 +42,7 @@ from eta_common.offline_features import FeatureQuery, OfflineFeatureBuilder
 from eta_common.online_store import OnlineStore
 from eta_common.timeutil import now_ms, timestamp_from_ms
 from tests.integration.conftest import own_stack
+from tests.integration.helpers import start_test_redis
 
 pytestmark = pytest.mark.integration
 
@@ -436,12 +437,15 @@ async def test_redis_outage_the_aggregator_waits_then_rebuilds(
     aggregators = [p for p in fstack.processes if p.name.startswith("aggregator") and p.alive()]
     assert aggregators
     metrics_url = f"http://127.0.0.1:{aggregators[0].extra['metrics_port']}/metrics"
-    redis = next(p for p in fstack.processes if p.name == "redis")
+    redis = fstack.redis
+    assert redis is not None
+    nodes = redis.nodes if isinstance(redis, RedisCluster) else [redis]  # in cluster mode, every shard
     half = len(stream) // 2
     await produce(kafka(fstack), stream[:half])
     await wait_archived(fstack, "redisout", unique_count(stream[:half]))  # applied online, then archived
     redis.kill()
-    fstack.processes.remove(redis)
+    for node in nodes:
+        fstack.processes.remove(node)
     try:
         await produce(kafka(fstack), stream[half:])  # consumed while Redis is down
         deadline = time.monotonic() + 30
@@ -451,8 +455,11 @@ async def test_redis_outage_the_aggregator_waits_then_rebuilds(
         await asyncio.sleep(5)  # down for a while
         assert all(p.alive() for p in aggregators), "an aggregator exited during the Redis outage"
     finally:
-        restarted = await asyncio.to_thread(start_redis, fstack.workdir / "redis", fstack.log_dir, redis.port)
-        fstack.processes.insert(1, restarted)
+        restarted = await asyncio.to_thread(
+            start_test_redis, fstack.workdir / "redis", fstack.log_dir, like=redis
+        )
+        fstack.redis = restarted
+        fstack.processes[1:1] = restarted.nodes if isinstance(restarted, RedisCluster) else [restarted]
     await wait_archived(fstack, "redisout", unique_count(stream))
     at = max(s.ingest_ms for s in stream) + 1
     deadline = time.monotonic() + 60

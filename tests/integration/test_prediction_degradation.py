@@ -1,7 +1,10 @@
 """Degradation, not failure (issue #6), on this module's own Redis and PostgreSQL so the shared stack is
 never disturbed: Redis killed and restarted, Redis hung (black-holed), overload, PostgreSQL unreachable,
 and no model at all. The service keeps answering (flagged) whenever an answer is possible, never with an
-internal error, sheds load with RESOURCE_EXHAUSTED, and is NOT_SERVING only when it cannot answer."""
+internal error, sheds load with RESOURCE_EXHAUSTED, and is NOT_SERVING only when it cannot answer.
+
+With ``--redis-mode=cluster`` the Redis is a Redis Cluster of 3 primaries, killed or frozen as a whole
+(one shard down: ``test_redis_cluster_shard_down.py``)."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from devstack.infra import ChildProcess, free_port, start_postgres, start_redis
+from devstack.infra import ChildProcess, RedisServer, free_port, start_postgres
 from devstack.stack import LocalStack, ServicePorts
 from eta.v1 import eta_pb2, eta_pb2_grpc, events_pb2
 from eta_common.db.migrate import apply_migrations
@@ -26,6 +29,7 @@ from eta_common.timeutil import now_ms
 from prediction.config import ONLINE_FEATURES
 from prediction.tests.support import RedisProxy, register, seed_customer, synthetic_bundle
 from tests.integration.conftest import poll_until
+from tests.integration.helpers import FrozenRedis, redis_cluster_mode, start_test_redis
 
 pytestmark = pytest.mark.integration
 Quality = eta_pb2.PredictEtaResponse.FeatureQuality
@@ -44,9 +48,9 @@ REQUEST = eta_pb2.PredictEtaRequest(
 @dataclass
 class Infra:
     workdir: Path
-    redis: ChildProcess
+    redis: RedisServer
     postgres: ChildProcess
-    proxy: RedisProxy
+    proxy: RedisProxy | FrozenRedis
     blob: bytes
 
     async def write_features(self) -> None:
@@ -101,9 +105,12 @@ class Service:
 @pytest.fixture(scope="module")
 def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
     workdir = tmp_path_factory.mktemp("prediction-degradation")
-    redis = start_redis(workdir / "redis", workdir / "logs")
+    redis = start_test_redis(workdir / "redis", workdir / "logs")
     postgres = start_postgres(workdir / "pgdata", workdir / "logs")
+    # a hung Redis: a black-holing proxy; a hung cluster: every node stopped (a proxy cannot front a cluster)
     state = Infra(workdir, redis, postgres, RedisProxy(redis.port), synthetic_bundle(rows=1500, rounds=20))
+    if redis_cluster_mode():
+        state.proxy = FrozenRedis(lambda: state.redis)  # the current one: a test restarts it
     try:
         yield state
     finally:
@@ -178,7 +185,7 @@ async def test_redis_killed_answers_from_defaults_stays_serving_and_recovers(rea
         assert service.metric("eta_prediction_redis_circuit_open") == 1
 
         # Redis comes back empty (no scripts, no data); features are rebuilt by replay (here: rewritten)
-        ready.redis = start_redis(ready.workdir / "redis-2", ready.workdir / "logs", port=ready.redis.port)
+        ready.redis = start_test_redis(ready.workdir / "redis-2", ready.workdir / "logs", like=ready.redis)
         await ready.write_features()
         after = await poll_until(
             lambda: service.eta.PredictEta(REQUEST, timeout=2),

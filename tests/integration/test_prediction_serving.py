@@ -1,8 +1,9 @@
 """ETA serving on real Redis and PostgreSQL (issue #6), against its own stack: Redis (behind a proxy that
-counts round trips), PostgreSQL with a trained model promoted in the registry, and the prediction
-service as a process.
+counts round trips; with ``--redis-mode=cluster`` a Redis Cluster of 3 primaries, one proxy per shard),
+PostgreSQL with a trained model promoted in the registry, and the prediction service as a process.
 
-What is proven here: one Redis round trip per prediction and per batch of 100; every feature's value and
+What is proven here: one Redis round trip per prediction and per batch of 100 (on a cluster: at most one
+per shard involved, a batch of 100 one per shard); every feature's value and
 age as written; stale and missing features flagged per feature budget; the answer is the registry model's
 own prediction on the features it returned; every prediction is logged with its features; spans and
 metrics; server-side deadline refusal; the lean Redis client reads exactly what redis-py reads; and a
@@ -29,7 +30,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from aggregator.row_maintenance import RowMaintenance
-from devstack.infra import ChildProcess, start_postgres, start_redis
+from devstack.infra import ChildProcess, RedisServer, start_postgres
 from devstack.stack import LocalStack, ServicePorts
 from eta.v1 import eta_pb2, eta_pb2_grpc, events_pb2
 from eta_common import customer_features as CF
@@ -44,19 +45,20 @@ from eta_common.online_store import (
     driver_keys,
     row_key,
 )
+from eta_common.redis_client import redis_from_url
 from eta_common.timeutil import now_ms
 from prediction.config import ONLINE_FEATURES
 from prediction.models import QuantileModel, load_model
-from prediction.redis_client import LeanRedis
+from prediction.redis_client import lean_from_url
 from prediction.tests.support import (
     SEEDED_CUSTOMER,
-    RedisProxy,
     populate_city,
     register,
     seed_customer,
     synthetic_bundle,
 )
 from tests.integration.conftest import poll_until
+from tests.integration.helpers import ProxiedRedis, direct_client, start_proxied_redis
 
 pytestmark = pytest.mark.integration
 Quality = eta_pb2.PredictEtaResponse.FeatureQuality
@@ -69,9 +71,9 @@ EXACT_DRIVERS = 3
 @dataclass
 class Serving:
     workdir: Path
-    redis: ChildProcess
+    redis: RedisServer
     postgres: ChildProcess
-    proxy: RedisProxy
+    proxy: ProxiedRedis
     stack: LocalStack
     channel: grpc.aio.Channel
     city: dict[str, tuple[float, float]]
@@ -153,13 +155,12 @@ def reply_features(reply: eta_pb2.PredictEtaResponse) -> dict[str, float]:
 @pytest.fixture(scope="module")
 async def serving(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Serving]:
     workdir = tmp_path_factory.mktemp("prediction-serving")
-    redis = start_redis(workdir / "redis", workdir / "logs")
+    redis, proxy = await start_proxied_redis(workdir / "redis", workdir / "logs")
     postgres = start_postgres(workdir / "pgdata", workdir / "logs")
-    proxy = RedisProxy(redis.port)
     stack = LocalStack(workdir, ports=ServicePorts.free(), use_env_endpoints=False)
     channel: grpc.aio.Channel | None = None
     background: list[asyncio.Task[None]] = []
-    store = OnlineStore.from_url(redis.url)
+    store = OnlineStore(direct_client(redis))  # not through the proxies: they count the service's trips
     try:
         await apply_migrations(postgres.url)
         blob = await asyncio.to_thread(synthetic_bundle, rows=2000, rounds=30, seed=1)
@@ -174,9 +175,9 @@ async def serving(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ser
             asyncio.create_task(maintenance.run_supply()),
         ]
         await seed_customer(postgres.url, redis.url, EXACT_CUSTOMER, now_ms())
-        await proxy.start()
         stack.redis_url, stack.database_url = proxy.url, postgres.url
-        stack.start_service(
+        await asyncio.to_thread(  # the proxies run on this event loop: it must not block
+            stack.start_service,
             "prediction",
             extra_env={
                 "LOG_FORMAT": "json",
@@ -209,9 +210,11 @@ async def serving(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ser
 
 async def test_one_round_trip_per_prediction_with_every_feature_and_its_age(serving: Serving) -> None:
     await serving.stub.PredictEta(exact_request(0), timeout=5)  # connect and load the read script
-    serving.proxy.turns = 0
     for k in range(5):
+        before = serving.proxy.shard_turns()
         reply = await serving.stub.PredictEta(exact_request(k), timeout=5)
+        trips = [now - then for now, then in zip(serving.proxy.shard_turns(), before, strict=True)]
+        assert max(trips) == 1, trips  # one round trip (on a cluster: at most one per shard involved)
         got = reply_features(reply)
         for name, value in expected_exact(k).items():
             assert got[name] == value, name
@@ -234,7 +237,6 @@ async def test_one_round_trip_per_prediction_with_every_feature_and_its_age(serv
             high[0],
         )
         assert reply.eta_low_minutes <= reply.eta_minutes <= reply.eta_high_minutes
-    assert serving.proxy.turns == 5
 
 
 def batch_request(
@@ -256,7 +258,7 @@ async def test_a_batch_of_100_restaurants_is_one_round_trip_in_request_order(ser
     await serving.stub.PredictEta(exact_request(0), timeout=5)
     serving.proxy.turns = 0
     reply = await serving.stub.PredictEtaBatch(batch_request(wanted), timeout=5)
-    assert serving.proxy.turns == 1
+    assert serving.proxy.shard_turns() == [1] * len(serving.proxy.proxies)  # one round trip per shard
     assert [e.restaurant_id for e in reply.etas] == [rid for rid, _ in wanted]
     names = list(reply.feature_names)
     assert names == list(serving.models[reply.model_version].feature_names)
@@ -451,7 +453,7 @@ async def test_a_deadline_too_short_to_answer_is_refused_by_the_server(serving: 
 
 
 async def test_the_lean_client_reads_exactly_what_redis_py_reads(serving: Serving) -> None:
-    lean_client = LeanRedis.from_url(serving.redis.url)
+    lean_client = lean_from_url(serving.redis.url)
     lean = OnlineStore(cast(aioredis.Redis, lean_client))
     reference = OnlineStore.from_url(serving.redis.url)
     try:
@@ -474,8 +476,8 @@ async def test_the_lean_client_reads_exactly_what_redis_py_reads(serving: Servin
 async def test_a_batch_read_counts_free_drivers_exactly_as_one_restaurant_reads(serving: Serving) -> None:
     """From BULK_NEARBY_MIN restaurants on, free drivers are fetched once around the batch and counted
     in the service; every value must equal the per-restaurant read (counted by Redis' own GEOSEARCH)."""
-    store = OnlineStore(cast(aioredis.Redis, LeanRedis.from_url(serving.redis.url)))
-    client = aioredis.Redis.from_url(serving.redis.url)
+    store = OnlineStore(cast(aioredis.Redis, lean_from_url(serving.redis.url)))
+    client = redis_from_url(serving.redis.url)
     rng = np.random.default_rng(4)
     try:
         wanted = [(rid, (lat + rng.uniform(-0.03, 0.03), lng + rng.uniform(-0.05, 0.05)))

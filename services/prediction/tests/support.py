@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import asyncpg
 import numpy as np
-import redis.asyncio as aioredis
 
 from eta.v1 import events_pb2
 from eta_common import customer_features as CF
@@ -19,6 +18,7 @@ from eta_common.db.archive import ArchivedEvent, archive_events
 from eta_common.db.registry import promote, register_model
 from eta_common.model_bundle import dump_bundle
 from eta_common.online_store import DriverUpdate, OnlineStore, RestaurantUpdate
+from eta_common.redis_client import redis_from_url
 from eta_common.timeutil import timestamp_from_ms
 from trainer.dataset import TrainingSet
 from trainer.train import fit_quantile_models
@@ -250,7 +250,7 @@ async def seed_customer(database_url: str, redis_url: str, customer_id: str, now
         order("e3", "o2", placed, boundary - DAY_MS),
     ]
     conn = await asyncpg.connect(database_url)
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_from_url(redis_url)  # a Redis or a Redis Cluster
     try:
         await archive_events(conn, history)
         await CF.refresh_customer_features(conn, client, boundary)

@@ -174,3 +174,17 @@ def server_port_of(client: LeanRedisCluster, key: str) -> int:
     node = client._slot_node[key_slot(key)]
     assert node is not None
     return node.port
+
+
+async def test_the_cluster_client_also_works_on_a_standalone_redis(tmp_path: Path) -> None:
+    """What lean_from_url gives when it could not ask the node at start: on a standalone Redis, every slot
+    is that node."""
+    single = start_redis(tmp_path / "data", tmp_path / "logs")
+    client = LeanRedisCluster.from_url(single.url)
+    try:
+        await client.execute([("SET", "a{1}", "x"), ("SET", "b{2}", "y")])
+        assert await client.execute([("GET", "a{1}"), ("GET", "b{2}")]) == [b"x", b"y"]
+        assert client.primaries == [("127.0.0.1", single.port)]
+    finally:
+        await client.aclose()
+        single.stop()
