@@ -2,6 +2,7 @@
 
   eta-trainer [train] [options]        train, evaluate, register (and maybe promote) a model
   eta-trainer accuracy [options]       rolling MAE / range coverage of the ETAs served to delivered orders
+  eta-trainer market-effect [options]  does the market help the model? (holdout MAE per market, variants)
 
 Training builds a point-in-time-correct training set (features as of each order's placement, via the
 shared feature definitions), trains LightGBM quantile models (p10/p50/p90) on the older orders with a
@@ -31,7 +32,13 @@ from trainer.gate import PromotionGate
 from trainer.run import train_and_register
 from trainer.train import ROUNDS
 
-__all__ = ["build_accuracy_parser", "build_parser", "main", "train_and_register"]
+__all__ = [
+    "build_accuracy_parser",
+    "build_market_effect_parser",
+    "build_parser",
+    "main",
+    "train_and_register",
+]
 
 log = logging.getLogger("trainer")
 
@@ -213,9 +220,48 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_market_effect_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eta-trainer market-effect",
+        description="Does the market help the model? On the same time-ordered split as training: the p50"
+        " model with city-wide features per market (served), pooled across markets (before markets), and"
+        " per market plus the market id as a categorical feature; holdout MAE overall and per market.",
+    )
+    _database_option(parser)
+    parser.add_argument("--history-days", type=float, default=28.0, help="history used (default 28)")
+    parser.add_argument("--holdout-fraction", type=float, default=0.2, help="most recent share (default 0.2)")
+    parser.add_argument("--as-of", type=_as_of, default=None, help="end of the history (default now)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"boosting rounds (default {ROUNDS})")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+async def _market_effect(args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from eta_common.timeutil import now_ms
+    from trainer.dataset import load_training_set
+    from trainer.market_effect import market_effect
+
+    url = args.database_url or DatabaseSettings.from_env().url
+    until = args.as_of if args.as_of is not None else now_ms()
+    since = until - int(args.history_days * 86_400_000)
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
+    try:
+        split = (await load_training_set(pool, since_ms=since, until_ms=until)).split(args.holdout_fraction)
+        pooled = await load_training_set(pool, since_ms=since, until_ms=until, per_market=False)
+    finally:
+        await pool.close()
+    effect = market_effect(split, pooled.split(args.holdout_fraction), rounds=args.rounds)
+    sys.stdout.write((effect.to_json() if args.json else effect.render()) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args_list = list(sys.argv[1:] if argv is None else argv)
     configure_logging("eta-trainer")
+    if args_list[:1] == ["market-effect"]:
+        sys.exit(asyncio.run(_market_effect(build_market_effect_parser().parse_args(args_list[1:]))))
     if args_list[:1] == ["accuracy"]:
         args = build_accuracy_parser().parse_args(args_list[1:])
         try:

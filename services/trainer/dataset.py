@@ -97,11 +97,14 @@ async def load_training_set(
     until_ms: int | None = None,
     allowed_lateness_ms: int = F.DEFAULT_ALLOWED_LATENESS_MS,
     warmup_ms: int = DEFAULT_WARMUP_MS,
+    per_market: bool = True,
 ) -> TrainingSet:
     """One row per delivered order placed in ``[since_ms, until_ms)``; features as of its placement.
 
     ``until_ms`` (default: no limit) also bounds the history read: nothing that happened at or after it
-    is used, labels included (an order delivered after ``until_ms`` has no row)."""
+    is used, labels included (an order delivered after ``until_ms`` has no row). ``per_market=False``
+    pools the city-wide state of every market into one, as before markets existed (for measuring what
+    the partition is worth: ``eta-trainer market-effect``); rows keep their market."""
     started = time.perf_counter()
     until = until_ms if until_ms is not None else 2**62
     rows = await pool.fetch(
@@ -113,7 +116,21 @@ async def load_training_set(
     events: list[HistoryEvent] = []
     append = events.append
     for kind, etype, event_ms, ingest_ms, rid, did, oid, lat, lng, clat, clng, cid, market in rows:
-        append(HistoryEvent(kind, etype, event_ms, ingest_ms, rid, did, oid, lat, lng, None, market))
+        append(
+            HistoryEvent(
+                kind,
+                etype,
+                event_ms,
+                ingest_ms,
+                rid,
+                did,
+                oid,
+                lat,
+                lng,
+                None,
+                (market if per_market else ""),
+            )
+        )
         if kind == "order" and oid:
             if etype == "PLACED":
                 if since_ms <= event_ms and clat is not None and lat is not None and lng is not None:
@@ -127,7 +144,7 @@ async def load_training_set(
         if t1 is None or t1 <= t0:
             continue
         # the order's market (its PLACED event's): whose free drivers and backlog the row sees
-        queries.append(FeatureQuery(order_id, rid, t0, rlat, rlng, market))
+        queries.append(FeatureQuery(order_id, rid, t0, rlat, rlng, (market if per_market else "")))
         labels[order_id] = (
             (t1 - t0) / 60_000.0,
             F.haversine_km(rlat, rlng, clat, clng),
@@ -156,7 +173,7 @@ async def load_training_set(
         placed_ms[i] = query.at_ms
         restaurant_ids.append(query.restaurant_id)
         order_ids.append(query.key)
-        markets.append(query.market)
+        markets.append(placed[query.key][7])
     log.info(
         "training set built",
         extra={
