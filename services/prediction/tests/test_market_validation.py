@@ -3,10 +3,12 @@ served exactly as before), INVALID_ARGUMENT with a field violation on ``market_i
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from eta.v1 import eta_pb2
 from eta_common.markets import MARKET_ID_REASON
@@ -63,19 +65,50 @@ def _single_fields() -> dict[str, Any]:
     }
 
 
+def _baseline_class(name: str) -> Any:
+    """The message class of the API before markets (protos/baseline/eta-v1.binpb, what buf breaking
+    checks against): the bytes a client built from the previous protos sends."""
+    image = Path(__file__).resolve().parents[3] / "protos" / "baseline" / "eta-v1.binpb"
+    files = descriptor_pb2.FileDescriptorSet.FromString(image.read_bytes())
+    pool = descriptor_pool.DescriptorPool()
+    for file in files.file:
+        pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
+
+
 async def test_old_shaped_requests_get_the_same_answer(model: ServingModel) -> None:
-    """A request serialized by a client that predates markets (no field 6 / 5 on the wire) decodes with an
-    empty market_id and is answered like a request naming the default market explicitly."""
+    """Requests serialized by a client built from the pre-market protos decode with an empty market_id and
+    are answered exactly like requests naming the default market."""
+    old_single = _baseline_class("eta.v1.PredictEtaRequest")
+    assert "market_id" not in old_single.DESCRIPTOR.fields_by_name
     servicer, reader, _ = make(model)
     reader.readings["r1"] = fresh()
-    old_bytes = single(request_id="q").SerializeToString()
+    fields = _single_fields()
+    old_bytes = old_single(
+        restaurant_id=fields["restaurant_id"],
+        restaurant_location={"lat": RESTAURANT.lat, "lng": RESTAURANT.lng},
+        customer_location={"lat": CUSTOMER.lat, "lng": CUSTOMER.lng},
+        request_id="q",
+    ).SerializeToString()
     old = eta_pb2.PredictEtaRequest.FromString(old_bytes)
     assert old.market_id == ""
     a = await servicer.PredictEta(old, cast(Any, Context()))
     b = await servicer.PredictEta(
-        eta_pb2.PredictEtaRequest(**_single_fields(), market_id="default"), cast(Any, Context())
+        eta_pb2.PredictEtaRequest(**fields, market_id="default"), cast(Any, Context())
     )
     assert a == b
-    batch_old = await servicer.PredictEtaBatch(_batch(), cast(Any, Context()))
+    old_batch = _baseline_class("eta.v1.PredictEtaBatchRequest")
+    batch_bytes = old_batch(
+        customer_location={"lat": CUSTOMER.lat, "lng": CUSTOMER.lng},
+        restaurants=[
+            {"restaurant_id": r, "location": {"lat": RESTAURANT.lat, "lng": RESTAURANT.lng}}
+            for r in ("a", "b")
+        ],
+        request_id="q",
+    ).SerializeToString()
+    batch_old = await servicer.PredictEtaBatch(
+        eta_pb2.PredictEtaBatchRequest.FromString(batch_bytes), cast(Any, Context())
+    )
     batch_new = await servicer.PredictEtaBatch(_batch("default"), cast(Any, Context()))
     assert batch_old == batch_new
+    assert batch_old == await servicer.PredictEtaBatch(_batch(), cast(Any, Context()))
