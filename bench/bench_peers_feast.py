@@ -209,7 +209,9 @@ def run(quick: bool) -> BenchResult:
             servers.append(feast)
             for server in servers:
                 server.park()
-            background = H.idle_cpu_rate({"redis": infra.redis_pid})
+            idle = H.idle_cpu_rate(
+                {"redis": infra.redis_pid, **{s.name: s.pid for s in servers}}, seconds=2.0 if quick else 8.0
+            )
             feast_single = H.write_requests(workdir / "feast1.bin", _feast_requests(ids, 1, 5))
             feast_batch = H.write_requests(workdir / "feast50.bin", _feast_requests(ids, 50, 6))
 
@@ -231,7 +233,7 @@ def run(quick: bool) -> BenchResult:
                     server_pid=server.pid,
                     watch={"redis": infra.redis_pid},
                     redis_url=infra.redis_url,
-                    background=background,
+                    background={"redis": idle["redis"], "server": idle[server.name]},
                 )
                 runs.setdefault(scenario, []).append(result.summary())
 
@@ -246,7 +248,7 @@ def run(quick: bool) -> BenchResult:
                     plan,
                     infra.redis_pid,
                     infra.redis_url,
-                    background["redis"],
+                    idle["redis"],
                 )
                 runs.setdefault(scenario, []).append(report)
 
@@ -287,7 +289,7 @@ def run(quick: bool) -> BenchResult:
                 "p50_ms": m["p50_ms"],
                 "p99_ms": m["p99_ms"],
                 "max_ms": m["max_ms"],
-                "srv_µs/call": m["server_cpu_us_per_call"],
+                "srv_µs/call": m.get("server_net_cpu_us_per_call", m["server_cpu_us_per_call"]),
                 "redis_µs/call": m["redis_net_cpu_us_per_call"],
                 "redis_cmds/call": m["redis_commands_per_call"],
                 "srv_cpu_%": m["server_cpu_pct"],
@@ -381,7 +383,8 @@ def run(quick: bool) -> BenchResult:
             ", ".join(f"{k}={v:.0f}" for k, v in reads.items()) if reads is not None else "n/a (not exported)"
         ),
         f"ETA ready rows kept fresh by: {world.row_maintenance}; Redis CPU per call is net of Redis's idle "
-        f"background ({100 * background['redis']:.2f} % of a core with no load)",
+        f"background ({100 * idle['redis']:.2f} % of a core with no load); server CPU per call net of each "
+        f"server's idle CPU (ETA {100 * idle[eta.name]:.2f} %, feast serve {100 * idle[feast.name]:.2f} %)",
         f"each scenario ran {plan.repeats}× interleaved; medians (closed loop: of the server-bound runs "
         "when there are any, see runs_used and bound)",
         f"load average at end: {H.load_average()}",

@@ -23,8 +23,8 @@ Measured, every scenario ``repeats`` times, interleaved round by round (medians 
 1. sequential (one call at a time): p50/p99 of the echo and of PredictEta;
 2. max throughput: ``concurrency`` calls outstanding; server CPU per call; Redis CPU per prediction (the
    redis-server process, from /proc) and Redis commands per prediction (``INFO commandstats``);
-3. PredictEtaBatch of 50 restaurants at ``batch_rate``/s open loop: p50/p99, server and Redis CPU per
-   batch;
+3. PredictEtaBatch of 50 restaurants at ``batch_rate``/s open loop: p50/p99, server CPU per batch; and
+   closed loop (``batch_concurrency`` outstanding): batches/s, Redis CPU per batch;
 4. tracing: 100 % sampling with the JSON-lines exporter, and 100 % sampling with no exporter, versus
    sampling off (max throughput);
 5. (first round) the echo in the previous benchmark's layout — one grpc.aio load-generator process, 32
@@ -32,8 +32,9 @@ Measured, every scenario ``repeats`` times, interleaved round by round (medians 
 Plus the Redis PING round trip from the server core, and the share of feature reads served from ready
 rows versus the fallback path if the service exports ``eta_prediction_feature_reads_total``.
 
-``BENCH_SERVING_PROFILE=1`` additionally records the ETA server with py-spy during its first
-max-throughput run and saves the hottest functions to ``bench/results/serving_profile.json``.
+``BENCH_SERVING_PROFILE=1`` (``=native``: with C frames) additionally records the ETA server with py-spy
+during its first max-throughput run and saves the hottest functions to
+``bench/results/serving_profile.json``.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Plan:
     concurrency: int  # calls outstanding in the closed-loop runs
     clients: int  # load-generator processes in the closed-loop runs
     batch_rate: float
+    batch_concurrency: int
     batch_seconds: float
     warmup_seconds: float
     repeats: int
@@ -77,8 +79,8 @@ class Plan:
         from trainer.train import ROUNDS
 
         if quick:
-            return cls(2.0, 2.0, 16, 2, 20, 3.0, 0.5, 1, 100, 6000)
-        return cls(5.0, 6.0, 16, 2, 20, 10.0, 1.0, 3, ROUNDS, 20000)
+            return cls(2.0, 2.0, 16, 2, 20, 4, 3.0, 0.5, 1, 100, 6000)
+        return cls(5.0, 6.0, 16, 2, 20, 4, 10.0, 1.0, 3, ROUNDS, 20000)
 
 
 # --- py-spy ----------------------------------------------------------------------------------------------
@@ -91,6 +93,8 @@ def _profile(server: H.Server, seconds: float) -> subprocess.Popen[bytes] | None
     out = server.log_path.with_suffix(".pyspy.txt")
     argv = [py_spy, "record", "-p", str(server.pid), "-d", str(int(seconds) + 2), "-r", "200"]
     argv += ["-f", "raw", "-o", str(out), "--nonblocking"]
+    if os.environ["BENCH_SERVING_PROFILE"] == "native":  # C frames too (grpc's Cython core, lleaves)
+        argv.append("--native")
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -131,7 +135,7 @@ def _row(scenario: str, med: dict[str, float], runs: list[dict[str, Any]]) -> di
         "p50_ms": med["p50_ms"],
         "p99_ms": med["p99_ms"],
         "srv_cpu_%": med["server_cpu_pct"],
-        "srv_µs/call": med["server_cpu_us_per_call"],
+        "srv_µs/call": med["server_net_cpu_us_per_call"],
         "redis_µs/call": "-"
         if scenario.startswith("echo")
         else med.get("redis_net_cpu_us_per_call", math.nan),
@@ -178,8 +182,11 @@ def run(quick: bool) -> BenchResult:
             reads_before = H.feature_read_paths(eta)
             for server in servers:
                 server.park()
-            background = H.idle_cpu_rate({"redis": infra.redis_pid})
-            figures["redis_background_cpu_pct"] = 100 * background["redis"]
+            idle = H.idle_cpu_rate(
+                {"redis": infra.redis_pid, **{s.name: s.pid for s in servers}}, seconds=2.0 if quick else 8.0
+            )
+            figures["redis_background_cpu_pct"] = 100 * idle["redis"]
+            figures["eta_background_cpu_pct"] = 100 * idle[eta.name]
 
             def measure(
                 scenario: str,
@@ -216,7 +223,7 @@ def run(quick: bool) -> BenchResult:
                     server_pid=server.pid,
                     watch={"redis": infra.redis_pid},
                     redis_url=infra.redis_url,
-                    background=background,
+                    background={"redis": idle["redis"], "server": idle[server.name]},
                 )
                 runs.setdefault(scenario, []).append(result.summary())
                 return result
@@ -224,6 +231,7 @@ def run(quick: bool) -> BenchResult:
             c, k = plan.concurrency, plan.clients
             seq, closed = "sequential", f"max (c={c}, {k} clients)"
             batch_label = f"eta PredictEtaBatch(50) {plan.batch_rate:.0f}/s"
+            batch_max = f"eta PredictEtaBatch(50) max (c={plan.batch_concurrency}, {k} clients)"
             profiler: subprocess.Popen[bytes] | None = None
             for round_ in range(plan.repeats):
                 measure(f"echo {seq}", echo, ECHO_METHOD, "max")
@@ -233,6 +241,15 @@ def run(quick: bool) -> BenchResult:
                     profiler = _profile(eta, plan.max_seconds + plan.warmup_seconds + 2)
                 measure(f"eta PredictEta {closed}", eta, PREDICT, "max", concurrency=c, clients=k)
                 measure(batch_label, eta, PREDICT_BATCH, "fixed", batch=True)
+                measure(
+                    batch_max,
+                    eta,
+                    PREDICT_BATCH,
+                    "max",
+                    batch=True,
+                    concurrency=plan.batch_concurrency,
+                    clients=k,
+                )
                 measure(f"eta {closed}, tracing 100%", traced, PREDICT, "max", concurrency=c, clients=k)
                 measure(
                     f"eta {closed}, sampled, no exporter", recorded, PREDICT, "max", concurrency=c, clients=k
@@ -273,6 +290,7 @@ def run(quick: bool) -> BenchResult:
     echo_seq, eta_seq = med[f"echo {seq}"], med[f"eta PredictEta {seq}"]
     echo_max, eta_max = med[f"echo {closed}"], med[f"eta PredictEta {closed}"]
     batch = med[batch_label]
+    batch_loaded = med[batch_max]
     traced_max = med[f"eta {closed}, tracing 100%"]
     recorded_max = med[f"eta {closed}, sampled, no exporter"]
     p50_budget = echo_seq["p50_ms"] + ping_p50 + 0.3
@@ -288,6 +306,7 @@ def run(quick: bool) -> BenchResult:
             "throughput_ratio": eta_max["rps"] / echo_max["rps"],
             "echo_server_cpu_us_per_call": echo_max["server_cpu_us_per_call"],
             "eta_server_cpu_us_per_call": eta_max["server_cpu_us_per_call"],
+            "eta_server_net_cpu_us_per_call": eta_max["server_net_cpu_us_per_call"],
             "eta_seq_server_cpu_us_per_call": eta_seq["server_cpu_us_per_call"],
             "echo_max_client_cpu_pct": echo_max["client_cpu_pct"],
             "echo_max_client_core_busy_pct": echo_max["client_core_busy_pct"],
@@ -297,9 +316,12 @@ def run(quick: bool) -> BenchResult:
             "redis_commands_per_prediction": eta_max["redis_commands_per_call"],
             "batch50_p50_ms": batch["p50_ms"],
             "batch50_p99_ms": batch["p99_ms"],
-            "batch50_server_cpu_ms": batch["server_cpu_us_per_call"] / 1e3,
-            "batch50_redis_cpu_us": batch["redis_net_cpu_us_per_call"],
-            "batch50_redis_cpu_us_gross": batch["redis_cpu_us_per_call"],
+            "batch50_server_cpu_ms": batch["server_net_cpu_us_per_call"] / 1e3,
+            "batch50_server_cpu_ms_gross": batch["server_cpu_us_per_call"] / 1e3,
+            "batch50_max_rps": batch_loaded["rps"],
+            "batch50_server_cpu_ms_at_max": batch_loaded["server_net_cpu_us_per_call"] / 1e3,
+            "batch50_redis_cpu_us": batch_loaded["redis_net_cpu_us_per_call"],
+            "batch50_redis_cpu_us_gross": batch_loaded["redis_cpu_us_per_call"],
             "batch50_redis_commands": batch["redis_commands_per_call"],
             "eta_traced_max_rps": traced_max["rps"],
             "tracing_throughput_cost_pct": 100.0 * (1 - traced_max["rps"] / eta_max["rps"]),
@@ -369,9 +391,11 @@ def run(quick: bool) -> BenchResult:
         ),
         f"cores: server under test alone on {sorted(H.SERVER_CPUS)} (other servers parked), "
         f"load generators + Redis + PostgreSQL on {sorted(H.CLIENT_CPUS)}",
-        f"ready rows kept fresh by: {world.row_maintenance}; Redis CPU per call is net of Redis's idle "
-        f"background ({figures['redis_background_cpu_pct']:.2f} % of a core, measured with no load: the row "
-        "maintenance, serverCron); the gross figures are in the JSON",
+        f"ready rows kept fresh by: {world.row_maintenance}; server and Redis CPU per call are net of "
+        "what each spends idle (measured with no load: Redis "
+        f"{figures['redis_background_cpu_pct']:.2f} % of a core — the row maintenance, serverCron; the ETA "
+        f"server {figures['eta_background_cpu_pct']:.2f} %); gross figures in the JSON; Redis CPU per batch "
+        "from the closed-loop batch runs, where the idle share is small",
         f"request {len(world.single[0])} B (PredictEta), reply {reply_bytes} B; echo replies {reply_bytes} B",
         f"Redis PING round trip from the server's core (idle, raw socket): p50 {ping_p50:.3f} ms, "
         f"p99 {ping_p99:.3f} ms — a prediction needs one such hop, the echo none",

@@ -343,8 +343,8 @@ class LoadRun:
     core_steal_s: dict[int, float] = field(default_factory=dict)
     redis_commands: int = 0
     send_lag_p99_ms: float = 0.0
-    # CPU the watched processes spend anyway (measured idle, e.g. Redis serving the row maintenance),
-    # per second: subtracted for their net CPU per call
+    # CPU the server ("server") and the watched processes spend anyway, per second, measured idle (e.g.
+    # Redis serving the row maintenance, the service's background tasks): subtracted for net CPU per call
     background: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -400,6 +400,9 @@ class LoadRun:
             "max_ms": self.latencies_ms[-1] if self.latencies_ms else float("nan"),
             "server_cpu_pct": self.pct(self.server_cpu_s),
             "server_cpu_us_per_call": self.per_call_us(self.server_cpu_s),
+            "server_net_cpu_us_per_call": self.per_call_us(
+                self.server_cpu_s - self.background.get("server", 0.0) * self.seconds
+            ),
             "client_cpu_pct": self.pct(sum(self.client_cpu_s)),
             "client_procs": len(self.client_cpu_s),
             "client_core_busy_pct": self.client_core_pct,
