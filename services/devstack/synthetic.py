@@ -51,6 +51,7 @@ class Sent:
             getattr(inner, "order_id", None) or None,
             lat,
             lng,
+            market=inner.market_id,
         )
 
 

@@ -9,6 +9,7 @@ assigned."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import uuid
@@ -120,9 +121,13 @@ def _update(ev: HistoryEvent) -> RestaurantUpdate | DriverUpdate:
         assert ev.driver_id is not None
         assert ev.lat is not None
         assert ev.lng is not None
-        return DriverUpdate(ev.driver_id, ev.type, ev.event_ms, ev.lat, ev.lng, order_id=ev.order_id or "")
+        return DriverUpdate(
+            ev.driver_id, ev.type, ev.event_ms, ev.lat, ev.lng, order_id=ev.order_id or "", market=ev.market
+        )
     assert ev.restaurant_id is not None
-    return RestaurantUpdate(ev.restaurant_id, ev.type, ev.order_id or "", ev.event_ms, ev.lat, ev.lng)
+    return RestaurantUpdate(
+        ev.restaurant_id, ev.type, ev.order_id or "", ev.event_ms, ev.lat, ev.lng, market=ev.market
+    )
 
 
 async def test_online_scripts_equal_offline_builder(stack: LocalStack) -> None:
@@ -182,5 +187,66 @@ async def test_online_scripts_equal_offline_builder(stack: LocalStack) -> None:
         assert not any(math.isnan(v) for v in backlog)
         assert sum(1 for v in backlog if v > 0) > len(backlog) // 2
         assert len(set(backlog)) > 5
+    finally:
+        await store.close()
+
+
+async def test_online_scripts_equal_offline_builder_per_market(stack: LocalStack) -> None:
+    """Two markets on the same streets with the same driver ids (``par-d0``…): each market's drivers, free
+    drivers and backlog are its own, online as offline, and every read in a market equals the builder's."""
+    rng = random.Random(20261206)
+    start = 1_800_000_000_000
+    run = uuid.uuid4().hex[:6]
+    markets = (f"parA{run}", f"parB{run}")
+    timeline: list[HistoryEvent] = []
+    restaurants: dict[str, str] = {}
+    for market in markets:
+        prefix = f"{market}x"
+        for ev in _random_timeline(rng, start, minutes=90, prefix=prefix):
+            timeline.append(dataclasses.replace(ev, market=market))
+        restaurants.update({f"{prefix}-r{i}": market for i in range(3)})
+    timeline.sort(key=lambda e: e.ingest_ms)
+    store = OnlineStore.from_url(stack.redis_url, city=f"parity-{uuid.uuid4().hex[:8]}")
+    offline = OfflineFeatureBuilder()
+    compared = 0
+    seen: dict[str, set[tuple[float, float]]] = {m: set() for m in markets}
+    try:
+        idx = 0
+        for checkpoint in [start + m * MIN for m in range(20, 100, 9)]:
+            batch = []
+            while idx < len(timeline) and timeline[idx].ingest_ms <= checkpoint:
+                ev = timeline[idx]
+                idx += 1
+                if F.is_late(ev.event_ms, ev.ingest_ms, F.DEFAULT_ALLOWED_LATENESS_MS):
+                    continue
+                batch.append(ev)
+                offline.apply(ev)
+            await store.apply([_update(ev) for ev in batch], now_ms=checkpoint)
+            for market in markets:
+                await store.refresh_supply(now_ms=checkpoint, owner="parity", hold_ms=1, market=market)
+            for rid, market in restaurants.items():
+                located = await store.read_restaurant(rid, now_ms=checkpoint, market=market)
+                assert located.location is not None
+                wanted = [(rid, located.location)]
+                from_row = await store.read_block(wanted, now_ms=checkpoint, market=market)
+                exact = await store.read_exact(wanted, now_ms=checkpoint, market=market)
+                expected = offline.features_at(FeatureQuery("q", rid, checkpoint, *located.location, market))
+                for online in (located, from_row.restaurant(0), exact.restaurant(0)):
+                    for name, value in expected.items():
+                        got = online.readings[name].value
+                        if math.isnan(value):
+                            assert math.isnan(got), (name, checkpoint)
+                        else:
+                            assert got == pytest.approx(value), (rid, market, name, checkpoint)
+                        compared += 1
+                seen[market].add(
+                    (
+                        located.readings[F.FREE_DRIVERS_NEARBY].value,
+                        located.readings[F.ORDERS_WAITING_FOR_DRIVER].value,
+                    )
+                )
+        assert compared > 1000
+        assert sorted(offline.markets) == sorted(markets)
+        assert seen[markets[0]] != seen[markets[1]]  # the markets' city-wide values differ
     finally:
         await store.close()
