@@ -24,7 +24,7 @@ import asyncpg
 
 from aggregator import config
 from aggregator.archiver import ArchiveWriter
-from aggregator.consumer import consume_forever
+from aggregator.consumer import Progress, consume_forever
 from aggregator.customer_refresh import add_arguments as add_refresh_arguments
 from aggregator.customer_refresh import refresh_loop, run_refresh
 from aggregator.feature_service import FeatureServicer
@@ -56,11 +56,13 @@ def build(settings: config.AggregatorSettings) -> GrpcService:
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
     )
     state: dict[str, asyncpg.Pool] = {}
+    progress = Progress()
     rows = RowMaintenance(
         store,
         tick_ms=settings.row_tick_ms,
         supply_refresh_seconds=settings.supply_refresh_seconds,
         lookahead_ms=settings.row_lookahead_ms,
+        progress=progress,
     )
 
     async def ensure_online_state(trigger: str) -> None:
@@ -94,7 +96,9 @@ def build(settings: config.AggregatorSettings) -> GrpcService:
         archiver_box["archiver"] = archiver
         writer = asyncio.create_task(archiver.run(), name="archive-writer")
         try:
-            await consume_forever(consumer, processor, archiver, max_batch=settings.max_batch)
+            await consume_forever(
+                consumer, processor, archiver, max_batch=settings.max_batch, progress=progress
+            )
         finally:
             writer.cancel()
 

@@ -40,3 +40,8 @@ ROW_TIMER_SECONDS = Histogram(
 SUPPLY_REFRESH_SECONDS = Histogram(
     "eta_aggregator_supply_refresh_seconds", "One supply refresh (count + write)", buckets=_LAG_BUCKETS
 )
+STORE_CURRENT_AGE = Gauge(
+    "eta_aggregator_store_current_age_seconds",
+    "Seconds since every live aggregator was last caught up with the event stream (what serving adds to "
+    "an unchanged feature's age)",
+)

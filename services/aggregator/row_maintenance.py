@@ -8,6 +8,9 @@ Two loops, both safe to run in every aggregator replica at once:
   restaurant's windows drain by themselves, and readers find the drained row valid from the edge's
   millisecond on. A timer that lags more than the lookahead costs speed (reads fall back to the exact
   read, counted by the prediction service), never correctness.
+* **progress** — once a second it says when this aggregator last had every event it fetched visible
+  (:class:`aggregator.consumer.Progress`); the store keeps the oldest such instant among live
+  aggregators, which reads take as "current as of" for the features fed by the event stream.
 * **supply refresher** — every ``AGGREGATOR_SUPPLY_REFRESH_SECONDS`` it counts the free drivers near the
   restaurants of the buckets it holds (one GEOSEARCH around them, counted with Redis' own arithmetic) into
   their rows; the count's age is its as-of time, held to the feature's staleness budget (60 s).
@@ -24,6 +27,7 @@ import time
 from redis.exceptions import RedisError
 
 from aggregator import metrics
+from aggregator.consumer import Progress
 from eta_common.online_store import OnlineStore
 from eta_common.timeutil import now_ms
 
@@ -37,9 +41,17 @@ MAX_CLAIMS_PER_TICK = 8  # then the tick yields (more due rows wait for the next
 
 class RowMaintenance:
     def __init__(
-        self, store: OnlineStore, *, tick_ms: int, supply_refresh_seconds: float, lookahead_ms: int = 2000
+        self,
+        store: OnlineStore,
+        *,
+        tick_ms: int,
+        supply_refresh_seconds: float,
+        lookahead_ms: int = 2000,
+        progress: Progress | None = None,
     ) -> None:
         self._store = store
+        self._progress = progress
+        self._published_at = 0.0
         self._tick = tick_ms / 1000.0
         self._lookahead_ms = lookahead_ms
         self._lease_ms = max(1000, 10 * tick_ms)
@@ -66,9 +78,20 @@ class RowMaintenance:
                 done += len(due)
         return done
 
+    async def publish_progress(self) -> None:
+        """Once a second: when this aggregator was last current (see aggregator.consumer.Progress)."""
+        progress = self._progress
+        if progress is None or progress.caught_up_ms is None or time.monotonic() - self._published_at < 1.0:
+            return
+        self._published_at = time.monotonic()
+        current = await self._store.publish_progress(self._owner, progress.caught_up_ms, now_ms=now_ms())
+        if current is not None:
+            metrics.STORE_CURRENT_AGE.set(max(0.0, (now_ms() - current) / 1000.0))
+
     async def run_timer(self) -> None:
         while True:
             try:
+                await self.publish_progress()
                 await self.tick()
             except (RedisError, OSError) as exc:  # Redis outage: the consumer loop waits it out too
                 log.warning("row timer: Redis unavailable, retrying", extra={"error": str(exc)})

@@ -114,6 +114,9 @@ class FeatureBlock:
     # per row: the instant its free-driver count is exact for when it was materialised before the read
     # (NaN: counted by the read itself, exact at as_of_ms); the consistency check judges it there
     supply_as_of_ms: list[float] = field(default_factory=list)
+    # when the store was last known current (every aggregator caught up with the event stream; NaN:
+    # unknown): an event-driven value that has not changed since is exact as of then, whatever its age
+    current_ms: float = math.nan
 
     def __len__(self) -> int:
         return len(self.restaurant_ids)

@@ -26,6 +26,7 @@ from opentelemetry import trace
 
 from eta.v1 import eta_pb2, eta_pb2_grpc
 from eta_common import features as F
+from eta_common.customer_features import CUSTOMER_FEATURE_NAMES
 from eta_common.feature_block import ONLINE_NAMES, FeatureBlock, Rows
 from eta_common.geo import check_point
 from eta_common.grpc_errors import abort_bad_request
@@ -55,6 +56,13 @@ _DISTANCE_IDX = F.FEATURE_NAMES.index(F.DISTANCE_KM)
 _HOUR_IDX = F.FEATURE_NAMES.index(F.HOUR_OF_WEEK)
 _ONLINE_SET = frozenset(ONLINE_FEATURES)
 _ONLINE_NAME_IDX = list(zip(ONLINE_FEATURES, _ONLINE_IDX, strict=True))
+# Features the aggregator keeps from the event stream: exact as of the last instant every aggregator was
+# caught up, so their age is measured from the later of their last change and that instant (a quiet
+# restaurant's unchanged count is current, not stale). The supply count has its own as-of time, and the
+# customer features their hourly refresh.
+_STREAM_FED = frozenset(
+    name for name in ONLINE_FEATURES if name not in (F.FREE_DRIVERS_NEARBY, *CUSTOMER_FEATURE_NAMES)
+)
 # Time kept for scoring and replying per restaurant of a batch, on top of PREDICTION_DEADLINE_RESERVE_MS.
 RESERVE_PER_ROW_SECONDS = 0.00005
 # plain ints: attribute access on a protobuf enum wrapper is a Python __getattr__ call, per row
@@ -104,9 +112,10 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
     ) -> None:
         self._reader = reader
         self._models = models
-        # (name, position in the canonical row, staleness budget) per online feature
+        # (name, position in the canonical row, staleness budget, stream-fed) per online feature
         self._online_spec = [
-            (name, k, budgets[name]) for name, k in zip(ONLINE_NAMES, _ONLINE_IDX, strict=True)
+            (name, k, budgets[name], name in _STREAM_FED)
+            for name, k in zip(ONLINE_NAMES, _ONLINE_IDX, strict=True)
         ]
         self._max_batch = max_batch
         self._reserve = deadline_reserve_seconds
@@ -323,14 +332,17 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         all_stale: list[list[str]] = []
         all_missing: list[list[str]] = []
         quality: list[QualityValue] = []
+        current = block.current_ms  # NaN (unknown) compares False
         for values, present, updated, location in zip(
             block.values, block.present, block.updated_ms, block.locations, strict=True
         ):
             ages = [nan] * _K
             stale: list[str] = []
             missing: list[str] = []
-            for name, k, budget in spec:
+            for name, k, budget, stream_fed in spec:
                 changed = updated[k]
+                if stream_fed and current > changed:
+                    changed = current  # unchanged since, and the store was current then
                 if not isnan(changed):  # known
                     age = ages[k] = max(0.0, (now - changed) / 1000.0)
                     if not present[k]:
@@ -399,7 +411,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         built in place: a third of the cost of constructing messages and copying them in. Timestamps go
         in as dicts, one per distinct time (a feature group shares its times)."""
         block = rows.block
-        values, present = rows.values[0], block.present[0]
+        values, present, ages = rows.values[0], block.present[0], rows.ages[0]
         updated_row, event_row = block.updated_ms[0], block.event_ms[0]
         add, isnan = out.add, math.isnan
         stamps: dict[float, dict[str, int]] = {}
@@ -414,7 +426,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             fields: dict[str, Any] = {"name": name, "value": value, "present": here}
             updated, event = updated_row[column], event_row[column]
             if not isnan(updated):  # known
-                fields["age_seconds"] = max(0.0, (now - updated) / 1000.0)
+                fields["age_seconds"] = ages[column]
                 fields["updated_at"] = _stamp(stamps, updated)
             if not isnan(event):
                 fields["event_time"] = _stamp(stamps, event)

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 from eta_common import features as F
 from eta_common.customer_features import CUSTOMER_MEAN_DELIVERY_28D, CUSTOMER_ORDERS_28D, CustomerFeatures
 from eta_common.feature_block import COLUMN, DEFAULT_ROW, FeatureBlock, K
+from eta_common.online.keys import LIVE_AGGREGATOR_MS
 
 __all__ = [
     "CITY_FIELDS",
@@ -87,16 +88,28 @@ class Provenance:
 
 @dataclass(slots=True)
 class City:
-    """The city-level part of a read (the backlog and the drivers/dispatch groups' freshness)."""
+    """The city-level part of a read (the backlog and the drivers/dispatch groups' freshness) and the
+    store's freshness: when every aggregator was last current (NaN: unknown)."""
 
     waiting: int
     drivers: Provenance
     dispatch: Provenance
+    current_ms: float = math.nan
 
     @classmethod
-    def of(cls, waiting: Any, fields: Sequence[Any]) -> City:
-        """From the replies of the backlog ZCOUNT and the HMGET of :data:`CITY_FIELDS`."""
-        return cls(int(waiting), Provenance.of(fields[0:3]), Provenance.of(fields[3:6]))
+    def of(
+        cls, waiting: Any, fields: Sequence[Any], current: Sequence[Any] = (None,), now_ms: int = 0
+    ) -> City:
+        """From the replies of the backlog ZCOUNT, the HMGET of :data:`CITY_FIELDS` and the HMGET of the
+        aggregators' ``@current`` (``"<ms>|<computed at ms>"``, trusted while the computation is recent)."""
+        current_ms = math.nan
+        packed = current[0] if current else None
+        if packed:
+            text = packed.decode() if isinstance(packed, bytes) else str(packed)
+            at, _, computed = text.partition("|")
+            if computed and now_ms - int(computed) <= LIVE_AGGREGATOR_MS:
+                current_ms = float(at)
+        return cls(int(waiting), Provenance.of(fields[0:3]), Provenance.of(fields[3:6]), current_ms)
 
 
 NO_CUSTOMER = CustomerFeatures(math.nan, math.nan, None)
@@ -240,4 +253,5 @@ def assemble(
         restaurant_ids, locations, now_ms, values_rows, present_rows, updated_rows, event_rows, writers
     )
     block.supply_as_of_ms = supply_as_of
+    block.current_ms = city.current_ms
     return block

@@ -15,8 +15,19 @@ from typing import Any
 
 from eta_common import features as F
 from eta_common.online.assemble import CITY_FIELDS, META_FIELDS, RestaurantState
+from eta_common.online.keys import AGGREGATORS_KEY
 
-__all__ = ["RESTAURANT_READ_REPLIES", "Bounds", "queue_city", "queue_exact", "reduce_exact"]
+__all__ = [
+    "CITY_READ_REPLIES",
+    "RESTAURANT_READ_REPLIES",
+    "Bounds",
+    "queue_city",
+    "queue_exact",
+    "reduce_exact",
+]
+
+CITY_READ_REPLIES = 3
+CURRENT_FIELD = ("@current",)  # written by lua/publish_progress.lua
 
 _NWIN, _NMEAN, _NPICKUP = len(F.WINDOW_COUNTS), len(F.WINDOW_MEANS), len(F.PICKUP_WAIT_MEANS)
 # replies per restaurant: a ZCOUNT per count window, the kitchen ZCOUNT, a ZRANGEBYSCORE per mean window
@@ -49,9 +60,11 @@ class Bounds:
 
 
 def queue_city(pipe: Any, keys: dict[str, str], bounds: Bounds) -> None:
-    """Two replies: the backlog count and the city groups' freshness."""
+    """:data:`CITY_READ_REPLIES` replies: the backlog count, the city groups' freshness and the store's
+    (when the aggregators were last current)."""
     pipe.zcount(keys["waiting"], bounds.waiting, "+inf")
     pipe.hmget(keys["meta"], CITY_FIELDS)
+    pipe.hmget(AGGREGATORS_KEY, CURRENT_FIELD)
 
 
 def queue_exact(pipe: Any, restaurant_id: str, bounds: Bounds) -> None:

@@ -37,6 +37,8 @@ key                            type    content
                                        ASSIGNED with an order id)
 ``eta:online:initialized``     string  present once the online state was built (absent: rebuild)
 ``eta:markets``                set     every market seen by a writer (C above is a market)
+``eta:aggregators``            hash    aggregator → "<caught up ms>|<written ms>": when it last had every
+                                       event it fetched visible, and when it said so (see ``reader``)
 =============================  ======  ===========================================================
 """
 
@@ -47,8 +49,10 @@ import zlib
 from eta_common.markets import DEFAULT_MARKET
 
 __all__ = [
+    "AGGREGATORS_KEY",
     "CITY",
     "INITIALIZED_KEY",
+    "LIVE_AGGREGATOR_MS",
     "MARKETS_KEY",
     "ROW_BUCKETS",
     "driver_keys",
@@ -61,6 +65,10 @@ __all__ = [
 
 CITY = DEFAULT_MARKET  # the city-wide keys' hash tag is the market (see eta_common.markets)
 MARKETS_KEY = "eta:markets"  # set: every market the writers have seen (the row maintenance's list)
+AGGREGATORS_KEY = "eta:aggregators"  # hash: aggregator → "<caught up ms>|<written ms>" (freshness)
+# An aggregator heard from within this long counts for the store's freshness (the consumer session
+# timeout is 10 s: a dead one's partitions have moved by then, and their new owner reports its own).
+LIVE_AGGREGATOR_MS = 30_000
 INITIALIZED_KEY = "eta:online:initialized"
 # Due buckets: enough that a platform's restaurants spread over Redis Cluster shards, few enough that
 # the row timer's per-tick claim (one script call per bucket) stays cheap. Fixed: writers and timers

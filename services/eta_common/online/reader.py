@@ -29,7 +29,14 @@ from eta_common.online.assemble import (
     template_of,
 )
 from eta_common.online.connection import Pipelines
-from eta_common.online.exact import RESTAURANT_READ_REPLIES, Bounds, queue_city, queue_exact, reduce_exact
+from eta_common.online.exact import (
+    CITY_READ_REPLIES,
+    RESTAURANT_READ_REPLIES,
+    Bounds,
+    queue_city,
+    queue_exact,
+    reduce_exact,
+)
 from eta_common.online.geo import BULK_NEARBY_MIN, count_within, covering_disc, decode_geohashes
 from eta_common.online.keys import CITY, driver_keys
 from eta_common.online.rows import ROW_FIELDS, parse_row, parse_supply, valid_row
@@ -91,8 +98,8 @@ class OnlineReader(Pipelines):
                 pipe.hmget(f"rst:{{{restaurant_id}}}:row", ROW_FIELDS)
 
         results = await self._run(build, scripts=False)
-        city = City.of(results[0], results[1])
-        base = 2
+        city = City.of(results[0], results[1], results[2], now_ms)
+        base = CITY_READ_REPLIES
         customer = NO_CUSTOMER
         if customer_id:
             customer = parse_customer_read(results[base : base + CUSTOMER_READ_REPLIES])
@@ -150,8 +157,8 @@ class OnlineReader(Pipelines):
         def build(pipe: Any) -> None:
             queue_city(pipe, city_keys, bounds)
 
-        waiting, fields = await self._run(build, scripts=False)
-        city = City.of(waiting, fields)
+        waiting, fields, current = await self._run(build, scripts=False)
+        city = City.of(waiting, fields, current, now_ms)
         states = await self._read_exact(requests, bounds, city, city_keys) if requests else []
         block = assemble(
             [rid for rid, _ in requests], [loc for _, loc in requests], now_ms, states, city, NO_CUSTOMER
@@ -234,8 +241,8 @@ class OnlineReader(Pipelines):
             queue_city(pipe, city_keys, bounds)
             pipe.hmget(f"rst:{{{restaurant_id}}}:row", ROW_FIELDS)
 
-        waiting, city_fields, (w, n, s) = await self._run(build, scripts=False)
-        city = City.of(waiting, city_fields)
+        waiting, city_fields, current, (w, n, s) = await self._run(build, scripts=False)
+        city = City.of(waiting, city_fields, current, now_ms)
         supply = parse_supply(s)
         row = valid_row(w, n, supply, now_ms) if supply is not None else None
         any_row = row or parse_row(w, supply)

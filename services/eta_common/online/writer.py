@@ -33,8 +33,10 @@ from eta_common import features as F
 from eta_common.online.connection import Pipelines
 from eta_common.online.geo import count_within, covering_disc, decode_geohashes
 from eta_common.online.keys import (
+    AGGREGATORS_KEY,
     CITY,
     INITIALIZED_KEY,
+    LIVE_AGGREGATOR_MS,
     MARKETS_KEY,
     ROW_BUCKETS,
     driver_keys,
@@ -53,6 +55,7 @@ __all__ = ["ORDER_STATE_TTL_S", "SUPPLY_CHUNK", "OnlineWriter"]
 log = logging.getLogger(__name__)
 
 ORDER_STATE_TTL_S = 6 * 3600
+FORGET_AGGREGATOR_MS = 3_600_000
 # Restaurants counted per numpy pass of the supply refresh (bounds its distance matrix: n × drivers).
 SUPPLY_CHUNK = 500
 _COUNT_WINDOWS = ",".join(str(w.window_ms) for w in F.WINDOW_COUNTS)
@@ -358,6 +361,26 @@ class OnlineWriter(Pipelines):
             rid: supply_text(count, as_of, event_ms, writer)
             for (rid, _), count in zip(chunk, counted, strict=True)
         }
+
+    async def publish_progress(self, member: str, caught_up_ms: int, *, now_ms: int) -> int | None:
+        """Say when this aggregator was last current (see :class:`aggregator.consumer.Progress`); returns
+        the store's freshness instant: the oldest among the aggregators heard from within
+        :data:`LIVE_AGGREGATOR_MS` (what a read takes as "known current as of")."""
+
+        def build(pipe: Any) -> None:
+            pipe.evalsha(
+                self._sha["publish_progress"],
+                1,
+                AGGREGATORS_KEY,
+                member,
+                caught_up_ms,
+                now_ms,
+                LIVE_AGGREGATOR_MS,
+                FORGET_AGGREGATOR_MS,
+            )
+
+        (current,) = await self._run(build)
+        return None if current is None else int(current)
 
     async def is_initialized(self) -> bool:
         """False when the online store was never built or was lost (flushed, new Redis)."""

@@ -392,10 +392,11 @@ async def test_every_script_call_stays_in_one_cluster_slot(
         assert len(tags) == 1, keys
     city_calls = [keys for keys in calls if city_tag in keys[0]]
     assert len(city_calls) == 1  # apply_city
-    # the read: plain commands, one key each: the city's backlog and meta and one ready row per
-    # restaurant; no row is valid yet (no supply count), so the exact read follows: per restaurant its
-    # windows and meta and the free drivers around it
+    # the read: plain commands, one key each: the city's backlog and meta, the store's freshness, one
+    # ready row per restaurant; no row is valid yet (no supply count), so the exact read follows: per
+    # restaurant its windows and meta and the free drivers around it
     city_reads = [("zcount", f"drv:{city_tag}:waiting"), ("hmget", f"drv:{city_tag}:meta")]
+    city_reads.append(("hmget", "eta:aggregators"))  # the store's freshness (when aggregators were current)
     row_reads = city_reads + [("hmget", f"rst:{{{rid}}}:row") for rid in ("r1", "r2")]
     per_restaurant = [("zcount", "placed")] * len(F.WINDOW_COUNTS) + [("zcount", "kitchen")]
     per_restaurant += [("zrangebyscore", "prep")] * len(F.WINDOW_MEANS)

@@ -83,8 +83,8 @@ async def _from_row(store: OnlineStore, row: Row, restaurant: str, t: int) -> Fe
 async def _city(store: OnlineStore, t: int) -> City:
     pipe = store.client.pipeline(transaction=False)
     queue_city(pipe, store._city_keys, Bounds.at(t))
-    waiting, fields = await pipe.execute()
-    return City.of(waiting, fields)
+    waiting, fields, current = await pipe.execute()
+    return City.of(waiting, fields, current, t)
 
 
 async def _exact(store: OnlineStore, restaurant: str, t: int) -> FeatureBlock:
@@ -276,3 +276,26 @@ async def test_markets_keep_their_city_state_rows_and_supply_apart(store: Online
     default = (await store.read_block([("m-default", here)], now_ms=t)).restaurant(0).readings
     assert default[F.ORDERS_WAITING_FOR_DRIVER].value == 1
     assert math.isnan(default[F.FREE_DRIVERS_NEARBY].value)  # no driver ever in the default market
+
+
+async def test_the_store_is_current_as_of_the_oldest_live_aggregator(store: OnlineStore) -> None:
+    """Each aggregator says when it was last caught up; a read takes the oldest among those heard from
+    within LIVE_AGGREGATOR_MS, and forgets aggregators silent for an hour."""
+    from eta_common.online.keys import AGGREGATORS_KEY, LIVE_AGGREGATOR_MS
+
+    t = T0
+    assert await store.publish_progress("agg-a", t - 500, now_ms=t) == t - 500
+    assert await store.publish_progress("agg-b", t - 5_000, now_ms=t) == t - 5_000  # lagging: it counts
+    block = await store.read_block([("nowhere", AT)], now_ms=t)
+    assert block.current_ms == t - 5_000
+    # agg-b dies: once silent for LIVE_AGGREGATOR_MS it no longer holds the store back
+    later = t + LIVE_AGGREGATOR_MS + 1
+    assert await store.publish_progress("agg-a", later - 100, now_ms=later) == later - 100
+    assert (await store.read_block([("nowhere", AT)], now_ms=later)).current_ms == later - 100
+    # nobody heard from recently: unknown
+    assert math.isnan(
+        (await store.read_block([("nowhere", AT)], now_ms=later + 2 * LIVE_AGGREGATOR_MS)).current_ms
+    )
+    # an hour of silence: forgotten
+    await store.publish_progress("agg-a", later + 3_600_001, now_ms=later + 3_600_001)
+    assert set(await store.client.hkeys(AGGREGATORS_KEY)) == {b"agg-a", b"@current"}

@@ -72,6 +72,7 @@ class Reader:
         self.budgets: list[float | None] = []
         self.customers: list[str] = []
         self.markets: list[str] = []
+        self.current_ms = math.nan
 
     async def read(
         self,
@@ -89,12 +90,14 @@ class Reader:
             return FeatureBlock.from_features(
                 [default_features(rid, loc, NOW) for rid, loc in requests]
             ), self.degradation
-        return FeatureBlock.from_features(
+        block = FeatureBlock.from_features(
             [
                 RestaurantFeatures(rid, NOW, dict(self.readings.get(rid, fresh())), loc)
                 for rid, loc in requests
             ]
-        ), None
+        )
+        block.current_ms = self.current_ms
+        return block, None
 
 
 class Log:
@@ -416,3 +419,22 @@ async def test_read_and_log_in_the_requests_market_or_the_default_one(model: Ser
     await servicer.PredictEta(named, cast(Any, Context()))
     assert reader.markets == [DEFAULT_MARKET, "munich"]
     assert [row.market for row in log.rows] == [DEFAULT_MARKET, "munich"]
+
+
+async def test_an_unchanged_stream_fed_feature_is_as_old_as_the_last_catch_up(model: ServingModel) -> None:
+    """A quiet restaurant's counts last changed hours ago but are exact as of the last time every
+    aggregator was caught up: their age is measured from then (not stale); the supply count and the
+    customer features keep their own times."""
+    servicer, reader, _log = make(model)
+    reader.readings["r1"] = fresh(age_s=5 * 3600)
+    reader.current_ms = float(NOW - 2_000)
+    reply = await servicer.PredictEta(single(), cast(Any, Context()))
+    ages = {f.name: f.age_seconds for f in reply.features}
+    assert ages[F.NUM_ORDERS_10.name] == 2.0
+    assert ages[F.KITCHEN_BUSY] == 2.0
+    assert ages[F.FREE_DRIVERS_NEARBY] == 5 * 3600
+    assert F.FREE_DRIVERS_NEARBY in reply.stale_features
+    assert F.NUM_ORDERS_10.name not in reply.stale_features
+    reader.current_ms = math.nan  # unknown: measured from the last change, as before
+    reply = await servicer.PredictEta(single(), cast(Any, Context()))
+    assert F.NUM_ORDERS_10.name in reply.stale_features
