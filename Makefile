@@ -1,6 +1,8 @@
 # Real-time ETA platform — the verbs a newcomer can guess.
 #   make run      bring up the whole system locally (embedded Kafka-protocol broker, Redis, PostgreSQL)
+#                 (make run REDIS_CLUSTER=1: a local Redis Cluster of 3 primaries instead of one Redis)
 #   make test     install everything, lint, type-check, unit + integration + deploy tests
+#   make test-cluster  the Redis-facing integration tests again, against a local 3-primary Redis Cluster
 #   make bench    run every benchmark under bench/ (tables + bench/results/<name>.json)
 #   make protos   generate the protobuf/gRPC code into services/eta/ (never committed)
 
@@ -18,11 +20,11 @@ BUF_STAMP := .tools/.buf-$(BUF_VERSION)
 # a committed image of the protos as of the last landed main, so a shallow CI clone can check against it.
 API_BASELINE := protos/baseline/eta-v1.binpb
 
-.PHONY: help install protos run test lint typecheck unit integration deploy-check bench bench-peers clean stop image-test \
+.PHONY: help install protos run test test-cluster lint typecheck unit integration deploy-check bench bench-peers clean stop image-test \
 	buf api-check api-baseline
 
 help:
-	@sed -n '1,6p' Makefile
+	@sed -n '1,7p' Makefile
 
 $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ required"'
@@ -63,8 +65,9 @@ API_BASELINE_REF ?= HEAD
 api-baseline: $(BUF_STAMP)
 	$(BUF) build '.git#ref=$(API_BASELINE_REF),subdir=protos' --exclude-source-info -o $(API_BASELINE)
 
+REDIS_CLUSTER ?=
 run: install
-	$(PY) -m devstack run
+	$(PY) -m devstack run $(if $(filter 1 true yes,$(REDIS_CLUSTER)),--redis-cluster)
 
 lint: install
 	$(VENV)/bin/ruff check services tests bench
@@ -79,8 +82,20 @@ unit: install
 integration: install
 	$(PY) -m pytest -q -m integration tests/integration
 
+# The same tests against a local Redis Cluster of 3 primaries (--redis-mode=cluster). `make test` runs a
+# representative subset (serving: round trips per shard; degradation) after the whole suite on one Redis;
+# `make test-cluster` runs every Redis-facing module of issue #14 (features, rebuild, serving, degradation,
+# consistency day) on the cluster. The one-primary-killed test always runs on its own cluster.
+CLUSTER_SUBSET := tests/integration/test_prediction_serving.py tests/integration/test_prediction_degradation.py
+CLUSTER_TESTS  := $(CLUSTER_SUBSET) tests/integration/test_feature_guarantees.py \
+	tests/integration/test_consistency_day.py tests/integration/test_redis_cluster_shard_down.py
+
 test: lint typecheck api-check
 	$(PY) -m pytest -q services tests
+	$(PY) -m pytest -q --redis-mode=cluster $(CLUSTER_SUBSET)
+
+test-cluster: install
+	$(PY) -m pytest -q --redis-mode=cluster $(CLUSTER_TESTS)
 
 # Build the Docker image from the repo root and run migrate/seed/train and the three services from it
 # (non-root, read-only root fs, no capabilities, host network) against the local broker, Redis and

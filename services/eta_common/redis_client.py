@@ -26,7 +26,9 @@ from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.exceptions import ClusterDownError, RedisClusterException
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from eta_common.config import env_str
 
@@ -95,7 +97,39 @@ def redis_from_url(url: str, *, cluster: bool | None = None, **kwargs: Any) -> a
     if not cluster:
         return aioredis.Redis.from_url(url, **kwargs)
     kwargs.pop("retry", None)  # a per-node retry policy is not the cluster client's (it retries by itself)
-    return cast(aioredis.Redis, RedisCluster.from_url(_cluster_url(url), **kwargs))
+    return cast(aioredis.Redis, _Cluster.from_url(_cluster_url(url), **kwargs))
+
+
+def _unreachable(exc: Exception) -> RedisConnectionError:
+    return RedisConnectionError(f"Redis Cluster: {exc}")
+
+
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, with its "no node reachable" / "cluster down" failures raised as
+    ``redis.exceptions.ConnectionError`` — what the services already treat as Redis being unavailable
+    (retry, wait, degrade). redis-py raises them as ``RedisClusterException`` (not a ``RedisError``) and
+    ``ClusterDownError`` (a ``ResponseError``), which would otherwise end the aggregator's loops."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (RedisClusterException, ClusterDownError) as exc:
+            raise _unreachable(exc) from exc
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        pipe = super().pipeline(transaction, shard_hint)
+        execute = pipe.execute
+
+        async def execute_translated(
+            raise_on_error: bool = True, allow_redirections: bool = True
+        ) -> list[Any]:
+            try:
+                return await execute(raise_on_error, allow_redirections)
+            except (RedisClusterException, ClusterDownError) as exc:
+                raise _unreachable(exc) from exc
+
+        pipe.execute = execute_translated  # type: ignore[method-assign]
+        return pipe
 
 
 def sync_redis_from_url(url: str, *, cluster: bool | None = None, **kwargs: Any) -> redis.Redis:

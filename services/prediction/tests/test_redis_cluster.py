@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from devstack.infra import ChildProcess, RedisCluster, start_redis, start_redis_cluster
@@ -66,7 +67,7 @@ def test_the_factories_detect_cluster_mode(tmp_path: Path, cluster: RedisCluster
         assert type(redis_from_url(single.url)).__name__ == "Redis"
         for url in cluster.urls:  # any node's URL
             assert is_cluster(url)
-            assert type(redis_from_url(url)).__name__ == "RedisCluster"
+            assert isinstance(redis_from_url(url), AsyncRedisCluster)
     finally:
         single.stop()
 
@@ -188,3 +189,23 @@ async def test_the_cluster_client_also_works_on_a_standalone_redis(tmp_path: Pat
     finally:
         await client.aclose()
         single.stop()
+
+
+async def test_redis_py_cluster_failures_are_connection_errors(tmp_path: Path) -> None:
+    """Every node gone: the shared factory's cluster client raises redis' ConnectionError (which the
+    services wait out or degrade on), not redis-py's RedisClusterException."""
+    server = start_redis_cluster(tmp_path / "data", tmp_path / "logs")
+    client = redis_from_url(server.url)
+    try:
+        await client.set("k{1}", "v")
+        server.kill()
+        with pytest.raises(RedisConnectionError):
+            await client.get("k{1}")
+        pipe = client.pipeline(transaction=False)
+        pipe.get("k{1}")
+        pipe.get("k{2}")
+        with pytest.raises(RedisConnectionError):
+            await pipe.execute()
+    finally:
+        await client.aclose()
+        server.stop()
