@@ -59,11 +59,13 @@ api-check buf: $(BUF_STAMP)
 	$(BUF) lint protos
 	$(BUF) breaking protos --against $(API_BASELINE)
 
-# Deliberately move the baseline to the API as of a landed commit (default HEAD), after review:
+# Deliberately move the baseline to the API as of a landed commit (default HEAD), after review; the
+# commit it was built from is recorded next to it ($(API_BASELINE:.binpb=.source)):
 #   make api-baseline API_BASELINE_REF=<commit>
 API_BASELINE_REF ?= HEAD
 api-baseline: $(BUF_STAMP)
 	$(BUF) build '.git#ref=$(API_BASELINE_REF),subdir=protos' --exclude-source-info -o $(API_BASELINE)
+	git rev-parse '$(API_BASELINE_REF)^{commit}' > $(API_BASELINE:.binpb=.source)
 
 REDIS_CLUSTER ?=
 run: install

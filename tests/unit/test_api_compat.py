@@ -13,6 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BUF = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
 BASELINE = ROOT / "protos" / "baseline" / "eta-v1.binpb"
+SOURCE = ROOT / "protos" / "baseline" / "eta-v1.source"  # the commit the baseline was built from
+PRE_MARKETS = "2b6013838000dcec4230e49152b664b533cd26ba"  # main before market_id
 
 pytestmark = pytest.mark.skipif(not BUF.exists(), reason="buf not installed (make install: .tools/)")
 
@@ -36,13 +38,37 @@ def test_lint_and_breaking_pass_on_the_repo() -> None:
     assert breaking.returncode == 0, breaking.stdout + breaking.stderr
 
 
-def test_baseline_is_the_api_before_markets() -> None:
-    # the baseline is the pre-market API: market_id is new relative to it (a check that it is not simply a
-    # copy of the working tree, which would make `buf breaking` vacuous for the market change)
-    out = _buf("build", str(BASELINE), "-o", "-#format=json", cwd=ROOT)
+def _has_commit(commit: str) -> bool:
+    found = subprocess.run(
+        ["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=ROOT, capture_output=True, check=False
+    )
+    return found.returncode == 0
+
+
+def test_baseline_is_the_recorded_commits_api(tmp_path: Path) -> None:
+    """protos/baseline/eta-v1.binpb is what `make api-baseline` built from the commit in eta-v1.source."""
+    commit = SOURCE.read_text().strip()
+    assert len(commit) == 40
+    if not _has_commit(commit):
+        pytest.skip(f"{commit} is not in this clone's history (shallow clone)")
+    built = tmp_path / "rebuilt.binpb"
+    out = _buf(
+        "build", f".git#ref={commit},subdir=protos", "--exclude-source-info", "-o", str(built), cwd=ROOT
+    )
     assert out.returncode == 0, out.stderr
-    assert '"PredictEtaRequest"' in out.stdout
-    assert "market_id" not in out.stdout
+    assert built.read_bytes() == BASELINE.read_bytes()
+
+
+def test_the_market_change_kept_the_api_before_it() -> None:
+    """The market_id fields were checked against the API before markets (the previous main)."""
+    if not _has_commit(PRE_MARKETS):
+        pytest.skip("the pre-market commit is not in this clone's history (shallow clone)")
+    against = f".git#ref={PRE_MARKETS},subdir=protos"
+    old = _buf("build", against, "-o", "-#format=json", cwd=ROOT)
+    assert old.returncode == 0, old.stderr
+    assert "market_id" not in old.stdout
+    out = _buf("breaking", "protos", "--against", against, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def _edit(path: Path, old: str, new: str) -> None:
