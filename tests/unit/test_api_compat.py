@@ -109,3 +109,20 @@ def test_lint_holds_new_names_to_the_rules(tmp_path: Path) -> None:
     out = _buf("lint", str(protos), "--error-format=json", cwd=tmp_path)
     assert out.returncode != 0
     assert "ENUM_VALUE_PREFIX" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize(
+    ("path", "line"),
+    [
+        ("eta.proto", "  string market_id = 6;\n"),
+        ("events.proto", "  string market_id = 7;\n"),
+        ("features.proto", "  string market_id = 3;\n"),
+    ],
+)
+def test_the_market_fields_are_held_by_the_baseline(tmp_path: Path, path: str, line: str) -> None:
+    """The baseline includes market_id since it landed: deleting one is a breaking change now."""
+    protos = _copy_protos(tmp_path)
+    _edit(protos / "eta" / "v1" / path, line, "")
+    out = _buf("breaking", str(protos), "--against", str(BASELINE), "--error-format=json", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "FIELD_NO_DELETE" in out.stdout, out.stdout
