@@ -2,6 +2,7 @@
 
 * :mod:`simulator.city` — :class:`~simulator.city.CityConfig` (every model parameter), entities, random model
 * :mod:`simulator.engine` — the discrete-event engine (:class:`~simulator.engine.CitySimulation`)
+* :mod:`simulator.markets` — several markets (cities) at once (:class:`~simulator.markets.Platform`)
 * :mod:`simulator.oracle` — the expected delivery time given the true hidden state
 * :mod:`simulator.seed` — history into PostgreSQL (:func:`~simulator.seed.seed_history`)
 * :mod:`simulator.live` — real-time traffic through the ingestion API (:func:`~simulator.live.run_live`)
@@ -14,6 +15,7 @@ See README.md next to this file for the model, the CLI and measured figures.
 from simulator.city import CityConfig
 from simulator.engine import CitySimulation, OrderOutcome
 from simulator.live import LIVE_DEMAND_MULTIPLIER, LiveStats, run_live
+from simulator.markets import Platform, market_configs, parse_markets
 from simulator.seed import SeedStats, seed_history
 
 __all__ = [
@@ -22,7 +24,10 @@ __all__ = [
     "CitySimulation",
     "LiveStats",
     "OrderOutcome",
+    "Platform",
     "SeedStats",
+    "market_configs",
+    "parse_markets",
     "run_live",
     "seed_history",
 ]
