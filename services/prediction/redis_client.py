@@ -509,15 +509,30 @@ class ShardUnavailableError(RedisConnectionError):
     it failed, the rest of the cluster is fine (not a reason to treat Redis as down as a whole)."""
 
 
+# Slots of recent keys (a feature read names the same restaurants' keys again and again).
+_SLOT_OF: dict[Any, int] = {}
+_SLOT_OF_MAX = 100_000
+
+
 def key_slot(key: Any) -> int:
     """The cluster slot of a key (CRC16/XMODEM of its hash tag, as Redis computes it)."""
+    slot = _SLOT_OF.get(key)
+    if slot is not None:
+        return slot
     data = key if type(key) is bytes else _arg_bytes(key)
     start = data.find(b"{")
     if start > -1:
         end = data.find(b"}", start + 1)
         if end > start + 1:
             data = data[start + 1 : end]
-    return crc_hqx(data, 0) % SLOTS
+    slot = crc_hqx(data, 0) % SLOTS
+    if len(_SLOT_OF) >= _SLOT_OF_MAX:
+        _SLOT_OF.clear()
+    _SLOT_OF[key] = slot
+    return slot
+
+
+_KEY_FIRST = frozenset({"HMGET", "ZCOUNT", "ZRANGEBYSCORE", "GET", "GEOSEARCH"})
 
 
 def _command_key(command: Command) -> Any | None:
@@ -691,10 +706,16 @@ class LeanRedisCluster:
     async def _execute(self, commands: Sequence[Command], redirections: int) -> list[Any]:
         slot_node = self._slot_node
         assert slot_node is not None
+        slot_of = _SLOT_OF.get
         groups: dict[LeanRedis, list[int]] = {}
         for index, command in enumerate(commands):
-            key = _command_key(command)
-            node = slot_node[key_slot(key)] if key is not None else self._primaries[0]
+            # the read path's commands take their key without the general lookup
+            key = command[1] if command[0] in _KEY_FIRST else _command_key(command)
+            if key is None:
+                node: LeanRedis | None = self._primaries[0]
+            else:
+                slot = slot_of(key)
+                node = slot_node[slot if slot is not None else key_slot(key)]
             if node is None:
                 raise ResponseError(f"CLUSTERDOWN no node serves the slot of {key!r}")
             group = groups.get(node)
@@ -709,7 +730,9 @@ class LeanRedisCluster:
             sent: list[tuple[LeanRedis, list[int], asyncio.Future[list[Any]] | RedisConnectionError]] = []
             for node, indexes in groups.items():  # every write leaves before any reply is awaited
                 try:
-                    protocol = await self._connect(node)
+                    protocol = node._protocol
+                    if protocol is None or protocol.closed is not None:
+                        protocol = await self._connect(node)
                     part = [commands[i] for i in indexes]
                     sent.append((node, indexes, protocol.send(encode_commands(part), len(part))))
                 except RedisConnectionError as exc:
@@ -728,10 +751,15 @@ class LeanRedisCluster:
                     replies[index] = reply
             if failure is not None:
                 raise failure
-        return await self._follow_redirections(commands, replies, redirections)
+        for reply in replies:
+            if type(reply) is ResponseError:  # MOVED / ASK are plain ResponseErrors (others: subclasses)
+                return await self._follow_redirections(commands, replies, redirections)
+        return replies
 
     async def _round_trip(self, node: LeanRedis, commands: Sequence[Command]) -> list[Any]:
-        protocol = await self._connect(node)
+        protocol = node._protocol
+        if protocol is None or protocol.closed is not None:
+            protocol = await self._connect(node)
         try:
             return await protocol.send(encode_commands(commands), len(commands))
         except RedisConnectionError as exc:
