@@ -65,21 +65,25 @@ def _single_fields() -> dict[str, Any]:
     }
 
 
-def _baseline_class(name: str) -> Any:
-    """The message class of the API before markets (protos/baseline/eta-v1.binpb, what buf breaking
-    checks against): the bytes a client built from the previous protos sends."""
+def _pre_market_class(name: str) -> Any:
+    """The message class a client built before markets has: the committed API baseline
+    (protos/baseline/eta-v1.binpb) with every market_id field taken out — fields 1..5 exactly as before."""
     image = Path(__file__).resolve().parents[3] / "protos" / "baseline" / "eta-v1.binpb"
     files = descriptor_pb2.FileDescriptorSet.FromString(image.read_bytes())
     pool = descriptor_pool.DescriptorPool()
     for file in files.file:
+        for message in file.message_type:
+            kept = [f for f in message.field if f.name != "market_id"]
+            del message.field[:]
+            message.field.extend(kept)
         pool.Add(file)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
 
 
 async def test_old_shaped_requests_get_the_same_answer(model: ServingModel) -> None:
-    """Requests serialized by a client built from the pre-market protos decode with an empty market_id and
-    are answered exactly like requests naming the default market."""
-    old_single = _baseline_class("eta.v1.PredictEtaRequest")
+    """Requests serialized by a client built without market_id decode with an empty one and are answered
+    exactly like requests naming the default market."""
+    old_single = _pre_market_class("eta.v1.PredictEtaRequest")
     assert "market_id" not in old_single.DESCRIPTOR.fields_by_name
     servicer, reader, _ = make(model)
     reader.readings["r1"] = fresh()
@@ -97,7 +101,7 @@ async def test_old_shaped_requests_get_the_same_answer(model: ServingModel) -> N
         eta_pb2.PredictEtaRequest(**fields, market_id="default"), cast(Any, Context())
     )
     assert a == b
-    old_batch = _baseline_class("eta.v1.PredictEtaBatchRequest")
+    old_batch = _pre_market_class("eta.v1.PredictEtaBatchRequest")
     batch_bytes = old_batch(
         customer_location={"lat": CUSTOMER.lat, "lng": CUSTOMER.lng},
         restaurants=[
