@@ -15,10 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 
 from devstack.stack import LocalStack, ServicePorts
 from eta.v1 import events_pb2, ingestion_pb2, ingestion_pb2_grpc
+from eta_common.redis_client import redis_from_url
 from ingestion.dedup import DedupStore
 from ingestion.tests.support import event_id, new_id, order_placed, read_topics, statuses
 from tests.integration.conftest import poll_until
@@ -123,7 +123,7 @@ async def test_claim_of_a_replica_that_died_mid_publish_expires(
     Retries are answered UNAVAILABLE (not DUPLICATE: nothing was confirmed) until the claim expires,
     after twice the publish timeout plus a margin; then the event is published."""
     event = order_placed(new_id("rest"))
-    client = aioredis.Redis.from_url(stack.redis_url)
+    client = redis_from_url(stack.redis_url)  # one Redis or a Redis Cluster
     try:  # what the dead replica left behind
         await client.set(DedupStore.key(event_id(event)), b"p", px=1500)
     finally:
