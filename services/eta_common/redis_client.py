@@ -7,7 +7,9 @@ routes each command to the node serving its key's slot, follows ``MOVED``/``ASK`
 commands grouped by node. Nothing else changes for callers: every key the services use carries a hash
 tag (``rst:{R}``, ``drv:{city}``, ``eta:rows:{city:b}``, ``cust:{C}``), so each command and each script
 call touches one slot. ``SCRIPT LOAD`` goes to every primary (redis-py's cluster routing), so ``EVALSHA``
-works on whichever node serves the keys; ``FLUSHALL``/``SCAN`` likewise span every primary.
+works on whichever node serves the keys; ``FLUSHALL``/``SCAN`` likewise span every primary. The cluster
+client raises "no node reachable" and "cluster down" as ``redis.exceptions.ConnectionError``, as a single
+Redis does when it is down, so the services' outage handling (wait, retry, degrade) applies unchanged.
 
 The answer is asked once per URL and process, when the first client is made (a synchronous round trip
 bounded by ``detect_timeout``). If the node cannot be reached then, the redis-py client is a standalone
@@ -32,22 +34,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from eta_common.config import env_str
 
-__all__ = ["cluster_mode", "is_cluster", "parse_cluster_info", "redis_from_url", "sync_redis_from_url"]
+__all__ = ["cluster_mode", "is_cluster", "redis_from_url", "sync_redis_from_url"]
 
 log = logging.getLogger(__name__)
 
 _DETECTED: dict[str, bool] = {}
 _LOCK = threading.Lock()
-
-
-def parse_cluster_info(info: bytes | str) -> bool:
-    """``cluster_enabled`` from an ``INFO cluster`` reply."""
-    text = info.decode() if isinstance(info, bytes) else info
-    for line in text.splitlines():
-        name, _, value = line.strip().partition(":")
-        if name == "cluster_enabled":
-            return value.strip() == "1"
-    return False
 
 
 def is_cluster(url: str, *, detect_timeout: float = 2.0) -> bool:

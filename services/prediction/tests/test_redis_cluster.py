@@ -15,6 +15,7 @@ import pytest
 import redis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 
 from devstack.infra import ChildProcess, RedisCluster, start_redis, start_redis_cluster
 from eta_common.redis_client import is_cluster, redis_from_url
@@ -209,3 +210,27 @@ async def test_redis_py_cluster_failures_are_connection_errors(tmp_path: Path) -
     finally:
         await client.aclose()
         server.stop()
+
+
+async def test_redis_py_cluster_pipelines_run_scripts_loaded_on_every_primary(cluster: RedisCluster) -> None:
+    """What the online store's writer relies on through the shared factory: SCRIPT LOAD reaches every
+    primary, and one pipeline's EVALSHA calls on keys of different shards each run where their keys
+    live; after SCRIPT FLUSH, the pipeline raises NoScriptError (the store reloads and retries)."""
+    client = redis_from_url(cluster.url, decode_responses=False)
+    try:
+        sha = await client.script_load("return redis.call('HGET', KEYS[1], ARGV[1])")
+        for port in cluster.ports:
+            node = redis.Redis(port=port)
+            assert node.script_exists(sha) == [True]
+            node.close()
+        pipe = client.pipeline(transaction=False)
+        for key in KEYS:
+            pipe.evalsha(sha, 1, key, "w")
+        assert await pipe.execute() == [f"row-{i}".encode() for i in range(len(KEYS))]
+        await client.script_flush()
+        pipe = client.pipeline(transaction=False)
+        pipe.evalsha(sha, 1, KEYS[0], "w")
+        with pytest.raises(NoScriptError):
+            await pipe.execute()
+    finally:
+        await client.aclose()
