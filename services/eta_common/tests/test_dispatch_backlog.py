@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import AsyncIterator, Iterator, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
 
-from devstack.infra import ChildProcess, start_redis
+from devstack.infra import ChildProcess
 from eta_common import features as F
 from eta_common.offline_features import FeatureQuery, HistoryEvent, OfflineFeatureBuilder
 from eta_common.online_store import DriverUpdate, OnlineStore, RestaurantUpdate, driver_keys
@@ -200,16 +199,6 @@ def test_lazy_trimming_never_changes_a_value() -> None:
 
 
 # --- online (real Redis) ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChildProcess]:
-    workdir: Path = tmp_path_factory.mktemp("backlog-redis")
-    server = start_redis(workdir / "data", workdir / "logs")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 _CITY = iter(range(1_000_000))
 
 

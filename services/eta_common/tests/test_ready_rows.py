@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 
-from devstack.infra import ChildProcess, start_redis
+from devstack.infra import ChildProcess
 from eta_common import features as F
 from eta_common.feature_block import FeatureBlock
 from eta_common.online.assemble import NO_CUSTOMER, City, assemble
@@ -23,16 +22,6 @@ T0 = 1_800_000_000_000
 MIN = 60_000
 AT = (52.5, 13.4)
 _CITY = iter(range(1_000_000))
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChildProcess]:
-    workdir: Path = tmp_path_factory.mktemp("rows-redis")
-    server = start_redis(workdir / "data", workdir / "logs")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
