@@ -92,9 +92,9 @@ def _profile(server: H.Server, seconds: float) -> subprocess.Popen[bytes] | None
         return None
     out = server.log_path.with_suffix(".pyspy.txt")
     argv = [py_spy, "record", "-p", str(server.pid), "-d", str(int(seconds) + 2), "-r", "200"]
-    argv += ["-f", "raw", "-o", str(out), "--nonblocking"]
-    if os.environ["BENCH_SERVING_PROFILE"] == "native":  # C frames too (grpc's Cython core, lleaves)
-        argv.append("--native")
+    argv += ["-f", "raw", "-o", str(out)]
+    # --native: C frames too (grpc's Cython core, lleaves); py-spy then has to pause the process per sample
+    argv.append("--native" if os.environ["BENCH_SERVING_PROFILE"] == "native" else "--nonblocking")
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
