@@ -33,6 +33,7 @@ from aggregator import metrics
 from eta.v1 import events_pb2
 from eta_common.db.archive import ArchivedEvent
 from eta_common.event_facts import EventFacts, event_facts
+from eta_common.features import ping_kept
 from eta_common.online_store import DriverUpdate, OnlineStore, RestaurantUpdate, update_from_facts
 from eta_common.telemetry import sampled_parent_from_headers
 from eta_common.timeutil import now_ms
@@ -103,6 +104,9 @@ class BatchProcessor:
             facts = event_facts(event)
             if facts is None:
                 outcomes[(record.topic, "empty")] += 1
+                continue
+            if facts.type == "LOCATION" and not ping_kept(facts.driver_id or "", facts.event_ms):
+                outcomes[(record.topic, "ping_not_kept")] += 1  # neither applied nor archived
                 continue
             update = update_from_facts(facts)
             it = envelope.ingest_time

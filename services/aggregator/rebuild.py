@@ -73,6 +73,12 @@ async def rebuild_online(
             update = update_from_event(event)
             if update is None:
                 continue
+            if (
+                isinstance(update, DriverUpdate)
+                and update.event_type == "LOCATION"
+                and not F.ping_kept(update.driver_id, update.event_ms)
+            ):
+                continue  # archived before the keep rule: the offline builder skips it too
             ingest_ms = int(row["ingest_ms"])
             if F.is_late(update.event_ms, ingest_ms, allowed_lateness_ms):
                 late += 1

@@ -11,6 +11,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from eta.v1 import events_pb2
+from eta_common import features as F
 from eta_common.config import KafkaSettings
 from eta_common.kafka import Topics, event_kind, record_key
 from eta_common.offline_features import HistoryEvent
@@ -251,7 +252,17 @@ def event_id(event: events_pb2.Event) -> str:
 
 
 def unique_count(stream: Sequence[Sent]) -> int:
-    return len({event_id(s.event) for s in stream})
+    """Distinct events the archive keeps: every event id once, without the driver pings the keep rule
+    drops (``features.ping_kept``: neither applied online nor archived)."""
+    return len({event_id(s.event) for s in stream if archived(s.event)})
+
+
+def archived(event: events_pb2.Event) -> bool:
+    """Whether the aggregator archives (and applies) the event: all but the pings the keep rule drops."""
+    if event.HasField("driver") and event.driver.type == DriverType.LOCATION:
+        t = event.driver.event_time
+        return F.ping_kept(event.driver.driver_id, t.seconds * 1000 + t.nanos // 1_000_000)
+    return True
 
 
 async def online_features(store: OnlineStore, city: City, at_ms: int) -> dict[str, RestaurantFeatures]:

@@ -137,6 +137,8 @@ class OfflineFeatureBuilder:
         if F.is_late(ev.event_ms, ev.ingest_ms, self.allowed_lateness_ms):
             return
         if ev.kind == "driver":
+            if ev.type == "LOCATION" and not F.ping_kept(ev.driver_id or "", ev.event_ms):
+                return  # the keep rule: the aggregator neither applies nor archives this ping
             self._apply_driver(ev)
             return
         if ev.type in _DISPATCH_ORDER_EVENTS:

@@ -157,10 +157,12 @@ async def test_online_scripts_equal_offline_builder(stack: LocalStack) -> None:
             while idx < len(timeline) and timeline[idx].ingest_ms <= checkpoint:
                 ev = timeline[idx]
                 idx += 1
+                offline.apply(ev)  # applies both rules below itself
                 if F.is_late(ev.event_ms, ev.ingest_ms, F.DEFAULT_ALLOWED_LATENESS_MS):
                     continue  # the aggregator's rule, applied before the store (see aggregator.processor)
+                if ev.type == "LOCATION" and not F.ping_kept(ev.driver_id or "", ev.event_ms):
+                    continue  # the keep rule, likewise
                 batch.append(ev)
-                offline.apply(ev)
             await store.apply([_update(ev) for ev in batch], now_ms=checkpoint)
             # the supply counts the aggregator materialises (from the driver state of this checkpoint)
             await store.refresh_supply(now_ms=checkpoint, owner="parity", hold_ms=1)
@@ -217,10 +219,12 @@ async def test_online_scripts_equal_offline_builder_per_market(stack: LocalStack
             while idx < len(timeline) and timeline[idx].ingest_ms <= checkpoint:
                 ev = timeline[idx]
                 idx += 1
+                offline.apply(ev)  # applies the lateness and ping keep rules itself
                 if F.is_late(ev.event_ms, ev.ingest_ms, F.DEFAULT_ALLOWED_LATENESS_MS):
                     continue
+                if ev.type == "LOCATION" and not F.ping_kept(ev.driver_id or "", ev.event_ms):
+                    continue
                 batch.append(ev)
-                offline.apply(ev)
             await store.apply([_update(ev) for ev in batch], now_ms=checkpoint)
             for market in markets:
                 await store.refresh_supply(now_ms=checkpoint, owner="parity", hold_ms=1, market=market)

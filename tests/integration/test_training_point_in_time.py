@@ -188,6 +188,8 @@ def brute_force(events: list[Ev], restaurant_id: str, at: tuple[float, float], t
     drivers: dict[str, tuple[int, str, float, float]] = {}
     for e in (e for e in seen if e.kind == "driver"):
         assert e.driver_id is not None
+        if e.type == "LOCATION" and not F.ping_kept(e.driver_id, e.event_ms):
+            continue  # a ping the keep rule drops: neither applied nor archived
         last_ms, status, _, _ = drivers.get(e.driver_id, (-1, "offline", math.nan, math.nan))
         if e.event_ms <= last_ms:
             continue  # not newer than what the driver's state already reflects
