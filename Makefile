@@ -12,10 +12,9 @@ PY     := $(VENV)/bin/python
 PROTO_SRC := $(wildcard protos/eta/v1/*.proto)
 PROTO_OUT := services
 STAMP  := $(VENV)/.installed
-# buf (protobuf lint + breaking-change check), from the npm registry into .tools/ (git-ignored), pinned.
-BUF_VERSION := 1.75.0
-BUF    := .tools/node_modules/.bin/buf
-BUF_STAMP := .tools/.buf-$(BUF_VERSION)
+# buf (protobuf lint + breaking-change check): the official binary from PyPI (buf-bin, pinned in the dev
+# extra), so a fresh machine needs no Node for `make test`.
+BUF    := $(VENV)/bin/buf
 # The API every proto change must stay wire- and JSON-compatible with (buf breaking, WIRE_JSON rules):
 # a committed image of the protos as of the last landed main, so a shallow CI clone can check against it.
 API_BASELINE := protos/baseline/eta-v1.binpb
@@ -35,7 +34,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) protos $(BUF_STAMP)
+install: $(STAMP) protos
 
 protos: $(STAMP) $(PROTO_OUT)/eta/v1/.stamp
 
@@ -48,14 +47,9 @@ $(PROTO_OUT)/eta/v1/.stamp: $(PROTO_SRC) | $(STAMP)
 	touch $(PROTO_OUT)/eta/__init__.py $(PROTO_OUT)/eta/v1/__init__.py $(PROTO_OUT)/eta/py.typed
 	touch $@
 
-$(BUF_STAMP):
-	npm install --prefix .tools --no-save --no-audit --no-fund --loglevel=error @bufbuild/buf@$(BUF_VERSION)
-	$(BUF) --version
-	touch $@
-
 # buf lint (protos/buf.yaml: STANDARD; names that predate it are excepted in place with the reason) and
 # buf breaking against $(API_BASELINE) (WIRE_JSON: wire and JSON compatibility). Part of `make test`.
-api-check buf: $(BUF_STAMP)
+api-check buf: $(STAMP)
 	$(BUF) lint protos
 	$(BUF) breaking protos --against $(API_BASELINE)
 
@@ -63,7 +57,7 @@ api-check buf: $(BUF_STAMP)
 # commit it was built from is recorded next to it ($(API_BASELINE:.binpb=.source)):
 #   make api-baseline API_BASELINE_REF=<commit>
 API_BASELINE_REF ?= HEAD
-api-baseline: $(BUF_STAMP)
+api-baseline: $(STAMP)
 	$(BUF) build '.git#ref=$(API_BASELINE_REF),subdir=protos' --exclude-source-info -o $(API_BASELINE)
 	git rev-parse '$(API_BASELINE_REF)^{commit}' > $(API_BASELINE:.binpb=.source)
 

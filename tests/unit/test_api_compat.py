@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-BUF = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
+BUF = Path(sys.executable).parent / "buf"  # buf-bin, in the dev extra
 BASELINE = ROOT / "protos" / "baseline" / "eta-v1.binpb"
 SOURCE = ROOT / "protos" / "baseline" / "eta-v1.source"  # the commit the baseline was built from
 PRE_MARKETS = "2b6013838000dcec4230e49152b664b533cd26ba"  # main before market_id
 
-pytestmark = pytest.mark.skipif(not BUF.exists(), reason="buf not installed (make install: .tools/)")
+pytestmark = pytest.mark.skipif(not BUF.exists(), reason="buf not installed (make install: buf-bin)")
 
 
 def _buf(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
