@@ -65,6 +65,7 @@ async def rebuild_online(
             applied += len(pending)
             pending.clear()
 
+    token = await store.begin_rebuild()
     async with pool.acquire() as conn, conn.transaction():
         async for row in conn.cursor(_QUERY, datetime_from_ms(since_ms), prefetch=batch_size):
             total += 1
@@ -89,8 +90,12 @@ async def rebuild_online(
                 await flush()
                 log.info("rebuilding online store", extra={"events": total, "applied": applied})
     await flush()
-    await store.mark_initialized(now_ms())
-    metrics.REBUILDS.labels(trigger).inc()
     stats = RebuildStats(total, applied, late, time.monotonic() - started)
+    if not await store.finish_rebuild(token, now_ms=now_ms()):
+        # flushed (or rebuilt by another process) while this one ran: its result may be incomplete;
+        # the store stays uninitialized and the next check rebuilds it again
+        log.warning("online store changed during the rebuild; not marked initialized", extra=stats.__dict__)
+        return stats
+    metrics.REBUILDS.labels(trigger).inc()
     log.info("online store rebuilt", extra={"trigger": trigger, **stats.__dict__})
     return stats

@@ -7,7 +7,7 @@ from importlib import resources
 
 __all__ = ["SCRIPT_NAMES", "script_source"]
 
-SCRIPT_NAMES = ("apply_restaurant", "apply_city", "claim_due", "publish_progress")
+SCRIPT_NAMES = ("apply_restaurant", "apply_city", "claim_due", "publish_progress", "finish_rebuild")
 
 
 @functools.cache

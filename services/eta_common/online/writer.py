@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -55,6 +56,7 @@ __all__ = ["ORDER_STATE_TTL_S", "SUPPLY_CHUNK", "OnlineWriter"]
 log = logging.getLogger(__name__)
 
 ORDER_STATE_TTL_S = 6 * 3600
+REBUILDING = b"rebuilding:"  # the initialized key's value while a rebuild runs
 FORGET_AGGREGATOR_MS = 3_600_000
 # Restaurants counted per numpy pass of the supply refresh (bounds its distance matrix: n × drivers).
 SUPPLY_CHUNK = 500
@@ -383,14 +385,32 @@ class OnlineWriter(Pipelines):
         return None if current is None else int(current)
 
     async def is_initialized(self) -> bool:
-        """False when the online store was never built or was lost (flushed, new Redis)."""
-        initialized = bool(await self.client.exists(INITIALIZED_KEY))
-        if not initialized:
+        """False when the online store was never built, was lost (flushed, new Redis) or is being
+        rebuilt."""
+        value = await self.client.get(INITIALIZED_KEY)
+        raw = value.encode() if isinstance(value, str) else value
+        initialized = raw is not None and not raw.startswith(REBUILDING)
+        if value is None:
             self._markets_seen.clear()  # the markets set went with it: the rebuild registers them again
         return initialized
 
-    async def mark_initialized(self, now_ms: int) -> None:
-        await self.client.set(INITIALIZED_KEY, str(now_ms))
+    async def begin_rebuild(self) -> str:
+        """Say a rebuild starts (the store stays uninitialized); returns its token for
+        :meth:`finish_rebuild`."""
+        token = secrets.token_hex(8)
+        await self.client.set(INITIALIZED_KEY, REBUILDING + token.encode())
+        return token
+
+    async def finish_rebuild(self, token: str, *, now_ms: int) -> bool:
+        """Mark the store initialized — unless it was flushed (or another rebuild began) since
+        :meth:`begin_rebuild`: then this rebuild's result is incomplete and the store stays
+        uninitialized, so the next check rebuilds again. Returns whether it was marked."""
+
+        def build(pipe: Any) -> None:
+            pipe.evalsha(self._sha["finish_rebuild"], 1, INITIALIZED_KEY, REBUILDING + token.encode(), now_ms)
+
+        (marked,) = await self._run(build)
+        return bool(marked)
 
 
 def supply_text_unknown(as_of_ms: int) -> str:

@@ -288,3 +288,20 @@ async def test_the_store_is_current_as_of_the_oldest_live_aggregator(store: Onli
     # an hour of silence: forgotten
     await store.publish_progress("agg-a", later + 3_600_001, now_ms=later + 3_600_001)
     assert set(await store.client.hkeys(AGGREGATORS_KEY)) == {b"agg-a", b"@current"}
+
+
+async def test_a_rebuild_overtaken_by_a_flush_does_not_mark_the_store_initialized(store: OnlineStore) -> None:
+    """A rebuild that began before Redis was flushed again must not declare the flushed store built
+    (its replay may have landed partly before the flush): the next check rebuilds it."""
+    assert not await store.is_initialized()
+    token = await store.begin_rebuild()
+    assert not await store.is_initialized()  # rebuilding is not built
+    assert await store.finish_rebuild(token, now_ms=T0)
+    assert await store.is_initialized()
+    late = await store.begin_rebuild()
+    await store.client.flushall()  # e.g. Redis lost again, or an operator's FLUSHALL, mid-rebuild
+    assert not await store.finish_rebuild(late, now_ms=T0)
+    assert not await store.is_initialized()
+    first, second = await store.begin_rebuild(), await store.begin_rebuild()  # two rebuilders: the last marks
+    assert not await store.finish_rebuild(first, now_ms=T0)
+    assert await store.finish_rebuild(second, now_ms=T0)
