@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import math
 import os
 import signal
 import uuid
@@ -23,11 +25,47 @@ from devstack.infra import (
 )
 from eta.v1 import events_pb2
 from eta_common.redis_client import redis_from_url
-from eta_common.timeutil import now_ms, timestamp_from_ms
+from eta_common.timeutil import datetime_from_ms, now_ms, timestamp_from_ms
 from prediction.tests.support import RedisProxy
 
 BERLIN = events_pb2.GeoPoint(lat=52.52, lng=13.405)
 NEARBY = events_pb2.GeoPoint(lat=52.53, lng=13.42)
+
+
+async def log_served(
+    conn: Any,
+    served_ms: int,
+    request_id: str,
+    restaurant_id: str,
+    values: dict[str, float],
+    market_id: str | None = None,
+) -> None:
+    """A served prediction's row as the prediction service logs it (the consistency check's input)."""
+    await conn.execute(
+        "INSERT INTO predictions (served_at, request_id, restaurant_id, model_version, eta_minutes,"
+        " eta_low_minutes, eta_high_minutes, feature_quality, features, market_id)"
+        " VALUES ($1, $2, $3, 'consistency-test', 0, 0, 0, 'COMPLETE', $4::jsonb, $5)",
+        datetime_from_ms(served_ms),
+        request_id,
+        restaurant_id,
+        json.dumps({k: None if math.isnan(v) else v for k, v in values.items()}),
+        market_id,
+    )
+
+
+async def check_day(conn: Any, end_ms: int) -> Any:
+    """The strict online/offline check over a simulated day ending at ``end_ms`` (ingest visibility)."""
+    from aggregator.consistency import load_and_check
+
+    return await load_and_check(
+        conn,
+        since_ms=end_ms - 25 * 3_600_000,
+        until_ms=end_ms + 1,
+        limit=10_000,
+        lookback_ms=2 * 3_600_000,
+        visibility="ingest",
+        strict=True,
+    )
 
 
 def new_id(prefix: str) -> str:

@@ -6,8 +6,6 @@ history with the shared feature definitions and must find zero mismatches."""
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import random
 import subprocess
 import sys
@@ -16,15 +14,16 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
-from aggregator.consistency import ONLINE_FEATURES, load_and_check
+from aggregator.consistency import ONLINE_FEATURES
 from devstack.stack import LocalStack
 from devstack.synthetic import Sent, produce, unique_count
 from eta_common import features as F
 from eta_common.config import KafkaSettings
 from eta_common.online_store import OnlineStore
-from eta_common.timeutil import datetime_from_ms, ms_from_timestamp, now_ms
+from eta_common.timeutil import ms_from_timestamp, now_ms
 from simulator import CityConfig, CitySimulation
 from tests.integration.conftest import own_stack
+from tests.integration.helpers import check_day, log_served
 from tests.integration.test_feature_guarantees import AGGREGATOR_ENV, wait_archived
 
 pytestmark = pytest.mark.integration
@@ -76,25 +75,9 @@ async def test_zero_mismatches_on_a_simulated_day(day_stack: LocalStack) -> None
             for rid in rng.sample(sorted(locations), 4):
                 reading = await store.read_restaurant(rid, now_ms=checkpoint, location=locations[rid])
                 values = {name: reading.readings[name].value for name in ONLINE_FEATURES}
-                await conn.execute(
-                    "INSERT INTO predictions (served_at, request_id, restaurant_id, model_version,"
-                    " eta_minutes, eta_low_minutes, eta_high_minutes, feature_quality, features)"
-                    " VALUES ($1, $2, $3, 'consistency-test', 0, 0, 0, 'COMPLETE', $4::jsonb)",
-                    datetime_from_ms(checkpoint),
-                    f"day-{checkpoint}-{rid}",
-                    rid,
-                    json.dumps({k: None if math.isnan(v) else v for k, v in values.items()}),
-                )
+                await log_served(conn, checkpoint, f"day-{checkpoint}-{rid}", rid, values)
                 served += 1
-        report = await load_and_check(
-            conn,
-            since_ms=end - 25 * HOUR,
-            until_ms=end + 1,
-            limit=10_000,
-            lookback_ms=2 * HOUR,
-            visibility="ingest",
-            strict=True,
-        )
+        report = await check_day(conn, end)
     finally:
         await conn.close()
         await store.close()

@@ -9,8 +9,6 @@ nothing about markets)."""
 
 from __future__ import annotations
 
-import json
-import math
 import random
 from collections import defaultdict
 from collections.abc import Iterator
@@ -18,17 +16,18 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
-from aggregator.consistency import ONLINE_FEATURES, load_and_check
+from aggregator.consistency import ONLINE_FEATURES
 from devstack.stack import LocalStack
 from devstack.synthetic import Sent, produce, unique_count
 from eta_common import features as F
 from eta_common.config import KafkaSettings
 from eta_common.markets import DEFAULT_MARKET
 from eta_common.online_store import OnlineStore
-from eta_common.timeutil import datetime_from_ms, ms_from_timestamp, now_ms
+from eta_common.timeutil import ms_from_timestamp, now_ms
 from simulator.city import CityConfig
 from simulator.markets import Platform, market_configs, parse_markets
 from tests.integration.conftest import own_stack
+from tests.integration.helpers import check_day, log_served
 from tests.integration.test_feature_guarantees import AGGREGATOR_ENV, wait_archived
 
 pytestmark = pytest.mark.integration
@@ -102,28 +101,12 @@ async def test_zero_mismatches_on_a_multi_market_day(markets_stack: LocalStack) 
                     city_wide[market].add(
                         (values[F.FREE_DRIVERS_NEARBY], values[F.ORDERS_WAITING_FOR_DRIVER])
                     )
-                    await conn.execute(
-                        "INSERT INTO predictions (served_at, request_id, restaurant_id, model_version,"
-                        " eta_minutes, eta_low_minutes, eta_high_minutes, feature_quality, features,"
-                        " market_id)"
-                        " VALUES ($1, $2, $3, 'consistency-test', 0, 0, 0, 'COMPLETE', $4::jsonb, $5)",
-                        datetime_from_ms(checkpoint),
-                        f"mkt-{checkpoint}-{rid}-{logged}",
-                        rid,
-                        json.dumps({k: None if math.isnan(v) else v for k, v in values.items()}),
-                        logged,
+                    await log_served(
+                        conn, checkpoint, f"mkt-{checkpoint}-{rid}-{logged}", rid, values, logged
                     )
                     served += 1
         archived = await conn.fetch("SELECT coalesce(market_id, '') AS m, count(*) FROM events GROUP BY 1")
-        report = await load_and_check(
-            conn,
-            since_ms=end - 25 * HOUR,
-            until_ms=end + 1,
-            limit=10_000,
-            lookback_ms=2 * HOUR,
-            visibility="ingest",
-            strict=True,
-        )
+        report = await check_day(conn, end)
     finally:
         await conn.close()
         await store.close()
