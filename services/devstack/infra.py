@@ -96,10 +96,32 @@ class ChildProcess:
             self.proc.wait(5)
 
     def kill(self) -> None:
-        """SIGKILL (for outage tests)."""
+        """SIGKILL the server and its direct children (for outage tests), and wait until they are gone:
+        PostgreSQL's backends leave the postmaster's process group (setsid), and a restart on the same
+        data directory fails while one of them still holds the old shared memory."""
+        children = _children_of(self.proc.pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.proc.wait(5)
+        deadline = time.monotonic() + 5
+        while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def _children_of(pid: int) -> list[int]:
+    """The direct children of a process (from /proc; empty where there is no /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,14 @@ import dataclasses
 import math
 import random
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
-from devstack.stack import LocalStack
 from eta_common import features as F
 from eta_common.offline_features import FeatureQuery, HistoryEvent, OfflineFeatureBuilder
 from eta_common.online_store import DriverUpdate, OnlineStore, RestaurantUpdate
+from tests.integration.helpers import start_test_redis
 
 pytestmark = pytest.mark.integration
 MIN = 60_000
@@ -130,7 +131,19 @@ def _update(ev: HistoryEvent) -> RestaurantUpdate | DriverUpdate:
     )
 
 
-async def test_online_scripts_equal_offline_builder(stack: LocalStack) -> None:
+@pytest.fixture(scope="module")
+def parity_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis of the module's own: the shared stack's aggregator would maintain (re-count the supply of)
+    every market it finds in a shared one, racing the test's own refreshes."""
+    workdir = tmp_path_factory.mktemp("parity-redis")
+    server = start_test_redis(workdir / "data", workdir / "logs")
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+async def test_online_scripts_equal_offline_builder(parity_redis: str) -> None:
     rng = random.Random(20261128)
     start = 1_800_000_000_000
     prefix = f"par{uuid.uuid4().hex[:6]}"
@@ -144,8 +157,7 @@ async def test_online_scripts_equal_offline_builder(stack: LocalStack) -> None:
     assert len(early) > 20  # ASSIGNED before PLACED
     assert len(assigned & cancelled) > 5  # assigned and cancelled
     assert len(cancelled - assigned) >= 3  # cancelled instead of assigned
-    # its own driver pool (city) and restaurant ids, so the test shares Redis with the running stack safely
-    store = OnlineStore.from_url(stack.redis_url, city=f"parity-{uuid.uuid4().hex[:8]}")
+    store = OnlineStore.from_url(parity_redis, city=f"parity-{uuid.uuid4().hex[:8]}")
     offline = OfflineFeatureBuilder()
     try:
         checkpoints = [start + m * MIN for m in range(20, 160, 7)]
@@ -193,7 +205,7 @@ async def test_online_scripts_equal_offline_builder(stack: LocalStack) -> None:
         await store.close()
 
 
-async def test_online_scripts_equal_offline_builder_per_market(stack: LocalStack) -> None:
+async def test_online_scripts_equal_offline_builder_per_market(parity_redis: str) -> None:
     """Two markets on the same streets with the same driver ids (``par-d0``…): each market's drivers, free
     drivers and backlog are its own, online as offline, and every read in a market equals the builder's."""
     rng = random.Random(20261206)
@@ -208,7 +220,7 @@ async def test_online_scripts_equal_offline_builder_per_market(stack: LocalStack
             timeline.append(dataclasses.replace(ev, market=market))
         restaurants.update({f"{prefix}-r{i}": market for i in range(3)})
     timeline.sort(key=lambda e: e.ingest_ms)
-    store = OnlineStore.from_url(stack.redis_url, city=f"parity-{uuid.uuid4().hex[:8]}")
+    store = OnlineStore.from_url(parity_redis, city=f"parity-{uuid.uuid4().hex[:8]}")
     offline = OfflineFeatureBuilder()
     compared = 0
     seen: dict[str, set[tuple[float, float]]] = {m: set() for m in markets}
