@@ -9,7 +9,7 @@ import math
 import os
 import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,9 +17,11 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as RedisCluster_
 
 from devstack.infra import (
+    ChildProcess,
     RedisCluster,
     RedisServer,
     cluster_ports,
+    start_postgres,
     start_redis,
     start_redis_cluster,
 )
@@ -30,6 +32,19 @@ from prediction.tests.support import RedisProxy
 
 BERLIN = events_pb2.GeoPoint(lat=52.52, lng=13.405)
 NEARBY = events_pb2.GeoPoint(lat=52.53, lng=13.42)
+
+
+@contextlib.contextmanager
+def redis_and_postgres(tmp_path_factory: Any, name: str) -> Iterator[tuple[Path, ChildProcess, ChildProcess]]:
+    """A workdir with a Redis and a PostgreSQL of its own, stopped on exit (for a module's services)."""
+    workdir = tmp_path_factory.mktemp(name)
+    redis = start_redis(workdir / "redis", workdir / "logs")
+    postgres = start_postgres(workdir / "pgdata", workdir / "logs")
+    try:
+        yield workdir, redis, postgres
+    finally:
+        postgres.stop()
+        redis.stop()
 
 
 async def log_served(

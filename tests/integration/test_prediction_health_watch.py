@@ -12,10 +12,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from devstack.infra import ChildProcess, start_postgres, start_redis
+from devstack.infra import ChildProcess
 from devstack.stack import LocalStack, ServicePorts
 from eta_common.db.migrate import apply_migrations
 from prediction.tests.support import register, synthetic_bundle
+from tests.integration.helpers import redis_and_postgres
 
 pytestmark = pytest.mark.integration
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -24,14 +25,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, ChildProcess, ChildProcess]]:
-    workdir = tmp_path_factory.mktemp("prediction-watch")
-    redis = start_redis(workdir / "redis", workdir / "logs")
-    postgres = start_postgres(workdir / "pgdata", workdir / "logs")
-    try:
-        yield workdir, redis, postgres
-    finally:
-        postgres.stop()
-        redis.stop()
+    with redis_and_postgres(tmp_path_factory, "prediction-watch") as servers:
+        yield servers
 
 
 async def _next(stream: grpc.aio.UnaryStreamCall, timeout: float = 10.0) -> int:

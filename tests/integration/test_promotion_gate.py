@@ -13,13 +13,14 @@ import asyncpg
 import grpc
 import pytest
 
-from devstack.infra import ChildProcess, start_postgres, start_redis
+from devstack.infra import ChildProcess
 from devstack.stack import LocalStack, ServicePorts
 from eta.v1 import eta_pb2, eta_pb2_grpc, events_pb2
 from eta_common.db.registry import load_promoted
 from simulator.city import CityConfig, build_city
 from simulator.seed import seed_history
 from tests.integration.conftest import poll_until
+from tests.integration.helpers import redis_and_postgres
 from trainer.run import train_and_register
 
 pytestmark = pytest.mark.integration
@@ -31,14 +32,8 @@ STARVED = CityConfig(restaurants=50, drivers=60)
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, ChildProcess, ChildProcess]]:
-    workdir = tmp_path_factory.mktemp("promotion-gate")
-    redis = start_redis(workdir / "redis", workdir / "logs")
-    postgres = start_postgres(workdir / "pgdata", workdir / "logs")
-    try:
-        yield workdir, redis, postgres
-    finally:
-        postgres.stop()
-        redis.stop()
+    with redis_and_postgres(tmp_path_factory, "promotion-gate") as servers:
+        yield servers
 
 
 def _request() -> eta_pb2.PredictEtaRequest:
