@@ -97,6 +97,24 @@ class _Rows:
         return len(self.quality)
 
 
+@dataclass(slots=True)
+class _BatchRows:
+    """:class:`_Rows` of a batch as arrays (rows × canonical columns): the same values, ages, stale and
+    missing features and quality, computed column-wise. Per restaurant and feature, the list path's
+    Python loop costs ~0.5 µs; a 50-row feed has 550 of them, and the reply and metrics 1,300 more."""
+
+    block: FeatureBlock
+    values: np.ndarray  # the model's input, request-time features filled in
+    ages: np.ndarray  # NaN = unknown
+    present: np.ndarray  # bool: the store had a value
+    stale: list[list[str]]
+    missing: list[list[str]]
+    quality: list[QualityValue]
+
+    def __len__(self) -> int:
+        return len(self.quality)
+
+
 class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
     def __init__(
         self,
@@ -117,6 +135,12 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             (name, k, budgets[name], name in _STREAM_FED)
             for name, k in zip(ONLINE_NAMES, _ONLINE_IDX, strict=True)
         ]
+        # the same, column-wise (for :meth:`_batch_rows`): online columns, budgets, stream-fed mask
+        self._online_columns = np.array([k for _, k, _, _ in self._online_spec], dtype=np.intp)
+        self._online_budgets = np.array([budget for _, _, budget, _ in self._online_spec], dtype=np.float64)
+        self._online_fed = np.array([fed for _, _, _, fed in self._online_spec], dtype=bool)
+        self._feature_bits = 1 << np.arange(len(self._online_spec), dtype=np.int64)
+        self._names_by_bits: dict[int, list[str]] = {0: []}
         self._max_batch = max_batch
         self._reserve = deadline_reserve_seconds
         self._log = prediction_log
@@ -242,14 +266,17 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             wanted, now_ms=now, budget_seconds=budget, customer_id=request.customer_id, market=market
         )
         customer = (request.customer_location.lat, request.customer_location.lng)
-        rows = self._rows(block, customer, now)
+        rows = self._batch_rows(block, customer, now)
         model, (points, lows, highs), degradations = await self._score(
             context, "PredictEtaBatch", model, rows, degradation
         )
         request_id = request.request_id or self._ids.next()
         columns = model.columns
-        ids, qualities, values, ages = block.restaurant_ids, rows.quality, rows.values, rows.ages
-        isnan = math.isnan
+        # the model's inputs and their ages: NaN (missing / unknown) as 0 on the wire
+        inputs, ages = rows.values[:, columns], rows.ages[:, columns]
+        wire_values = np.where(np.isnan(inputs), 0.0, inputs).tolist()
+        wire_ages = np.where(np.isnan(ages), 0.0, ages).tolist()
+        ids, qualities, stale, missing = block.restaurant_ids, rows.quality, rows.stale, rows.missing
         etas = [
             eta_pb2.RestaurantEta(
                 restaurant_id=ids[i],
@@ -257,11 +284,10 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
                 eta_low_minutes=lows[i],
                 eta_high_minutes=highs[i],
                 feature_quality=quality,
-                # the model's inputs and their ages: NaN (missing / unknown) as 0 on the wire
-                feature_values=[0.0 if isnan(v) else v for v in [values[i][c] for c in columns]],
-                feature_ages_seconds=[0.0 if isnan(a) else a for a in [ages[i][c] for c in columns]],
-                stale_features=rows.stale[i],
-                missing_features=rows.missing[i],
+                feature_values=wire_values[i],
+                feature_ages_seconds=wire_ages[i],
+                stale_features=stale[i],
+                missing_features=missing[i],
             )
             for i, quality in enumerate(qualities)
         ]
@@ -273,7 +299,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             degradations=degradations,
         )
         logged = self._feed_log_sample >= 1.0 or random.random() < self._feed_log_sample
-        self._account(
+        self._account_batch(
             model, rows, points, lows, highs, request_id, now, request.customer_id, log=logged, market=market
         )
         span = trace.get_current_span()
@@ -362,12 +388,57 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             quality.append(MISSING if missing else (STALE if stale else COMPLETE))
         return _Rows(block, block.values, all_ages, all_stale, all_missing, quality)
 
+    def _named_features(self, bits: int) -> list[str]:
+        """The online features whose bit is set (spec order), one shared list per set: read-only."""
+        names = self._names_by_bits.get(bits)
+        if names is None:
+            names = self._names_by_bits[bits] = [
+                name for j, (name, _, _, _) in enumerate(self._online_spec) if bits >> j & 1
+            ]
+        return names
+
+    def _batch_rows(self, block: FeatureBlock, customer: tuple[float, float], now: int) -> _BatchRows:
+        """:meth:`_rows`, column-wise: the same rules, the same values (the distance row by row with the
+        same function as the offline builder, so online = offline to the bit)."""
+        n = len(block)
+        cols = self._online_columns
+        values = np.array(block.values, dtype=np.float64).reshape(n, _K)
+        present = np.array(block.present, dtype=bool).reshape(n, _K)
+        changed = np.array(block.updated_ms, dtype=np.float64).reshape(n, _K)[:, cols]
+        current = block.current_ms
+        if not math.isnan(current):  # unchanged since, and the store was current then
+            changed = np.where(self._online_fed & (current > changed), current, changed)
+        known = ~np.isnan(changed)
+        online_present = present[:, cols]
+        online_ages = np.maximum(0.0, (now - changed) / 1000.0)  # NaN (unknown) stays NaN
+        missing_mask = ~online_present
+        with np.errstate(invalid="ignore"):  # NaN > budget is False, as in the list path
+            stale_mask = known & online_present & (online_ages > self._online_budgets)
+        ages = np.full((n, _K), math.nan)
+        ages[:, cols] = online_ages
+        ages[:, _DISTANCE_IDX] = ages[:, _HOUR_IDX] = 0.0
+        clat, clng = customer
+        haversine, nan = F.haversine_km, math.nan
+        values[:, _DISTANCE_IDX] = [
+            haversine(location[0], location[1], clat, clng) if location is not None else nan
+            for location in block.locations
+        ]
+        values[:, _HOUR_IDX] = float(F.hour_of_week(now))
+        any_missing, any_stale = missing_mask.any(axis=1), stale_mask.any(axis=1)
+        named = self._named_features
+        stale = [named(code) for code in (stale_mask @ self._feature_bits).tolist()]
+        missing = [named(code) for code in (missing_mask @ self._feature_bits).tolist()]
+        quality: list[QualityValue] = np.where(
+            any_missing, MISSING, np.where(any_stale, STALE, COMPLETE)
+        ).tolist()
+        return _BatchRows(block, values, ages, present, stale, missing, quality)
+
     async def _score(
         self,
         context: Context,
         method: str,
         model: ServingModel,
-        rows: _Rows,
+        rows: _Rows | _BatchRows,
         degradation: DegradationValue | None,
     ) -> tuple[ServingModel, _Ranges, list[DegradationValue]]:
         """Score every row in one call (one row without numpy). If the model fails, the heuristic answers
@@ -499,6 +570,67 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             )
         metrics.LOG_BUFFERED.set(len(plog))
 
+    def _account_batch(
+        self,
+        model: ServingModel,
+        rows: _BatchRows,
+        points: list[float],
+        lows: list[float],
+        highs: list[float],
+        request_id: str,
+        now: int,
+        customer_id: str,
+        *,
+        log: bool,
+        market: str,
+    ) -> None:
+        """:meth:`_account` of a batch, column-wise: the same counters, ages and log rows."""
+        qualities = rows.quality
+        for quality, counter in self._quality_counters.items():
+            n = qualities.count(quality)
+            if n:
+                counter.inc(n)
+        stale: Counter[str] = Counter()
+        missing: Counter[str] = Counter()
+        for row_stale in rows.stale:
+            if row_stale:
+                stale.update(row_stale)
+        for row_missing in rows.missing:
+            if row_missing:
+                missing.update(row_missing)
+        for name, n in stale.items():
+            self._stale_counters[name].inc(n)
+        for name, n in missing.items():
+            self._missing_counters[name].inc(n)
+        # a missing feature has no age to report, nor has an unknown one (NaN)
+        metrics.FEATURE_AGE.observe_array(rows.ages[:, _ONLINE_IDX], rows.present[:, _ONLINE_IDX])
+        plog = self._log
+        if plog is None or not log:
+            return
+        names, version = model.feature_names, model.version
+        ids = rows.block.restaurant_ids
+        inputs = rows.values[:, model.columns].tolist()
+        as_of = rows.block.supply_as_of_ms or [math.nan] * len(qualities)
+        for i, quality in enumerate(qualities):
+            plog.add(
+                LoggedPrediction(
+                    now,
+                    request_id,
+                    ids[i],
+                    version,
+                    points[i],
+                    lows[i],
+                    highs[i],
+                    _QUALITY_NAMES[quality],
+                    names,
+                    inputs[i],
+                    customer_id,
+                    as_of[i],
+                    market,
+                )
+            )
+        metrics.LOG_BUFFERED.set(len(plog))
+
 
 def _stamp(stamps: dict[float, dict[str, int]], ms: float) -> dict[str, int]:
     """A ``Timestamp`` (as the dict protobuf accepts) of epoch milliseconds, made once per call."""
@@ -513,7 +645,10 @@ def _nan_to_none(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
-def _predict(model: ServingModel, rows: _Rows) -> _Ranges:
+def _predict(model: ServingModel, rows: _Rows | _BatchRows) -> _Ranges:
+    if isinstance(rows, _BatchRows):
+        point_b, low_b, high_b = model.predict(rows.values)
+        return point_b.tolist(), low_b.tolist(), high_b.tolist()
     if len(rows) == 1:
         point, low, high = model.predict_one(rows.values[0])
         return [point], [low], [high]

@@ -438,3 +438,67 @@ async def test_an_unchanged_stream_fed_feature_is_as_old_as_the_last_catch_up(mo
     reader.current_ms = math.nan  # unknown: measured from the last change, as before
     reply = await servicer.PredictEta(single(), cast(Any, Context()))
     assert F.NUM_ORDERS_10.name in reply.stale_features
+
+
+def _random_block(rng: np.random.Generator, n: int, current_ms: float) -> FeatureBlock:
+    """Rows with every case the row rules know: fresh, stale, unknown age, not present, NaN values, a
+    restaurant without a location."""
+    k = len(F.FEATURE_NAMES)
+    values = rng.uniform(0, 40, (n, k))
+    values[rng.random((n, k)) < 0.1] = math.nan
+    present = rng.random((n, k)) > 0.03
+    ages_s = rng.choice([0.0, 1.0, 59.0, 61.0, 599.0, 601.0, 1799.0, 1801.0, 4000.0, 90_000.0], (n, k))
+    updated = NOW - ages_s * 1000.0
+    updated[rng.random((n, k)) < 0.1] = math.nan
+    updated[0, :] = NOW + 5_000.0  # a clock a little ahead: age 0, not negative
+    locations: list[tuple[float, float] | None] = [
+        (52.5 + rng.uniform(-0.05, 0.05), 13.4 + rng.uniform(-0.05, 0.05)) for _ in range(n)
+    ]
+    locations[1] = None
+    block = FeatureBlock(
+        [f"r{i}" for i in range(n)],
+        locations,
+        NOW,
+        values.tolist(),
+        present.tolist(),
+        updated.tolist(),
+        (updated - 500.0).tolist(),
+        [(None,) * k] * n,
+    )
+    block.current_ms = current_ms
+    return block
+
+
+@pytest.mark.parametrize("current_ms", [math.nan, float(NOW - 30_000)])
+async def test_the_batch_path_computes_what_the_row_by_row_path_does(
+    model: ServingModel, current_ms: float
+) -> None:
+    """PredictEtaBatch works column-wise (arrays), PredictEta row by row: the same values, ages, stale
+    and missing features, quality and feature-age observations, to the bit."""
+    from prediction.metrics import FeatureAgeHistogram
+
+    servicer, _, _ = make(model)
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        block = _random_block(rng, 40, current_ms)
+        batch = servicer._batch_rows(block, (52.54, 13.43), NOW)  # first: _rows fills in the block
+        rows = servicer._rows(block, (52.54, 13.43), NOW)
+        np.testing.assert_array_equal(batch.values, np.array(rows.values))
+        np.testing.assert_array_equal(batch.ages, np.array(rows.ages))
+        assert (batch.stale, batch.missing, batch.quality) == (rows.stale, rows.missing, rows.quality)
+        assert {Quality.STALE, Quality.MISSING} <= set(batch.quality)
+        one = FeatureAgeHistogram("a", "a", ONLINE_FEATURES, (0.1, 60, 600), registry=None)
+        other = FeatureAgeHistogram("b", "b", ONLINE_FEATURES, (0.1, 60, 600), registry=None)
+        online = [F.FEATURE_NAMES.index(name) for name in ONLINE_FEATURES]
+        one.observe_rows(
+            [
+                [
+                    None if name in missing or math.isnan(ages[k]) else ages[k]
+                    for name, k in zip(ONLINE_FEATURES, online, strict=True)
+                ]
+                for ages, missing in zip(rows.ages, rows.missing, strict=True)
+            ]
+        )
+        other.observe_array(batch.ages[:, online], batch.present[:, online])
+        assert one._counts == other._counts
+        assert other._sums == pytest.approx(one._sums)
