@@ -217,7 +217,7 @@ def run(quick: bool) -> BenchResult:
                     clients=clients,
                     rate=plan.batch_rate,
                     duration=plan.batch_seconds
-                    if batch
+                    if batch or mode == "fixed"
                     else (plan.max_seconds if concurrency > 1 else plan.seq_seconds),
                     warmup=plan.warmup_seconds,
                     server_pid=server.pid,
@@ -231,6 +231,7 @@ def run(quick: bool) -> BenchResult:
             c, k = plan.concurrency, plan.clients
             seq, closed = "sequential", f"max (c={c}, {k} clients)"
             batch_label = f"eta PredictEtaBatch(50) {plan.batch_rate:.0f}/s"
+            echo_at_rate = f"echo {plan.batch_rate:.0f}/s (open loop, as the batch)"
             batch_max = f"eta PredictEtaBatch(50) max (c={plan.batch_concurrency}, {k} clients)"
             profiler: subprocess.Popen[bytes] | None = None
             for round_ in range(plan.repeats):
@@ -241,6 +242,7 @@ def run(quick: bool) -> BenchResult:
                     profiler = _profile(eta, plan.max_seconds + plan.warmup_seconds + 2)
                 measure(f"eta PredictEta {closed}", eta, PREDICT, "max", concurrency=c, clients=k)
                 measure(batch_label, eta, PREDICT_BATCH, "fixed", batch=True)
+                measure(echo_at_rate, echo, ECHO_METHOD, "fixed")
                 measure(
                     batch_max,
                     eta,
@@ -291,6 +293,7 @@ def run(quick: bool) -> BenchResult:
     echo_max, eta_max = med[f"echo {closed}"], med[f"eta PredictEta {closed}"]
     batch = med[batch_label]
     batch_loaded = med[batch_max]
+    echo_rate = med[echo_at_rate]
     traced_max = med[f"eta {closed}, tracing 100%"]
     recorded_max = med[f"eta {closed}, sampled, no exporter"]
     p50_budget = echo_seq["p50_ms"] + ping_p50 + 0.3
@@ -318,6 +321,10 @@ def run(quick: bool) -> BenchResult:
             "batch50_p99_ms": batch["p99_ms"],
             "batch50_server_cpu_ms": batch["server_net_cpu_us_per_call"] / 1e3,
             "batch50_server_cpu_ms_gross": batch["server_cpu_us_per_call"] / 1e3,
+            "echo_cpu_us_per_call_at_batch_rate": echo_rate["server_net_cpu_us_per_call"],
+            # how much more CPU the same code costs when calls arrive to an idle process (caches cold)
+            "idle_gap_cpu_factor": echo_rate["server_net_cpu_us_per_call"]
+            / echo_max["server_cpu_us_per_call"],
             "batch50_max_rps": batch_loaded["rps"],
             "batch50_server_cpu_ms_at_max": batch_loaded["server_net_cpu_us_per_call"] / 1e3,
             "batch50_redis_cpu_us": batch_loaded["redis_net_cpu_us_per_call"],
@@ -396,6 +403,12 @@ def run(quick: bool) -> BenchResult:
         f"{figures['redis_background_cpu_pct']:.2f} % of a core — the row maintenance, serverCron; the ETA "
         f"server {figures['eta_background_cpu_pct']:.2f} %); gross figures in the JSON; Redis CPU per batch "
         "from the closed-loop batch runs, where the idle share is small",
+        f"calls {plan.batch_rate:.0f}/s apart find the server idle, its caches cold: the bare echo costs "
+        f"{echo_rate['server_net_cpu_us_per_call']:.0f} µs of CPU per call at {plan.batch_rate:.0f}/s vs "
+        f"{echo_max['server_cpu_us_per_call']:.0f} µs back to back (×{figures['idle_gap_cpu_factor']:.1f}); "
+        f"the batch costs {figures['batch50_server_cpu_ms']:.2f} ms at {plan.batch_rate:.0f}/s vs "
+        f"{figures['batch50_server_cpu_ms_at_max']:.2f} ms back to back (1.5 ms target "
+        f"{'met' if figures['batch50_server_cpu_ms_at_max'] <= 1.5 else 'NOT met'} there)",
         f"request {len(world.single[0])} B (PredictEta), reply {reply_bytes} B; echo replies {reply_bytes} B",
         f"Redis PING round trip from the server's core (idle, raw socket): p50 {ping_p50:.3f} ms, "
         f"p99 {ping_p99:.3f} ms — a prediction needs one such hop, the echo none",

@@ -70,6 +70,7 @@ class FeatureAgeHistogram(Collector):
         self._documentation = documentation
         self._features = list(features)
         self._bounds = [float(b) for b in buckets]
+        self._bound_array = np.array(self._bounds)
         self._counts = [[0] * (len(self._bounds) + 1) for _ in self._features]
         self._sums = [0.0] * len(self._features)
         self._lock = threading.Lock()  # the metrics HTTP thread reads while the event loop writes
@@ -88,22 +89,21 @@ class FeatureAgeHistogram(Collector):
 
     def observe_array(self, ages: np.ndarray, observed: np.ndarray) -> None:
         """``ages[i, j]`` as in :meth:`observe_rows`, counted where ``observed[i, j]`` and not NaN: one
-        ``searchsorted`` per feature (the buckets ``bisect_left`` gives) instead of a bisect per value."""
-        bounds = np.asarray(self._bounds)
+        ``searchsorted`` (the buckets ``bisect_left`` gives) and one ``bincount`` for the whole block."""
+        slots = len(self._bounds) + 1
+        features = ages.shape[1]
         mask = observed & ~np.isnan(ages)
-        per_feature = []
-        for j in range(ages.shape[1]):
-            column = ages[mask[:, j], j]
-            if column.size:
-                slots = np.bincount(np.searchsorted(bounds, column, side="left"), minlength=len(bounds) + 1)
-                per_feature.append((j, slots.tolist(), float(column.sum())))
+        buckets = np.searchsorted(self._bound_array, ages[mask], side="left")
+        buckets += (np.nonzero(mask)[1] * slots).astype(buckets.dtype)
+        counted = np.bincount(buckets, minlength=features * slots).reshape(features, slots).tolist()
+        totals = np.where(mask, ages, 0.0).sum(axis=0).tolist()
         counts, sums = self._counts, self._sums
         with self._lock:
-            for j, slots, total in per_feature:
-                row = counts[j]
-                for b, count in enumerate(slots):
-                    row[b] += count
-                sums[j] += total
+            for j, (row, added) in enumerate(zip(counts, counted, strict=True)):
+                if any(added):
+                    for b, count in enumerate(added):
+                        row[b] += count
+                    sums[j] += totals[j]
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self._name, self._documentation, labels=["feature"])

@@ -107,6 +107,8 @@ class _BatchRows:
     values: np.ndarray  # the model's input, request-time features filled in
     ages: np.ndarray  # NaN = unknown
     present: np.ndarray  # bool: the store had a value
+    stale_mask: np.ndarray  # rows × online features (spec order)
+    missing_mask: np.ndarray
     stale: list[list[str]]
     missing: list[list[str]]
     quality: list[QualityValue]
@@ -150,6 +152,9 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         self._stale_counters = {name: metrics.STALE_FEATURES.labels(name) for name in ONLINE_NAMES}
         self._missing_counters = {name: metrics.MISSING_FEATURES.labels(name) for name in ONLINE_NAMES}
         self._heuristic_fallbacks = metrics.FALLBACKS.labels("heuristic_model")
+        # the same counters in spec order (the batch path counts column-wise)
+        self._stale_list = [self._stale_counters[name] for name, _, _, _ in self._online_spec]
+        self._missing_list = [self._missing_counters[name] for name, _, _, _ in self._online_spec]
 
     def can_answer(self) -> bool:
         """False only when no model can answer at all (no registry model and the heuristic disabled)."""
@@ -431,7 +436,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         quality: list[QualityValue] = np.where(
             any_missing, MISSING, np.where(any_stale, STALE, COMPLETE)
         ).tolist()
-        return _BatchRows(block, values, ages, present, stale, missing, quality)
+        return _BatchRows(block, values, ages, present, stale_mask, missing_mask, stale, missing, quality)
 
     async def _score(
         self,
@@ -590,18 +595,10 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             n = qualities.count(quality)
             if n:
                 counter.inc(n)
-        stale: Counter[str] = Counter()
-        missing: Counter[str] = Counter()
-        for row_stale in rows.stale:
-            if row_stale:
-                stale.update(row_stale)
-        for row_missing in rows.missing:
-            if row_missing:
-                missing.update(row_missing)
-        for name, n in stale.items():
-            self._stale_counters[name].inc(n)
-        for name, n in missing.items():
-            self._missing_counters[name].inc(n)
+        for counters, mask in ((self._stale_list, rows.stale_mask), (self._missing_list, rows.missing_mask)):
+            for counter, n in zip(counters, mask.sum(axis=0).tolist(), strict=True):
+                if n:
+                    counter.inc(n)
         # a missing feature has no age to report, nor has an unknown one (NaN)
         metrics.FEATURE_AGE.observe_array(rows.ages[:, _ONLINE_IDX], rows.present[:, _ONLINE_IDX])
         plog = self._log

@@ -4,6 +4,7 @@ values, deadlines, degradations, the batch layout and what goes to the predictio
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -487,6 +488,9 @@ async def test_the_batch_path_computes_what_the_row_by_row_path_does(
         np.testing.assert_array_equal(batch.ages, np.array(rows.ages))
         assert (batch.stale, batch.missing, batch.quality) == (rows.stale, rows.missing, rows.quality)
         assert {Quality.STALE, Quality.MISSING} <= set(batch.quality)
+        for lists, mask in ((rows.stale, batch.stale_mask), (rows.missing, batch.missing_mask)):
+            counted = dict(zip(ONLINE_FEATURES, mask.sum(axis=0).tolist(), strict=True))  # the metrics
+            assert {k: v for k, v in counted.items() if v} == Counter(n for names in lists for n in names)
         one = FeatureAgeHistogram("a", "a", ONLINE_FEATURES, (0.1, 60, 600), registry=None)
         other = FeatureAgeHistogram("b", "b", ONLINE_FEATURES, (0.1, 60, 600), registry=None)
         online = [F.FEATURE_NAMES.index(name) for name in ONLINE_FEATURES]
