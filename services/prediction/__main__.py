@@ -17,6 +17,7 @@ from eta_common.online_store import OnlineStore
 from eta_common.redis_client import redis_from_url
 from prediction import config
 from prediction.admission import AdmissionInterceptor
+from prediction.client_cache import ClientCache
 from prediction.models import ModelHolder
 from prediction.prediction_log import PredictionLog, copy_sink
 from prediction.reader import CircuitBreaker, FeatureReader
@@ -34,6 +35,15 @@ def _online_store(
     if settings.redis_client == "lean":
         # a node of a Redis Cluster gives the cluster client (one connection per primary)
         lean = lean_from_url(settings.redis.url, connect_timeout=connect_timeout)
+        if settings.client_cache and isinstance(lean, LeanRedis):
+            silence = settings.client_cache_silence_ms / 1000.0
+            cache = ClientCache(
+                lean,
+                max_entries=settings.client_cache_entries,
+                silence_seconds=silence,
+                heartbeat_seconds=silence / 5,
+            )
+            return OnlineStore(cast(aioredis.Redis, cache)), lean
         # both implement the part of redis.asyncio.Redis that OnlineStore's reads use
         return OnlineStore(cast(aioredis.Redis, lean)), lean
     client = redis_from_url(

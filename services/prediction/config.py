@@ -37,6 +37,12 @@ Time and load
   1 + restaurants // 10). ``PREDICTION_MAX_BATCH`` [100] restaurants per PredictEtaBatch.
   ``PREDICTION_REDIS_CLIENT`` [lean] ``lean`` is the service's pipelined RESP client
   (:mod:`prediction.redis_client`), ``redis-py`` the standard asyncio client (slower, same results).
+  ``PREDICTION_CLIENT_CACHE`` [true] keep the ready rows and the city state read by predictions in the
+  process, invalidated by Redis (``CLIENT TRACKING``): a hot read needs no round trip
+  (:mod:`prediction.client_cache`; single Redis with the ``lean`` client only, off on a Redis Cluster).
+  ``PREDICTION_CLIENT_CACHE_ENTRIES`` [50000] keys kept at most (~1 KB each; then the cache starts over).
+  ``PREDICTION_CLIENT_CACHE_SILENCE_MS`` [500] the cache stops serving when its invalidation connection
+  has been silent this long (pinged 5 times as often): a hung Redis or network is noticed within it.
 
 Prediction log (PostgreSQL table ``predictions``)
   ``PREDICTION_LOG_ENABLED`` [true]; ``PREDICTION_LOG_BUFFER`` [20000] rows held in memory at most
@@ -142,6 +148,9 @@ class PredictionSettings:
     max_in_flight: int = 64
     max_batch: int = 100
     redis_client: str = "lean"
+    client_cache: bool = True
+    client_cache_entries: int = 50_000
+    client_cache_silence_ms: int = 500
     log_enabled: bool = True
     log_buffer: int = 20_000
     log_batch: int = 500
@@ -188,6 +197,13 @@ class PredictionSettings:
             max_in_flight=env_int("PREDICTION_MAX_IN_FLIGHT", cls.max_in_flight, minimum=1),
             max_batch=env_int("PREDICTION_MAX_BATCH", cls.max_batch, minimum=1),
             redis_client=redis_client,
+            client_cache=env_bool("PREDICTION_CLIENT_CACHE", cls.client_cache),
+            client_cache_entries=env_int(
+                "PREDICTION_CLIENT_CACHE_ENTRIES", cls.client_cache_entries, minimum=1
+            ),
+            client_cache_silence_ms=env_int(
+                "PREDICTION_CLIENT_CACHE_SILENCE_MS", cls.client_cache_silence_ms, minimum=10
+            ),
             log_enabled=env_bool("PREDICTION_LOG_ENABLED", cls.log_enabled),
             log_buffer=env_int("PREDICTION_LOG_BUFFER", cls.log_buffer, minimum=1),
             log_batch=env_int("PREDICTION_LOG_BATCH", cls.log_batch, minimum=1),

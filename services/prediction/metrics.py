@@ -156,3 +156,19 @@ FEATURE_READS = Counter(
 )
 READS_FROM_ROWS = FEATURE_READS.labels("row")
 READS_FROM_FALLBACK = FEATURE_READS.labels("fallback")
+CLIENT_CACHE_HITS = Counter(
+    "eta_prediction_client_cache_hits_total",
+    "Serving reads (ready rows, city state) answered from the client-side cache, without Redis",
+)
+CLIENT_CACHE_MISSES = Counter(
+    "eta_prediction_client_cache_misses_total",
+    "Cacheable serving reads fetched from Redis (and tracked for invalidation)",
+)
+CLIENT_CACHE_INVALIDATIONS = Counter(
+    "eta_prediction_client_cache_invalidation_messages_total",
+    "Invalidation messages Redis sent for keys the client-side cache tracks",
+)
+CLIENT_CACHE_ACTIVE = Gauge(
+    "eta_prediction_client_cache_active",
+    "1 while the client-side cache is on (invalidation connection up, tracking on); 0 otherwise",
+)

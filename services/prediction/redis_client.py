@@ -45,7 +45,7 @@ import contextlib
 import ssl
 from binascii import crc_hqx
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
@@ -342,6 +342,11 @@ class LeanRedis:
         self._connect_timeout = connect_timeout
         self._protocol: _RespProtocol | None = None
         self._connecting: asyncio.Future[_RespProtocol] | None = None
+        # Commands every new connection sends first (after AUTH/SELECT), e.g. CLIENT TRACKING for the
+        # client-side cache (:mod:`prediction.client_cache`); None: nothing more.
+        self.connection_setup: Callable[[], Sequence[Command]] | None = None
+        self.on_setup_error: Callable[[BaseException], None] | None = None  # a setup command failed
+        self.generation = 0  # +1 per connection made: state kept per connection by Redis starts over
 
     @classmethod
     def from_url(cls, url: str, *, connect_timeout: float = 1.0) -> LeanRedis:
@@ -389,11 +394,34 @@ class LeanRedis:
                     setup.append(("SELECT", self.db))
                 if setup:
                     _raise_first_error(await protocol.send(encode_commands(setup), len(setup)))
+                if self.connection_setup is not None:
+                    # sent ahead of every command on this connection, not waited for: connecting costs
+                    # no extra round trip (a hung Redis still shows as a read timeout, not a connect
+                    # failure); Redis applies them before anything sent after them
+                    commands = list(self.connection_setup())
+                    sent = protocol.send(encode_commands(commands), len(commands))
+                    sent.add_done_callback(self._setup_done)
         except (OSError, TimeoutError) as exc:
             where = f"{self.host}:{self.port}"
             raise RedisConnectionError(f"cannot connect to Redis at {where}: {exc!r}") from exc
         self._protocol = protocol
+        self.generation += 1
         return protocol
+
+    def _setup_done(self, sent: asyncio.Future[list[Any]]) -> None:
+        if sent.cancelled():
+            return
+        failure = sent.exception()
+        if failure is None:
+            failure = next((reply for reply in sent.result() if isinstance(reply, RedisError)), None)
+        if failure is not None and self.on_setup_error is not None:
+            self.on_setup_error(failure)
+
+    @property
+    def connected(self) -> bool:
+        """A connection is open (and was not lost)."""
+        protocol = self._protocol
+        return protocol is not None and protocol.closed is None
 
     def reset_if_stalled(self, older_than: float) -> bool:
         """Drop the connection if its oldest unanswered pipeline was sent ``older_than`` seconds ago or

