@@ -23,6 +23,8 @@ Measured, every scenario ``repeats`` times, interleaved round by round (medians 
 1. sequential (one call at a time): p50/p99 of the echo and of PredictEta;
 2. max throughput: ``concurrency`` calls outstanding; server CPU per call; Redis CPU per prediction (the
    redis-server process, from /proc) and Redis commands per prediction (``INFO commandstats``);
+   PredictEta (1. and 2.) again on a server with the client-side cache off (``PREDICTION_CLIENT_CACHE=
+   false``: every read a round trip, as for a restaurant or customer not read recently);
 3. PredictEtaBatch of 50 restaurants at ``batch_rate``/s open loop: p50/p99, server CPU per batch; and
    closed loop (``batch_concurrency`` outstanding): batches/s, Redis CPU per batch;
 4. tracing: 100 % sampling with the JSON-lines exporter, and 100 % sampling with no exporter, versus
@@ -174,7 +176,16 @@ def run(quick: bool) -> BenchResult:
                 workdir, infra.redis_url, infra.database_url, tracing=True, export=False, tag="rec"
             )
             servers.append(recorded)
-            scorers = {s.name: H.wait_for_scorer(s) for s in (eta, traced, recorded)}
+            uncached = H.start_eta(
+                workdir,
+                infra.redis_url,
+                infra.database_url,
+                tracing=False,
+                tag="nocache",
+                extra_env={"PREDICTION_CLIENT_CACHE": "false"},
+            )
+            servers.append(uncached)
+            scorers = {s.name: H.wait_for_scorer(s) for s in (eta, traced, recorded, uncached)}
             notes.append("model scorer per server: " + ", ".join(f"{k}={v}" for k, v in scorers.items()))
             reply_bytes = len(asyncio.run(call_once(eta.target, PREDICT, world.single[0])))
             echo = H.start_echo(workdir, reply_bytes)
@@ -237,10 +248,19 @@ def run(quick: bool) -> BenchResult:
             for round_ in range(plan.repeats):
                 measure(f"echo {seq}", echo, ECHO_METHOD, "max")
                 measure(f"eta PredictEta {seq}", eta, PREDICT, "max")
+                measure(f"eta PredictEta {seq}, client cache off", uncached, PREDICT, "max")
                 measure(f"echo {closed}", echo, ECHO_METHOD, "max", concurrency=c, clients=k)
                 if round_ == 0:
                     profiler = _profile(eta, plan.max_seconds + plan.warmup_seconds + 2)
                 measure(f"eta PredictEta {closed}", eta, PREDICT, "max", concurrency=c, clients=k)
+                measure(
+                    f"eta PredictEta {closed}, client cache off",
+                    uncached,
+                    PREDICT,
+                    "max",
+                    concurrency=c,
+                    clients=k,
+                )
                 measure(batch_label, eta, PREDICT_BATCH, "fixed", batch=True)
                 measure(echo_at_rate, echo, ECHO_METHOD, "fixed")
                 measure(
@@ -292,6 +312,8 @@ def run(quick: bool) -> BenchResult:
     echo_seq, eta_seq = med[f"echo {seq}"], med[f"eta PredictEta {seq}"]
     echo_max, eta_max = med[f"echo {closed}"], med[f"eta PredictEta {closed}"]
     batch = med[batch_label]
+    uncached_seq = med[f"eta PredictEta {seq}, client cache off"]
+    uncached_max = med[f"eta PredictEta {closed}, client cache off"]
     batch_loaded = med[batch_max]
     echo_rate = med[echo_at_rate]
     traced_max = med[f"eta {closed}, tracing 100%"]
@@ -321,6 +343,12 @@ def run(quick: bool) -> BenchResult:
             "batch50_p99_ms": batch["p99_ms"],
             "batch50_server_cpu_ms": batch["server_net_cpu_us_per_call"] / 1e3,
             "batch50_server_cpu_ms_gross": batch["server_cpu_us_per_call"] / 1e3,
+            "nocache_seq_p50_ms": uncached_seq["p50_ms"],
+            "nocache_seq_p99_ms": uncached_seq["p99_ms"],
+            "nocache_max_rps": uncached_max["rps"],
+            "nocache_throughput_ratio": uncached_max["rps"] / echo_max["rps"],
+            "nocache_server_cpu_us_per_call": uncached_max["server_net_cpu_us_per_call"],
+            "nocache_redis_cpu_us_per_prediction": uncached_max["redis_net_cpu_us_per_call"],
             "echo_cpu_us_per_call_at_batch_rate": echo_rate["server_net_cpu_us_per_call"],
             # how much more CPU the same code costs when calls arrive to an idle process (caches cold)
             "idle_gap_cpu_factor": echo_rate["server_net_cpu_us_per_call"]
@@ -343,6 +371,15 @@ def run(quick: bool) -> BenchResult:
         total = H.metric_samples(stages, "eta_prediction_stage_seconds_sum").get(f'stage="{key}"')
         if count:
             figures[stage] = 1e3 * (total or 0.0) / count
+    hits = sum(H.metric_samples(stages, "eta_prediction_client_cache_hits_total").values())
+    misses = sum(H.metric_samples(stages, "eta_prediction_client_cache_misses_total").values())
+    if hits + misses:
+        figures["client_cache_hit_pct"] = 100.0 * hits / (hits + misses)
+        notes.append(
+            f"client-side cache (the ETA server without tracing, whole run): {hits:.0f} reads answered "
+            f"in-process, {misses:.0f} fetched from Redis (the row maintenance rewrites every row's supply "
+            "count every 5 s, and a row at each window edge)"
+        )
     if reads_after is not None:
         delta = {k: v - (reads_before or {}).get(k, 0.0) for k, v in reads_after.items()}
         served = sum(delta.values())
@@ -411,7 +448,8 @@ def run(quick: bool) -> BenchResult:
         f"{'met' if figures['batch50_server_cpu_ms_at_max'] <= 1.5 else 'NOT met'} there)",
         f"request {len(world.single[0])} B (PredictEta), reply {reply_bytes} B; echo replies {reply_bytes} B",
         f"Redis PING round trip from the server's core (idle, raw socket): p50 {ping_p50:.3f} ms, "
-        f"p99 {ping_p99:.3f} ms — a prediction needs one such hop, the echo none",
+        f"p99 {ping_p99:.3f} ms — a prediction whose reads miss the client-side cache needs one such hop, "
+        "a hit and the echo none",
         f"gRPC load generator: {H.GRPC_CLIENT} (BENCH_GRPC_CLIENT); "
         f"sequential: one call at a time; max: {c} outstanding over {k} load-generator processes; "
         f"batch: 50 of 200 restaurants at {plan.batch_rate:.0f}/s open loop",

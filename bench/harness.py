@@ -203,7 +203,14 @@ def start_echo(workdir: Path, response_bytes: int) -> Server:
 
 
 def start_eta(
-    workdir: Path, redis_url: str, database_url: str, *, tracing: bool, tag: str, export: bool = True
+    workdir: Path,
+    redis_url: str,
+    database_url: str,
+    *,
+    tracing: bool,
+    tag: str,
+    export: bool = True,
+    extra_env: dict[str, str] | None = None,
 ) -> Server:
     """The ``eta-prediction`` service with its default settings (tracing on or off)."""
     from devstack.infra import free_port
@@ -223,6 +230,7 @@ def start_eta(
             "PREDICTION_MODEL_CACHE_DIR": str(workdir / "model-cache"),
         }
     )
+    env.update(extra_env or {})
     env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
     env.pop("ETA_TRACES_FILE", None)
     if tracing and export:
