@@ -20,6 +20,8 @@ __all__ = [
 DISPATCH_ORDER_EVENTS = frozenset({"PLACED", "CANCELLED"})
 # Order events the restaurant script applies (PICKED_UP completes an order's pickup wait).
 RESTAURANT_ORDER_EVENTS = DISPATCH_ORDER_EVENTS | {"PICKED_UP"}
+# Every field given: the tuple's own __new__ makes the same instance as the NamedTuple's (Python code).
+_new = tuple.__new__
 
 
 class RestaurantUpdate(NamedTuple):
@@ -63,8 +65,12 @@ def update_from_facts(f: EventFacts) -> RestaurantUpdate | DriverUpdate | None:
         assert f.driver_id is not None
         assert f.lat is not None
         assert f.lng is not None
-        return DriverUpdate(f.driver_id, f.type, f.event_ms, f.lat, f.lng, "", f.order_id or "", f.market)
+        return _new(
+            DriverUpdate, (f.driver_id, f.type, f.event_ms, f.lat, f.lng, "", f.order_id or "", f.market)
+        )
     if f.kind == "order" and f.type not in RESTAURANT_ORDER_EVENTS:
         return None
     assert f.restaurant_id is not None
-    return RestaurantUpdate(f.restaurant_id, f.type, f.order_id or "", f.event_ms, f.lat, f.lng, "", f.market)
+    return _new(
+        RestaurantUpdate, (f.restaurant_id, f.type, f.order_id or "", f.event_ms, f.lat, f.lng, "", f.market)
+    )

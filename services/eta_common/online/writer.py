@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import secrets
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from eta_common import features as F
-from eta_common.online.connection import Pipelines
+from eta_common.online.connection import Call, Pipelines
 from eta_common.online.geo import count_within, covering_disc, decode_geohashes
 from eta_common.online.keys import (
     AGGREGATORS_KEY,
@@ -65,13 +65,27 @@ _PREP_WINDOWS = ",".join(str(m.window_ms) for m in F.WINDOW_MEANS)
 _PICKUP_WINDOWS = ",".join(str(m.window_ms) for m in F.PICKUP_WAIT_MEANS)
 _EMPTY = "[]"
 
-_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# The json module's C encoder, made once: JSONEncoder.encode makes one per call (~2 µs of the ~3 µs it
+# costs per restaurant and batch). Same settings, same text: the update lists hold strings only.
+_c_encode = (
+    None
+    if c_make_encoder is None
+    else c_make_encoder(None, None, encode_basestring, None, ":", ",", False, False, True)
+)
 
 
-def _valid_until(raw: bytes) -> tuple[bytes, float]:
-    """(flags, valid_until) of an ``apply_restaurant`` result (``inf``: no window changes by itself)."""
+def _json(rows: Any) -> str:
+    if _c_encode is None:  # CPython without its _json accelerator
+        return _json_encoder.encode(rows)
+    return "".join(_c_encode(rows, 0))
+
+
+def _valid_until(raw: bytes) -> tuple[bytes, bytes]:
+    """(flags, valid_until) of an ``apply_restaurant`` result, valid_until as the text of its due score
+    (``inf``: no window changes by itself)."""
     flags, _, until = raw.rpartition(b"|")
-    return flags, float(until) if until else math.inf
+    return flags, until or b"inf"
 
 
 class OnlineWriter(Pipelines):
@@ -88,37 +102,33 @@ class OnlineWriter(Pipelines):
         self.pickup_retention_ms = F.MAX_PICKUP_WINDOW_MS + allowed_lateness_ms
         self.waiting_retention_ms = F.WAITING_ORDER_TTL_MS + allowed_lateness_ms
         self.settled_retention_ms = F.SETTLED_ORDER_RETENTION_MS + allowed_lateness_ms
+        # apply_restaurant's constants (see its header): retentions, TTLs and the row's windows
+        self._restaurant_constants = "|".join(
+            str(value)
+            for value in (
+                self.retention_ms,
+                ORDER_STATE_TTL_S,
+                F.KITCHEN_ORDER_TTL_MS,
+                self.prep_retention_ms,
+                self.pickup_retention_ms,
+                _COUNT_WINDOWS,
+                _PREP_WINDOWS,
+                _PICKUP_WINDOWS,
+            )
+        )
         self.city = city  # the default market
         self._city_keys = driver_keys(city)
         self._market_keys: dict[str, dict[str, str]] = {city: self._city_keys}
         self._markets_seen: set[str] = set()
 
+    def _head(self, now_ms: int) -> str:
+        """``apply_restaurant``'s first argument: ``now`` and the writer's constants, one string."""
+        return f"{now_ms}|{self._restaurant_constants}"
+
     def _queue_restaurant(
-        self, pipe: Any, restaurant_id: str, now_ms: int, updates_json: str, *ahead: Any
+        self, pipe: Any, restaurant_id: str, head: str, updates_json: str, *ahead: Any
     ) -> None:
-        keys = restaurant_keys(restaurant_id)
-        pipe.evalsha(
-            self._sha["apply_restaurant"],
-            6,
-            keys["placed"],
-            keys["kitchen"],
-            keys["prep"],
-            keys["meta"],
-            keys["pickup"],
-            keys["row"],
-            now_ms,
-            self.retention_ms,
-            ORDER_STATE_TTL_S,
-            F.KITCHEN_ORDER_TTL_MS,
-            keys["order_prefix"],
-            self.prep_retention_ms,
-            self.pickup_retention_ms,
-            updates_json,
-            _COUNT_WINDOWS,
-            _PREP_WINDOWS,
-            _PICKUP_WINDOWS,
-            *ahead,
-        )
+        pipe.evalsha(self._sha["apply_restaurant"], 1, row_key(restaurant_id), head, updates_json, *ahead)
 
     async def apply(self, updates: Sequence[RestaurantUpdate | DriverUpdate], *, now_ms: int) -> list[int]:
         """Apply updates in one pipeline (one round trip): one script call per restaurant and one for the
@@ -177,30 +187,37 @@ class OnlineWriter(Pipelines):
                 city[1].append([u.event_type, "", u.order_id, raw, "", "", u.writer])
         groups = list(by_restaurant.items())
         cities = list(by_market.items())
-        queue_restaurant = self._queue_restaurant
+        head = self._head(now_ms)
 
-        def build(pipe: Any) -> None:
-            for restaurant_id, (_, rows) in groups:
-                queue_restaurant(pipe, restaurant_id, now_ms, _json(rows))
+        def calls(sha: dict[str, str]) -> list[Call]:
+            restaurant_sha, city_sha = sha["apply_restaurant"], sha["apply_city"]
+            out: list[Call] = [
+                ("EVALSHA", restaurant_sha, 1, row_key(restaurant_id), head, _json(rows))
+                for restaurant_id, (_, rows) in groups
+            ]
             for market, (_, rows) in cities:
                 dkeys = self._keys_of(market)
-                pipe.evalsha(
-                    self._sha["apply_city"],
-                    5,
-                    dkeys["free"],
-                    dkeys["state"],
-                    dkeys["meta"],
-                    dkeys["waiting"],
-                    dkeys["settled"],
-                    now_ms,
-                    self.waiting_retention_ms,
-                    self.settled_retention_ms,
-                    _json(rows),
+                out.append(
+                    (
+                        "EVALSHA",
+                        city_sha,
+                        5,
+                        dkeys["free"],
+                        dkeys["state"],
+                        dkeys["meta"],
+                        dkeys["waiting"],
+                        dkeys["settled"],
+                        now_ms,
+                        self.waiting_retention_ms,
+                        self.settled_retention_ms,
+                        _json(rows),
+                    )
                 )
+            return out
 
-        results = await self._run(build)
+        results = await self._run_calls(calls)
         changed = [0] * len(updates)
-        due: dict[str, list[tuple[str, float]]] = defaultdict(list)
+        due: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
         for (restaurant_id, (indices, _)), result in zip(groups, results, strict=False):
             flags, until = _valid_until(result)
             due[market_of[restaurant_id]].append((restaurant_id, until))
@@ -237,31 +254,36 @@ class OnlineWriter(Pipelines):
             return {}
         queue_restaurant = self._queue_restaurant
         ahead = ("ahead", lookahead_ms) if lookahead_ms > 0 else ()
+        head = self._head(now_ms)
 
         def build(pipe: Any) -> None:
             for restaurant_id in restaurant_ids:
-                queue_restaurant(pipe, restaurant_id, now_ms, _EMPTY, *ahead)
+                queue_restaurant(pipe, restaurant_id, head, _EMPTY, *ahead)
 
         results = await self._run(build)
         due = [(rid, _valid_until(result)[1]) for rid, result in zip(restaurant_ids, results, strict=True)]
         await self._register({market or self.city: due}, set())
-        return dict(due)
+        return {rid: float(until) for rid, until in due}
 
-    async def _register(self, due: dict[str, list[tuple[str, float]]], new_markets: set[str]) -> None:
+    async def _register(self, due: dict[str, list[tuple[str, bytes]]], new_markets: set[str]) -> None:
         """Each row's next re-materialisation time into its market's bucket (one ZADD per bucket), and
         markets not seen before into the markets set."""
-        buckets: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+        buckets: dict[tuple[str, int], list[Any]] = defaultdict(list)
         for market, rows in due.items():
             for restaurant_id, until in rows:
-                buckets[(market, row_bucket(restaurant_id))][restaurant_id] = until
+                pieces = buckets[(market, row_bucket(restaurant_id))]
+                pieces.append(until)
+                pieces.append(restaurant_id)
 
-        def build(pipe: Any) -> None:
-            for (market, bucket), mapping in buckets.items():
-                pipe.zadd(due_key(bucket, market), mapping)
+        def calls(_: dict[str, str]) -> list[Call]:
+            out: list[Call] = [
+                ("ZADD", due_key(bucket, market), *pieces) for (market, bucket), pieces in buckets.items()
+            ]
             if new_markets:
-                pipe.sadd(MARKETS_KEY, *sorted(new_markets))
+                out.append(("SADD", MARKETS_KEY, *sorted(new_markets)))
+            return out
 
-        await self._run(build, scripts=False)
+        await self._run_calls(calls)
         self._markets_seen |= new_markets
 
     async def claim_due(

@@ -365,6 +365,9 @@ async def test_every_script_call_stays_in_one_cluster_slot(
 ) -> None:
     calls: list[list[str]] = []
     reads: list[tuple[str, str]] = []
+    # the script calls through redis-py's pipeline, as on a cluster (on a single Redis the same calls are
+    # packed and sent by OnlineStore itself: Pipelines._run_calls)
+    monkeypatch.setattr(store, "_direct", False)
     real = store.client.pipeline
     monkeypatch.setattr(
         store.client, "pipeline", lambda transaction=False: _Recorder(real(transaction), calls, reads)

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from eta.v1 import events_pb2
 from eta_common.bulk_histogram import BulkHistogram
 from eta_common.db.archive import ArchivedEvent, event_row
-from eta_common.event_facts import event_facts
+from eta_common.event_facts import EventFacts, event_facts
 from eta_common.online_store import DriverUpdate, RestaurantUpdate, update_from_event
 from eta_common.telemetry import headers_with_context, sampled_parent_from_headers
 from eta_common.timeutil import timestamp_from_ms
@@ -127,6 +127,14 @@ def test_one_pass_facts_give_the_update_and_the_archive_row(
     assert update_from_event(event) == update
     facts = event_facts(event)
     assert facts is not None
+    # the hot path builds these tuples without the NamedTuples' __new__: every field is given
+    assert type(facts) is EventFacts
+    assert facts == EventFacts(*facts)
+    assert len(facts) == len(EventFacts._fields)
+    made = update_from_event(event)
+    if made is not None:
+        assert len(made) == len(type(made)._fields)
+        assert made == type(made)(*made)
     row = event_row(ArchivedEvent(event, T + 5, "topic", 0, 1))
     assert row == event_row(ArchivedEvent(event, T + 5, "topic", 0, 1, None, facts))
     assert row[0] == facts.event_id

@@ -1,20 +1,36 @@
 -- Applies a batch of one restaurant's updates in order, then re-materialises the restaurant's ready row.
--- KEYS: placed, kitchen, prep, meta, pickup, row.
--- ARGV: now (ms), retention_ms (placements), order_ttl_s, kitchen_ttl_ms, order_key_prefix,
--- prep_retention_ms, pickup_retention_ms, the updates as one JSON array (decoded by Redis' built-in
--- cjson: no per-argument overhead) of [type, order_id, event_ms, lat ('' if none), lng, writer span
--- ('' if not sampled)] (event_ms, lat and lng as strings, kept exactly as written), then the row's
--- windows as comma-separated milliseconds: the order-count windows, the prep-mean windows, the
--- pickup-wait-mean windows, and optionally 'ahead' and the lookahead ms (the row timer; see the end).
--- An empty update array only re-materialises the row.
+-- KEYS: the row key, rst:{R}:row; the restaurant's other keys share its hash tag and are derived from it
+-- (rst:{R}:placed, :kitchen, :prep, :meta, :pickup and the per-order hashes rst:{R}:o:<order>, as
+-- keys.restaurant_keys names them), so one key is sent per call and the call stays in one cluster slot.
+-- ARGV[1]: the call's header, '|'-separated: now (ms), retention_ms (placements), order_ttl_s,
+-- kitchen_ttl_ms, prep_retention_ms, pickup_retention_ms, then the row's windows as comma-separated
+-- milliseconds: the order-count windows, the prep-mean windows, the pickup-wait-mean windows (one argument
+-- rather than nine: each argument costs the aggregator an encoding step per call).
+-- ARGV[2]: the updates as one JSON array (decoded by Redis' built-in cjson: no per-argument overhead) of
+-- [type, order_id, event_ms, lat ('' if none), lng, writer span ('' if not sampled)] (event_ms, lat and
+-- lng as strings, kept exactly as written); ARGV[3], ARGV[4]: optionally 'ahead' and the lookahead ms (the
+-- row timer; see the end). An empty update array only re-materialises the row.
 -- Returns "<flags>|<due>": one '0'/'1' "changed" flag per update, and when the row timer should next
 -- look at this row (ms; the row's valid_until, '' when no window can change by itself).
 -- Per batch, not per update: the trims (at the batch's newest event time: a trim never changes a value
 -- read at "now") and the group bookkeeping (u:/e:/t:) — the same end state with far fewer Redis calls.
-local placed, kitchen, prep, meta, pickup, rowkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local now, retention, ttl, kitchen_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local prefix, prep_retention, pickup_retention = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
-local updates = cjson.decode(ARGV[8])
+local rowkey = KEYS[1]
+local tag = string.sub(rowkey, 1, -4)  -- 'rst:{R}:'
+local placed, kitchen, prep = tag .. 'placed', tag .. 'kitchen', tag .. 'prep'
+local meta, pickup, prefix = tag .. 'meta', tag .. 'pickup', tag .. 'o:'
+local head = {}
+do
+  local from = 1
+  while true do
+    local bar = string.find(ARGV[1], '|', from, true)
+    if not bar then head[#head + 1] = string.sub(ARGV[1], from); break end
+    head[#head + 1] = string.sub(ARGV[1], from, bar - 1)
+    from = bar + 1
+  end
+end
+local now, retention, ttl, kitchen_ttl = head[1], tonumber(head[2]), tonumber(head[3]), tonumber(head[4])
+local prep_retention, pickup_retention = tonumber(head[5]), tonumber(head[6])
+local updates = cjson.decode(ARGV[2])
 local out = {}
 local groups = {}
 local trim_placed, trim_kitchen, trim_prep, trim_pickup = nil, nil, nil, nil
@@ -122,7 +138,7 @@ local function windows(csv)
   for w in string.gmatch(csv, '[^,]+') do out[#out + 1] = tonumber(w) end
   return out
 end
-local COUNTS, PREPS, PICKUPS = windows(ARGV[9]), windows(ARGV[10]), windows(ARGV[11])
+local COUNTS, PREPS, PICKUPS = windows(head[7]), windows(head[8]), windows(head[9])
 local function materialize(t)
   local vu = nil
   local function until_(at) if not vu or at < vu then vu = at end end
@@ -168,7 +184,7 @@ local function materialize(t)
 end
 
 local real = tonumber(now)
-if ARGV[12] ~= 'ahead' then
+if ARGV[3] ~= 'ahead' then
   -- an update (or a plain re-materialisation) at `now`: the row as of now; a row computed ahead of time
   -- no longer holds (it lacks these updates)
   local text, vu = materialize(real)
@@ -176,11 +192,11 @@ if ARGV[12] ~= 'ahead' then
   redis.call('HDEL', rowkey, 'n')
   return table.concat(out) .. '|' .. vu
 end
--- The row timer, ahead of time (ARGV[13]: lookahead ms): the row as of the current row's valid_until
+-- The row timer, ahead of time (ARGV[4]: lookahead ms): the row as of the current row's valid_until
 -- goes to field n (a read uses whichever of w and n is valid), so readers never wait for the timer at
 -- an edge. A waiting n whose time has come is promoted to w first; one still in the future is kept, and
 -- the next call is due when it can be promoted.
-local lookahead = tonumber(ARGV[13])
+local lookahead = tonumber(ARGV[4])
 local cur = redis.call('HGET', rowkey, 'w')
 local nxt = redis.call('HGET', rowkey, 'n')
 if nxt then
