@@ -111,6 +111,8 @@ def build(settings: config.PredictionSettings) -> GrpcService:
                 "registry unreachable at start; retrying every refresh period",
                 extra={"error": str(exc), "serving": models.current.version if models.current else None},
             )
+        if isinstance(store.client, ClientCache):
+            await store.client.start()
         # Long-lived objects (modules, the model) leave the GC's generations: fewer, shorter pauses.
         gc.collect()
         gc.freeze()

@@ -23,6 +23,10 @@ process and asks Redis to say when they change:
   invalidation may overtake the reply on the other connection); every entry is dropped, and caching
   stops, whenever either connection is lost or replaced (Redis forgets tracking with the connection),
   and starts again once both are back and tracking is on. ``FLUSHALL``/``FLUSHDB`` invalidate everything.
+  A hung Redis or network closes no connection: the invalidation connection is pinged
+  (``PREDICTION_CLIENT_CACHE_SILENCE_MS`` / 5) and a ping unanswered for the silence window stops the
+  cache the same way: an entry is never served more than that window (and one ping) after Redis last
+  spoke.
 * **How fresh.** An answer can trail a write by the time the invalidation takes to arrive (well under a
   millisecond on one host) — the same order as the gap between two commands of one uncached read, and
   far below the event → Redis path's own latency. Reads ``as of`` another time and the exact fallback
@@ -144,7 +148,7 @@ class _Invalidations(asyncio.Protocol):
                     return
             elif isinstance(reply, list) and len(reply) == 3 and reply[1] == INVALIDATE_CHANNEL:
                 self.cache._invalidate(reply[2])
-            self.cache._heard = asyncio.get_running_loop().time()  # any reply: the channel is alive
+            self.cache._unanswered_since = None  # any reply: the channel is alive
 
     def _replies(self, data: bytes) -> list[Any]:
         out: list[Any] = []
@@ -212,7 +216,7 @@ class ClientCache:
         # serving, as for a lost connection: an entry is never trusted longer than that without news.
         self._heartbeat_seconds = heartbeat_seconds
         self._silence = silence_seconds
-        self._heard = 0.0
+        self._unanswered_since: float | None = None  # the oldest ping sent since the last reply heard
         self._heartbeat: asyncio.Task[None] | None = None
 
     # --- the client API -------------------------------------------------------------------------------
@@ -252,9 +256,6 @@ class ClientCache:
         inner = self.inner
         if not self._active:
             self._start_soon()
-            return await inner.execute(commands)
-        if asyncio.get_running_loop().time() - self._heard > self._silence:
-            self._silenced()
             return await inner.execute(commands)
         if inner.generation != self._generation or not inner.connected:
             # The read connection was lost or replaced: Redis tracked the entries' keys for the old
@@ -392,11 +393,24 @@ class ClientCache:
         self._start_soon()
 
     async def _beat(self) -> None:
+        """Ping the invalidation connection; a ping unanswered for ``silence_seconds`` stops the cache.
+        Judged here, after the event loop has read what arrived (I/O callbacks run before timers in an
+        iteration), so a busy or stalled loop is never taken for a silent Redis."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self._heartbeat_seconds)
             subscriber = self._subscriber
-            if subscriber is not None and subscriber.transport is not None:
-                subscriber.transport.write(_PING)
+            if not self._active or subscriber is None or subscriber.transport is None:
+                self._unanswered_since = None
+                continue
+            now = loop.time()
+            if self._unanswered_since is None:
+                self._unanswered_since = now
+            elif now - self._unanswered_since > self._silence:
+                self._unanswered_since = None
+                self._silenced()
+                continue
+            subscriber.transport.write(_PING)
 
     def _setup_error(self, error: BaseException) -> None:
         """A new read connection's ``CLIENT TRACKING`` failed (a lost connection aside): what it read
@@ -420,6 +434,12 @@ class ClientCache:
         self._next_attempt = loop.time() + self._retry
         self._starting = asyncio.ensure_future(self._start())
         self._starting.add_done_callback(lambda task: task.cancelled() or task.exception())
+
+    async def start(self) -> None:
+        """Turn the cache on now (at service start) instead of on the first read; a failure is logged and
+        retried on later reads."""
+        if not self._active and not self._closed:
+            await self._start()
 
     async def _start(self) -> None:
         """Subscribe a redirect connection, turn tracking on for the read connection, then cache."""
@@ -445,7 +465,7 @@ class ClientCache:
             return  # lost meanwhile: the next call starts again
         self._flush()
         self._generation = inner.generation
-        self._heard = asyncio.get_running_loop().time()
+        self._unanswered_since = None
         if self._heartbeat is None or self._heartbeat.done():
             self._heartbeat = asyncio.ensure_future(self._beat())
         self._active = True

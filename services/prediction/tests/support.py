@@ -140,8 +140,8 @@ async def populate_city(
 
 class RedisProxy:
     """A TCP proxy in front of Redis for black-box tests: counts round trips ("turns": the client speaks
-    after the server did) and can black-hole traffic (accepts and reads, never answers) like a hung or
-    partitioned Redis."""
+    after the server did; a subscribed connection's pings are not counted) and can black-hole traffic
+    (accepts and reads, never answers) like a hung or partitioned Redis."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
@@ -186,7 +186,9 @@ class RedisProxy:
                 while data := await reader.read(65536):
                     if self.blackhole or upstream is None:
                         continue  # swallow: nobody answers
-                    if state["last"] == "server":
+                    if b"SUBSCRIBE" in data:  # a client-side cache's invalidation channel: not a read
+                        state["pubsub"] = "yes"
+                    if state["last"] == "server" and "pubsub" not in state:
                         self.turns += 1
                     state["last"] = "client"
                     upstream[1].write(data)
