@@ -23,8 +23,8 @@ Measured, every scenario ``repeats`` times, interleaved round by round (medians 
 1. sequential (one call at a time): p50/p99 of the echo and of PredictEta;
 2. max throughput: ``concurrency`` calls outstanding; server CPU per call; Redis CPU per prediction (the
    redis-server process, from /proc) and Redis commands per prediction (``INFO commandstats``);
-   PredictEta (1. and 2.) again on a server with the client-side cache off (``PREDICTION_CLIENT_CACHE=
-   false``: every read a round trip, as for a restaurant or customer not read recently);
+   PredictEta (1. and 2.) and the closed-loop batch again on a server with the client-side cache off
+   (``PREDICTION_CLIENT_CACHE=false``: every read a round trip, as for rows not read since they changed);
 3. PredictEtaBatch of 50 restaurants at ``batch_rate``/s open loop: p50/p99, server CPU per batch; and
    closed loop (``batch_concurrency`` outstanding): batches/s, Redis CPU per batch;
 4. tracing: 100 % sampling with the JSON-lines exporter, and 100 % sampling with no exporter, versus
@@ -272,6 +272,15 @@ def run(quick: bool) -> BenchResult:
                     concurrency=plan.batch_concurrency,
                     clients=k,
                 )
+                measure(
+                    f"{batch_max}, client cache off",
+                    uncached,
+                    PREDICT_BATCH,
+                    "max",
+                    batch=True,
+                    concurrency=plan.batch_concurrency,
+                    clients=k,
+                )
                 measure(f"eta {closed}, tracing 100%", traced, PREDICT, "max", concurrency=c, clients=k)
                 measure(
                     f"eta {closed}, sampled, no exporter", recorded, PREDICT, "max", concurrency=c, clients=k
@@ -314,6 +323,7 @@ def run(quick: bool) -> BenchResult:
     batch = med[batch_label]
     uncached_seq = med[f"eta PredictEta {seq}, client cache off"]
     uncached_max = med[f"eta PredictEta {closed}, client cache off"]
+    uncached_batch = med[f"{batch_max}, client cache off"]
     batch_loaded = med[batch_max]
     echo_rate = med[echo_at_rate]
     traced_max = med[f"eta {closed}, tracing 100%"]
@@ -349,6 +359,9 @@ def run(quick: bool) -> BenchResult:
             "nocache_throughput_ratio": uncached_max["rps"] / echo_max["rps"],
             "nocache_server_cpu_us_per_call": uncached_max["server_net_cpu_us_per_call"],
             "nocache_redis_cpu_us_per_prediction": uncached_max["redis_net_cpu_us_per_call"],
+            "nocache_batch50_max_rps": uncached_batch["rps"],
+            "nocache_batch50_server_cpu_ms_at_max": uncached_batch["server_net_cpu_us_per_call"] / 1e3,
+            "nocache_batch50_redis_cpu_us": uncached_batch["redis_net_cpu_us_per_call"],
             "echo_cpu_us_per_call_at_batch_rate": echo_rate["server_net_cpu_us_per_call"],
             # how much more CPU the same code costs when calls arrive to an idle process (caches cold)
             "idle_gap_cpu_factor": echo_rate["server_net_cpu_us_per_call"]
