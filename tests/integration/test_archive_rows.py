@@ -6,13 +6,13 @@ repeats within a batch (the first one wins)."""
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import asyncpg
 import pytest
 
-from devstack.infra import ChildProcess, start_postgres
+from devstack.infra import ChildProcess
 from eta.v1 import events_pb2
 from eta_common.db import archive as A
 from eta_common.db.archive import ArchivedEvent, archive_events
@@ -22,16 +22,6 @@ from eta_common.timeutil import timestamp_from_ms
 
 T = 1_765_000_000_123
 COLUMNS = ", ".join(A._COLUMNS)
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChildProcess]:
-    workdir = tmp_path_factory.mktemp("archive-rows")
-    server = start_postgres(workdir / "pgdata", workdir / "logs")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

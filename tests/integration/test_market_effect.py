@@ -9,25 +9,14 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import asyncpg
 import pytest
 
-from devstack.infra import ChildProcess, start_postgres
+from devstack.infra import ChildProcess
 
 pytestmark = pytest.mark.integration
 END = "2026-11-30T00:00:00"
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChildProcess]:
-    workdir = tmp_path_factory.mktemp("market-effect")
-    pg = start_postgres(workdir / "pgdata", workdir / "logs")
-    try:
-        yield pg
-    finally:
-        pg.stop()
 
 
 def _run(*argv: str, url: str) -> subprocess.CompletedProcess[str]:

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from devstack.infra import ChildProcess, start_postgres
+from devstack.infra import ChildProcess
 from eta_common.db.registry import load_promoted
 from eta_common.model_bundle import load_bundle
 from simulator.city import CityConfig
@@ -22,16 +22,6 @@ pytestmark = pytest.mark.integration
 
 END_MS = 1_741_564_800_000  # 2025-03-10 00:00 UTC (a Monday)
 DAYS = 5.0
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChildProcess]:
-    workdir: Path = tmp_path_factory.mktemp("train-pg")
-    server = start_postgres(workdir / "pgdata", workdir / "logs")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

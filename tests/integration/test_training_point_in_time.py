@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import numpy as np
 import pytest
 
-from devstack.infra import ChildProcess, start_postgres
+from devstack.infra import ChildProcess
 from eta.v1 import events_pb2
 from eta_common import customer_features as CF
 from eta_common import features as F
@@ -44,16 +43,6 @@ T_HAND = 1_740_787_200_000 + 10 * HOUR  # 2025-03-01 10:00 UTC
 T_RANDOM = T_HAND + 3 * DAY
 T_SIM_END = T_HAND + 10 * DAY
 LATENESS = F.DEFAULT_ALLOWED_LATENESS_MS
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChildProcess]:
-    workdir: Path = tmp_path_factory.mktemp("pit-pg")
-    server = start_postgres(workdir / "pgdata", workdir / "logs")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

