@@ -11,23 +11,7 @@ import pytest
 from aggregator.feature_service import FeatureServicer
 from eta.v1 import features_pb2
 from eta_common.online_store import OnlineStore, RestaurantFeatures
-
-
-class Aborted(Exception):
-    pass
-
-
-class Context:
-    code: Any = None
-    details = ""
-
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        self.code, self.details = code, details
-        raise Aborted(details)
-
-    async def abort_with_status(self, status: Any) -> None:
-        self.code, self.details = status.code, status.details
-        raise Aborted(status.details)
+from eta_common.tests.servicer_context import Aborted, Context
 
 
 class Store:

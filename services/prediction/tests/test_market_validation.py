@@ -12,10 +12,11 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from eta.v1 import eta_pb2
 from eta_common.markets import MARKET_ID_REASON
+from eta_common.tests.servicer_context import Aborted, Context
 from prediction.inference import ServingModel
 from prediction.models import load_model
 from prediction.tests.support import synthetic_bundle
-from prediction.tests.test_servicer import CUSTOMER, RESTAURANT, Aborted, Context, fresh, make, single
+from prediction.tests.test_servicer import CUSTOMER, RESTAURANT, fresh, make, single
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from eta_common import features as F
 from eta_common.feature_block import FeatureBlock
 from eta_common.feature_proto import to_feature_value
 from eta_common.online_store import FeatureReading, RestaurantFeatures
+from eta_common.tests.servicer_context import Aborted, Context
 from prediction.config import DEFAULT_STALENESS_BUDGETS, ONLINE_FEATURES
 from prediction.inference import Array, ServingModel
 from prediction.models import ModelHolder, load_model
@@ -31,28 +32,6 @@ NOW = 1_800_000_000_000
 RESTAURANT = events_pb2.GeoPoint(lat=52.52, lng=13.40)
 CUSTOMER = events_pb2.GeoPoint(lat=52.54, lng=13.43)
 BUDGETS = {name: DEFAULT_STALENESS_BUDGETS.get(name, 300.0) for name in ONLINE_FEATURES}
-
-
-class Aborted(Exception):
-    pass
-
-
-class Context:
-    def __init__(self, remaining: float | None = None) -> None:
-        self.remaining = remaining
-        self.code: Any = None
-        self.details = ""
-
-    def time_remaining(self) -> float | None:
-        return self.remaining
-
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        self.code, self.details = code, details
-        raise Aborted(details)
-
-    async def abort_with_status(self, status: Any) -> None:
-        self.code, self.details = status.code, status.details
-        raise Aborted(status.details)
 
 
 def fresh(age_s: float = 2.0, **values: float) -> dict[str, FeatureReading]:
