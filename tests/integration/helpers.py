@@ -7,7 +7,9 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -256,3 +258,15 @@ class FrozenRedis:
     async def close(self) -> None:
         if self._frozen:
             self.blackhole = False
+
+
+def metric_total(port: int, name: str, **labels: str) -> float:
+    """The sum of a Prometheus metric's samples served on ``port`` whose labels include ``labels``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"{name}(?:\{{(.*)\}})? (\S+)$", line)
+        if match and all(f'{k}="{v}"' in (match[1] or "") for k, v in labels.items()):
+            total += float(match[2])
+    return total

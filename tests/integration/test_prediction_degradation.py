@@ -9,8 +9,6 @@ With ``--redis-mode=cluster`` the Redis is a Redis Cluster of 3 primaries, kille
 from __future__ import annotations
 
 import asyncio
-import re
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from eta_common.timeutil import now_ms
 from prediction.config import ONLINE_FEATURES
 from prediction.tests.support import RedisProxy, register, seed_customer, synthetic_bundle
 from tests.integration.conftest import poll_until
-from tests.integration.helpers import FrozenRedis, redis_cluster_mode, start_test_redis
+from tests.integration.helpers import FrozenRedis, metric_total, redis_cluster_mode, start_test_redis
 
 pytestmark = pytest.mark.integration
 Quality = eta_pb2.PredictEtaResponse.FeatureQuality
@@ -91,15 +89,7 @@ class Service:
         return int(reply.status)
 
     def metric(self, name: str, **labels: str) -> float:
-        port = self.stack.ports.metrics["prediction"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            match = re.match(rf"{name}(?:\{{(.*)\}})? (\S+)$", line)
-            if match and all(f'{k}="{v}"' in (match[1] or "") for k, v in labels.items()):
-                total += float(match[2])
-        return total
+        return metric_total(self.stack.ports.metrics["prediction"], name, **labels)
 
 
 @pytest.fixture(scope="module")

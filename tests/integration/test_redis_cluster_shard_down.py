@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from eta_common.timeutil import now_ms
 from prediction.config import ONLINE_FEATURES
 from prediction.tests.support import register, synthetic_bundle
 from tests.integration.conftest import poll_until
+from tests.integration.helpers import metric_total
 
 pytestmark = pytest.mark.integration
 Degradation = eta_pb2.Degradation
@@ -48,14 +48,7 @@ class ShardStack:
         return eta_pb2_grpc.EtaServiceStub(self.channel)
 
     def metric(self, name: str, **labels: str) -> float:
-        port = self.stack.ports.metrics["prediction"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return metric_total(self.stack.ports.metrics["prediction"], name, **labels)
 
 
 def request(restaurant_id: str) -> eta_pb2.PredictEtaRequest:
