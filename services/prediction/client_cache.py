@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from typing import Any, cast
@@ -455,7 +454,7 @@ class ClientCache:
             ]
             inner.connection_setup = lambda: tracking[1:]
             inner.on_setup_error = self._setup_error
-            async with asyncio.timeout(inner._connect_timeout):
+            async with asyncio.timeout(inner.connect_timeout):
                 # on the current read connection (a new one sends it itself, first)
                 await inner.execute(tracking)
         except (RedisError, OSError, TimeoutError) as exc:
@@ -474,20 +473,11 @@ class ClientCache:
 
     async def _subscribe(self) -> _Invalidations:
         inner = self.inner
-        loop = asyncio.get_running_loop()
-        commands: list[Command] = []
-        expect: list[str] = []
-        if inner._password is not None:
-            credentials = (inner._username, inner._password) if inner._username else (inner._password,)
-            commands.append(("AUTH", *credentials))
-            expect.append("auth")
+        commands = inner.auth_commands()
+        expect = ["auth"] * len(commands) + ["id", "subscribe"]
         commands += [("CLIENT", "ID"), ("SUBSCRIBE", INVALIDATE_CHANNEL)]
-        expect += ["id", "subscribe"]
-        context = ssl.create_default_context() if inner._tls else None
-        async with asyncio.timeout(inner._connect_timeout):
-            _, subscriber = await loop.create_connection(
-                lambda: _Invalidations(self, expect), inner.host, inner.port, ssl=context
-            )
+        async with asyncio.timeout(inner.connect_timeout):
+            subscriber = await inner.open_connection(lambda: _Invalidations(self, expect))
             assert subscriber.transport is not None
             subscriber.transport.write(encode_commands(commands))
             await subscriber.ready

@@ -46,7 +46,7 @@ import ssl
 from binascii import crc_hqx
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlparse
 
 from redis.exceptions import BusyLoadingError, NoScriptError, RedisError, ResponseError
@@ -70,6 +70,7 @@ __all__ = [
 ]
 
 Command = Sequence[Any]
+P = TypeVar("P", bound=asyncio.Protocol)
 _CRLF = b"\r\n"
 
 
@@ -380,16 +381,27 @@ class LeanRedis:
             if self._connecting is not None and self._connecting.done():
                 self._connecting = None
 
-    async def _connect(self) -> _RespProtocol:
-        loop = asyncio.get_running_loop()
+    def auth_commands(self) -> list[Command]:
+        """What a new connection sends first to be allowed in: ``AUTH`` when the URL has a password."""
+        if self._password is None:
+            return []
+        credentials = (self._username, self._password) if self._username else (self._password,)
+        return [("AUTH", *credentials)]
+
+    async def open_connection(self, factory: Callable[[], P]) -> P:
+        """A TCP (or TLS, for ``rediss://``) connection to this Redis speaking ``factory``'s protocol;
+        callers bound it, and their handshake, with :attr:`connect_timeout`."""
         context = ssl.create_default_context() if self._tls else None
+        _, protocol = await asyncio.get_running_loop().create_connection(
+            factory, self.host, self.port, ssl=context
+        )
+        return protocol
+
+    async def _connect(self) -> _RespProtocol:
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, protocol = await loop.create_connection(_RespProtocol, self.host, self.port, ssl=context)
-                setup: list[Command] = []
-                if self._password is not None:
-                    credentials = (self._username, self._password) if self._username else (self._password,)
-                    setup.append(("AUTH", *credentials))
+                protocol = await self.open_connection(_RespProtocol)
+                setup = self.auth_commands()
                 if self.db:
                     setup.append(("SELECT", self.db))
                 if setup:
@@ -416,6 +428,10 @@ class LeanRedis:
             failure = next((reply for reply in sent.result() if isinstance(reply, RedisError)), None)
         if failure is not None and self.on_setup_error is not None:
             self.on_setup_error(failure)
+
+    @property
+    def connect_timeout(self) -> float:
+        return self._connect_timeout
 
     @property
     def connected(self) -> bool:

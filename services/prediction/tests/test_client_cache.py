@@ -260,3 +260,23 @@ async def test_a_silent_invalidation_channel_stops_the_cache_within_its_window(
         assert await _read(cache) == [b"v1", None, None]
     finally:
         await cache.aclose()
+
+
+async def test_a_redis_with_a_password_is_cached_too(redis_server: ChildProcess, writer: redis.Redis) -> None:
+    """Both connections authenticate (the invalidation channel's AUTH comes before CLIENT ID)."""
+    writer.config_set("requirepass", "s3cret")
+    admin = redis.Redis(port=redis_server.port, password="s3cret")
+    try:
+        admin.hset(ROW, "w", "v1")
+        url = f"redis://:s3cret@127.0.0.1:{redis_server.port}/0"
+        cache = ClientCache(LeanRedis.from_url(url), retry_seconds=0.05)
+        try:
+            await _until(cache, lambda: cache.active)
+            assert await _read(cache) == [b"v1", None, None]
+            admin.hset(ROW, "w", "v2")
+            await _eventually(cache, ROW, [b"v2", None, None])
+        finally:
+            await cache.aclose()
+    finally:
+        admin.config_set("requirepass", "")
+        admin.close()
