@@ -84,14 +84,27 @@ def _request() -> ingestion_pb2.PublishEventsRequest:
 
 
 async def _stream_once(stub: ingestion_pb2_grpc.IngestionServiceStub, **kwargs: Any) -> Any:
-    """One chunk on a new stream; the answers, or the AioRpcError the stream ended with."""
-    call = stub.StreamEvents(timeout=10, **kwargs)
-    try:
-        await call.write(_request())
-        await call.done_writing()
-    except grpc.aio.AioRpcError:
-        pass  # a stream refused at once can end before the write: its status is what counts
-    return [answer async for answer in call]
+    """One chunk on a new stream; the answers, or the AioRpcError the stream ended with.
+
+    A stream the server refuses at once can end while the client is still sending its chunk; grpc.aio
+    then sometimes ends the call locally with INTERNAL ("Failed execute_batch" of the send) instead of
+    the server's status. That is the client library's race, not an answer: the stream is tried again."""
+    for attempt in range(3):
+        call = stub.StreamEvents(timeout=10, **kwargs)
+        try:
+            await call.write(_request())
+            await call.done_writing()
+        except grpc.aio.AioRpcError:
+            pass  # a stream refused at once can end before the write: its status is what counts
+        try:
+            return [answer async for answer in call]
+        except grpc.aio.AioRpcError as exc:
+            local_send_failure = exc.code() == grpc.StatusCode.INTERNAL and "execute_batch" in str(
+                exc.debug_error_string()
+            )
+            if not local_send_failure or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 async def test_missing_or_unknown_tokens_are_unauthenticated(secured: dict[str, Any]) -> None:
