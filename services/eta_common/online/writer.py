@@ -1,8 +1,9 @@
 """Writing the online store: updates, ready rows and their schedule, the materialised supply counts.
 
-* :meth:`OnlineWriter.apply` applies a batch in one pipeline (one ``apply_restaurant`` call per
-  restaurant, which also re-materialises its ready row, and one ``apply_city`` call), then registers each
-  touched row's ``valid_until`` in its due bucket (a second, small pipeline).
+* :meth:`OnlineWriter.apply` applies a batch in one pipeline (``apply_restaurant`` calls of up to
+  :data:`RESTAURANTS_PER_CALL` restaurants each — of one cluster slot each on a Redis Cluster — which also
+  re-materialise the restaurants' ready rows, and one ``apply_city`` call per market), then registers
+  each touched row's ``valid_until`` in its due bucket (a second, small pipeline).
 * The **row timer** (:meth:`claim_due` + :meth:`materialize`) re-materialises rows whose ``valid_until``
   is near: windows drain by themselves, so a quiet restaurant's row must be recomputed when its oldest
   order leaves a window. It computes the next row ahead of time, as of the edge, into the row's ``n``
@@ -24,11 +25,13 @@ import json
 import logging
 import secrets
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from eta_common import features as F
 from eta_common.online.connection import Call, Pipelines
@@ -51,7 +54,7 @@ from eta_common.online.rows import supply_text
 from eta_common.online.updates import DISPATCH_ORDER_EVENTS, DriverUpdate, RestaurantUpdate
 from eta_common.timeutil import now_ms as wall_ms
 
-__all__ = ["ORDER_STATE_TTL_S", "SUPPLY_CHUNK", "OnlineWriter"]
+__all__ = ["ORDER_STATE_TTL_S", "RESTAURANTS_PER_CALL", "SUPPLY_CHUNK", "OnlineWriter"]
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +63,13 @@ REBUILDING = b"rebuilding:"  # the initialized key's value while a rebuild runs
 FORGET_AGGREGATOR_MS = 3_600_000
 # Restaurants counted per numpy pass of the supply refresh (bounds its distance matrix: n × drivers).
 SUPPLY_CHUNK = 500
+# Restaurants per apply_restaurant call. A call has a fixed cost on both sides (the aggregator packs it and
+# reads its reply; Redis starts a script), which one call per restaurant paid for every restaurant of a
+# batch; the bound keeps a call short (~25 µs of Redis per restaurant) so reads are not held up behind it.
+RESTAURANTS_PER_CALL = 32
 _COUNT_WINDOWS = ",".join(str(w.window_ms) for w in F.WINDOW_COUNTS)
 _PREP_WINDOWS = ",".join(str(m.window_ms) for m in F.WINDOW_MEANS)
 _PICKUP_WINDOWS = ",".join(str(m.window_ms) for m in F.PICKUP_WAIT_MEANS)
-_EMPTY = "[]"
 
 _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 # The json module's C encoder, made once: JSONEncoder.encode makes one per call (~2 µs of the ~3 µs it
@@ -82,10 +88,20 @@ def _json(rows: Any) -> str:
 
 
 def _valid_until(raw: bytes) -> tuple[bytes, bytes]:
-    """(flags, valid_until) of an ``apply_restaurant`` result, valid_until as the text of its due score
-    (``inf``: no window changes by itself)."""
+    """(flags, valid_until) of one restaurant's part of an ``apply_restaurant`` result, valid_until as the
+    text of its due score (``inf``: no window changes by itself)."""
     flags, _, until = raw.rpartition(b"|")
     return flags, until or b"inf"
+
+
+def _per_restaurant(chunks: Sequence[Sequence[int]], results: Sequence[bytes], n: int) -> list[bytes]:
+    """Each restaurant's part of the ``apply_restaurant`` results (one per call, parts joined by ';'), in
+    the order of the restaurants the calls were made from."""
+    out = [b""] * n
+    for positions, result in zip(chunks, results, strict=False):
+        for position, part in zip(positions, result.split(b";"), strict=True):
+            out[position] = part
+    return out
 
 
 class OnlineWriter(Pipelines):
@@ -97,6 +113,7 @@ class OnlineWriter(Pipelines):
         city: str = CITY,
     ) -> None:
         super().__init__(client)
+        self._cluster = isinstance(client, RedisCluster)
         self.retention_ms = F.MAX_WINDOW_MS + allowed_lateness_ms
         self.prep_retention_ms = F.MAX_PREP_WINDOW_MS + allowed_lateness_ms
         self.pickup_retention_ms = F.MAX_PICKUP_WINDOW_MS + allowed_lateness_ms
@@ -125,17 +142,40 @@ class OnlineWriter(Pipelines):
         """``apply_restaurant``'s first argument: ``now`` and the writer's constants, one string."""
         return f"{now_ms}|{self._restaurant_constants}"
 
-    def _queue_restaurant(
-        self, pipe: Any, restaurant_id: str, head: str, updates_json: str, *ahead: Any
-    ) -> None:
-        pipe.evalsha(self._sha["apply_restaurant"], 1, row_key(restaurant_id), head, updates_json, *ahead)
+    def _chunks(self, restaurant_ids: Sequence[str]) -> list[list[int]]:
+        """Positions of the restaurants per ``apply_restaurant`` call: at most
+        :data:`RESTAURANTS_PER_CALL` each, and on a Redis Cluster all of one slot."""
+        n, size = len(restaurant_ids), RESTAURANTS_PER_CALL
+        if not self._cluster:
+            return [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+        by_slot: dict[int, list[int]] = defaultdict(list)
+        for position, restaurant_id in enumerate(restaurant_ids):
+            by_slot[key_slot(row_key(restaurant_id).encode())].append(position)
+        return [same[i : i + size] for same in by_slot.values() for i in range(0, len(same), size)]
+
+    def _restaurant_calls(
+        self, restaurant_ids: Sequence[str], updates: Sequence[list[list[str]]], head: str, *ahead: Any
+    ) -> tuple[list[list[int]], Callable[[dict[str, str]], list[Call]]]:
+        """The ``apply_restaurant`` calls for these restaurants (each with its updates): their positions
+        per call, and the calls given the scripts' SHAs."""
+        chunks = self._chunks(restaurant_ids)
+        made = [
+            ([row_key(restaurant_ids[p]) for p in positions], _json([updates[p] for p in positions]))
+            for positions in chunks
+        ]
+
+        def calls(sha: dict[str, str]) -> list[Call]:
+            script = sha["apply_restaurant"]
+            return [("EVALSHA", script, len(keys), *keys, head, text, *ahead) for keys, text in made]
+
+        return chunks, calls
 
     async def apply(self, updates: Sequence[RestaurantUpdate | DriverUpdate], *, now_ms: int) -> list[int]:
-        """Apply updates in one pipeline (one round trip): one script call per restaurant and one for the
-        city (every driver update, plus the PLACED and CANCELLED order events with an order id, which
-        change the dispatch backlog), each applying its updates in order; then register the touched
-        rows' ``valid_until``. Returns 1 per update that changed state (in its restaurant's keys or the
-        city's)."""
+        """Apply updates in one pipeline (one round trip): script calls of up to
+        :data:`RESTAURANTS_PER_CALL` restaurants, and one per market for the city (every driver update,
+        plus the PLACED and CANCELLED order events with an order id, which change the dispatch backlog),
+        each applying its updates in order; then register the touched rows' ``valid_until``. Returns 1
+        per update that changed state (in its restaurant's keys or the city's)."""
         if not updates:
             return []
         default = self.city
@@ -188,13 +228,13 @@ class OnlineWriter(Pipelines):
         groups = list(by_restaurant.items())
         cities = list(by_market.items())
         head = self._head(now_ms)
+        chunks, restaurant_calls = self._restaurant_calls(
+            [restaurant_id for restaurant_id, _ in groups], [rows for _, (_, rows) in groups], head
+        )
 
         def calls(sha: dict[str, str]) -> list[Call]:
-            restaurant_sha, city_sha = sha["apply_restaurant"], sha["apply_city"]
-            out: list[Call] = [
-                ("EVALSHA", restaurant_sha, 1, row_key(restaurant_id), head, _json(rows))
-                for restaurant_id, (_, rows) in groups
-            ]
+            city_sha = sha["apply_city"]
+            out = restaurant_calls(sha)
             for market, (_, rows) in cities:
                 dkeys = self._keys_of(market)
                 out.append(
@@ -218,12 +258,13 @@ class OnlineWriter(Pipelines):
         results = await self._run_calls(calls)
         changed = [0] * len(updates)
         due: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
-        for (restaurant_id, (indices, _)), result in zip(groups, results, strict=False):
-            flags, until = _valid_until(result)
+        parts = _per_restaurant(chunks, results, len(groups))
+        for (restaurant_id, (indices, _)), part in zip(groups, parts, strict=True):
+            flags, until = _valid_until(part)
             due[market_of[restaurant_id]].append((restaurant_id, until))
             for index, flag in zip(indices, flags, strict=True):
                 changed[index] = flag - 48  # b"0"/b"1"
-        for (_, (indices, _)), flags in zip(cities, results[len(groups) :], strict=True):
+        for (_, (indices, _)), flags in zip(cities, results[len(chunks) :], strict=True):
             for index, flag in zip(indices, flags, strict=True):
                 changed[index] |= flag - 48
         new_markets = {m for m in (*due, *by_market) if m not in self._markets_seen}
@@ -252,16 +293,12 @@ class OnlineWriter(Pipelines):
         without waiting for the timer."""
         if not restaurant_ids:
             return {}
-        queue_restaurant = self._queue_restaurant
         ahead = ("ahead", lookahead_ms) if lookahead_ms > 0 else ()
-        head = self._head(now_ms)
-
-        def build(pipe: Any) -> None:
-            for restaurant_id in restaurant_ids:
-                queue_restaurant(pipe, restaurant_id, head, _EMPTY, *ahead)
-
-        results = await self._run(build)
-        due = [(rid, _valid_until(result)[1]) for rid, result in zip(restaurant_ids, results, strict=True)]
+        chunks, calls = self._restaurant_calls(
+            restaurant_ids, [[] for _ in restaurant_ids], self._head(now_ms), *ahead
+        )
+        parts = _per_restaurant(chunks, await self._run_calls(calls), len(restaurant_ids))
+        due = [(rid, _valid_until(part)[1]) for rid, part in zip(restaurant_ids, parts, strict=True)]
         await self._register({market or self.city: due}, set())
         return {rid: float(until) for rid, until in due}
 

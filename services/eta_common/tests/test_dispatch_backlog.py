@@ -366,8 +366,10 @@ async def test_every_script_call_stays_in_one_cluster_slot(
     calls: list[list[str]] = []
     reads: list[tuple[str, str]] = []
     # the script calls through redis-py's pipeline, as on a cluster (on a single Redis the same calls are
-    # packed and sent by OnlineStore itself: Pipelines._run_calls)
+    # packed and sent by OnlineStore itself: Pipelines._run_calls), grouped per slot as on a cluster (on a
+    # single Redis one call serves restaurants of any slots)
     monkeypatch.setattr(store, "_direct", False)
+    monkeypatch.setattr(store, "_cluster", True)
     real = store.client.pipeline
     monkeypatch.setattr(
         store.client, "pipeline", lambda transaction=False: _Recorder(real(transaction), calls, reads)

@@ -15,6 +15,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from devstack.infra import ChildProcess
 from devstack.synthetic import make_city, random_stream
+from eta_common.online import writer
 from eta_common.online_store import OnlineStore, update_from_event
 
 T0 = 1_800_000_000_000
@@ -110,3 +111,40 @@ async def test_replies_that_do_not_come_time_out_and_the_connection_is_dropped(
         assert await store._run_calls(lambda _: [("EVAL", "return 7", 0), ("EVAL", "return 8", 0)]) == [7, 8]
     finally:
         await store.close()
+
+
+async def test_many_restaurants_per_script_call_leave_the_state_one_call_each_leaves(
+    stores: tuple[OnlineStore, OnlineStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``apply_restaurant`` serves up to ``RESTAURANTS_PER_CALL`` restaurants per call (updates and the
+    row timer's re-materialisations): the same state, flags and due times as one call per restaurant."""
+    chunked, single = stores
+    rng = random.Random(8)
+    city = make_city(rng, "chunks", (52.52, 13.40), n_restaurants=90, n_drivers=60)
+    stream = random_stream(
+        rng, city, start_ms=T0, minutes=30, orders_per_minute=60, late_fraction=0.0, duplicate_fraction=0.1
+    )
+    updates = [u for u in (update_from_event(s.event) for s in stream) if u is not None]
+    batch_size = 400
+    restaurants_per_batch = [
+        len({getattr(u, "restaurant_id", None) for u in updates[i : i + batch_size]} - {None})
+        for i in range(0, len(updates), batch_size)
+    ]
+    assert max(restaurants_per_batch) > 2 * writer.RESTAURANTS_PER_CALL  # several calls per batch
+    now = T0
+    for start in range(0, len(updates), batch_size):
+        batch = updates[start : start + batch_size]
+        now = batch[-1].event_ms + 50
+        flags = await chunked.apply(batch, now_ms=now)
+        with monkeypatch.context() as patch:
+            patch.setattr(writer, "RESTAURANTS_PER_CALL", 1)
+            assert flags == await single.apply(batch, now_ms=now)
+    ids = sorted(city.restaurants)
+    later = now + 7 * 60_000
+    due = await chunked.materialize(ids, now_ms=later, lookahead_ms=30_000)
+    with monkeypatch.context() as patch:
+        patch.setattr(writer, "RESTAURANTS_PER_CALL", 1)
+        assert due == await single.materialize(ids, now_ms=later, lookahead_ms=30_000)
+    state = await _dump(chunked.client)
+    assert state == await _dump(single.client)
+    assert sum(key.endswith(b":row") for key in state) == len(ids)
