@@ -14,9 +14,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from devstack.infra import ChildProcess
-from devstack.synthetic import make_city, random_stream
+from devstack.synthetic import City, make_city, random_stream
 from eta_common.online import writer
-from eta_common.online_store import OnlineStore, update_from_event
+from eta_common.online_store import DriverUpdate, OnlineStore, RestaurantUpdate, update_from_event
+
+Update = RestaurantUpdate | DriverUpdate
 
 T0 = 1_800_000_000_000
 
@@ -49,16 +51,29 @@ async def _dump(client: aioredis.Redis) -> dict[bytes, Any]:
     return out
 
 
+def _city_updates(
+    seed: int, prefix: str, *, n_restaurants: int, n_drivers: int, orders_per_minute: int
+) -> tuple[City, list[Update]]:
+    """A simulated city's half hour (10 % duplicates) as online updates, in arrival order."""
+    rng = random.Random(seed)
+    city = make_city(rng, prefix, (52.52, 13.40), n_restaurants=n_restaurants, n_drivers=n_drivers)
+    stream = random_stream(
+        rng,
+        city,
+        start_ms=T0,
+        minutes=30,
+        orders_per_minute=orders_per_minute,
+        late_fraction=0.0,
+        duplicate_fraction=0.1,
+    )
+    return city, [u for u in (update_from_event(s.event) for s in stream) if u is not None]
+
+
 async def test_direct_calls_leave_the_state_a_pipeline_leaves(
     stores: tuple[OnlineStore, OnlineStore],
 ) -> None:
     direct, piped = stores
-    rng = random.Random(5)
-    city = make_city(rng, "calls", (52.52, 13.40), n_restaurants=12, n_drivers=30)
-    stream = random_stream(
-        rng, city, start_ms=T0, minutes=30, orders_per_minute=20, late_fraction=0.0, duplicate_fraction=0.1
-    )
-    updates = [u for u in (update_from_event(s.event) for s in stream) if u is not None]
+    _, updates = _city_updates(5, "calls", n_restaurants=12, n_drivers=30, orders_per_minute=20)
     assert len(updates) > 500
     for start in range(0, len(updates), 97):
         batch = updates[start : start + 97]
@@ -119,12 +134,7 @@ async def test_many_restaurants_per_script_call_leave_the_state_one_call_each_le
     """``apply_restaurant`` serves up to ``RESTAURANTS_PER_CALL`` restaurants per call (updates and the
     row timer's re-materialisations): the same state, flags and due times as one call per restaurant."""
     chunked, single = stores
-    rng = random.Random(8)
-    city = make_city(rng, "chunks", (52.52, 13.40), n_restaurants=90, n_drivers=60)
-    stream = random_stream(
-        rng, city, start_ms=T0, minutes=30, orders_per_minute=60, late_fraction=0.0, duplicate_fraction=0.1
-    )
-    updates = [u for u in (update_from_event(s.event) for s in stream) if u is not None]
+    city, updates = _city_updates(8, "chunks", n_restaurants=90, n_drivers=60, orders_per_minute=60)
     batch_size = 400
     restaurants_per_batch = [
         len({getattr(u, "restaurant_id", None) for u in updates[i : i + batch_size]} - {None})
