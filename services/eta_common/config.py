@@ -112,7 +112,9 @@ class DatabaseSettings:
 @dataclass(frozen=True, kw_only=True)
 class ServerSettings:
     """Common to every gRPC service: ``GRPC_PORT`` (per service), ``METRICS_PORT`` (per service, 0 = off),
-    ``SHUTDOWN_GRACE_SECONDS`` (10): how long in-flight RPCs may finish after SIGTERM."""
+    ``SHUTDOWN_GRACE_SECONDS`` (10): how long in-flight RPCs may finish after SIGTERM. (The event loop,
+    ``ETA_EVENT_LOOP`` [uvloop] or asyncio, is chosen before the settings are read: see
+    ``eta_common.grpc_server.event_loop_factory``.)"""
 
     grpc_port: int
     metrics_port: int
