@@ -141,12 +141,12 @@ def service_parser(prog: str, description: str | None) -> argparse.ArgumentParse
 EVENT_LOOPS = ("uvloop", "asyncio")
 
 
-def event_loop_factory(choice: str | None = None) -> Callable[[], asyncio.AbstractEventLoop] | None:
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The services' event loop, ``ETA_EVENT_LOOP`` [uvloop]: ``uvloop`` (libuv's loop, in C: ~7 % less
     server CPU per prediction than the standard library's, measured side by side; ``feast serve`` runs
     on it through uvicorn) or ``asyncio`` (the standard library's). None means asyncio's default; so
     does ``uvloop`` where it is not installed (a warning says so)."""
-    choice = choice if choice is not None else env_str("ETA_EVENT_LOOP", "uvloop")
+    choice = env_str("ETA_EVENT_LOOP", "uvloop")
     if choice not in EVENT_LOOPS:
         raise ValueError(f"ETA_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}, got {choice!r}")
     if choice == "asyncio":

@@ -170,7 +170,7 @@ class PredictionLog:
         rows = self._rows
         pending = len(rows)
         while rows and (drain or pending > 0):
-            take = min(self._batch_size, len(rows), len(rows) if drain else pending)
+            take = min(self._batch_size, len(rows) if drain else min(pending, len(rows)))
             pending -= take
             batch = [rows.popleft() for _ in range(take)]
             metrics.LOG_BUFFERED.set(len(rows))

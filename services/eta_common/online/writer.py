@@ -95,10 +95,10 @@ def _valid_until(raw: bytes) -> tuple[bytes, bytes]:
 
 
 def _per_restaurant(chunks: Sequence[Sequence[int]], results: Sequence[bytes], n: int) -> list[bytes]:
-    """Each restaurant's part of the ``apply_restaurant`` results (one per call, parts joined by ';'), in
-    the order of the restaurants the calls were made from."""
+    """Each restaurant's part of the ``apply_restaurant`` results (one per call, parts joined by ';'; the
+    results may go on with other calls'), in the order of the restaurants the calls were made from."""
     out = [b""] * n
-    for positions, result in zip(chunks, results, strict=False):
+    for positions, result in zip(chunks, results[: len(chunks)], strict=True):
         for position, part in zip(positions, result.split(b";"), strict=True):
             out[position] = part
     return out
