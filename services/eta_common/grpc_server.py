@@ -1,9 +1,9 @@
 """aio gRPC server bootstrap shared by the three services.
 
 Every server gets: the standard ``grpc.health.v1`` service, server reflection (so ``grpcurl`` works),
-the tracing interceptor, INVALID_ARGUMENT for request bytes that do not decode on every method of every
-servicer (``eta_common.grpc_errors.validate_requests``; grpc alone answers UNKNOWN), a Prometheus
-endpoint, and a shutdown sequence for Kubernetes rollouts:
+a server span per call, INVALID_ARGUMENT for request bytes that do not decode on every method of every
+servicer (``eta_common.grpc_errors.validating``; grpc alone answers UNKNOWN), a Prometheus endpoint,
+and a shutdown sequence for Kubernetes rollouts:
 SIGTERM/SIGINT → health NOT_SERVING (readiness fails, traffic drains) → ``server.stop(grace)`` lets
 in-flight RPCs finish → the service's own ``on_stop`` hooks close Kafka/Redis/PostgreSQL clients.
 """
@@ -24,9 +24,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from eta_common.config import ServerSettings, env_str
-from eta_common.grpc_errors import validate_requests
+from eta_common.grpc_errors import validating
+from eta_common.handler_wrapping import HandlerWrapper, wrap_registrations
 from eta_common.logs import configure_logging
-from eta_common.telemetry import TracingServerInterceptor, setup_tracing
+from eta_common.telemetry import ServerTracing, setup_tracing
 
 __all__ = ["EVENT_LOOPS", "GrpcService", "event_loop_factory", "run_grpc_service", "serve", "service_parser"]
 
@@ -51,6 +52,11 @@ class GrpcService:
     background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=tuple)
     # Run after the server stopped (close clients), in order.
     on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=tuple)
+    # Per-method handler wrappers (``eta_common.handler_wrapping``), applied once at registration: inside
+    # the server span, outside the request validation. Cheaper per call than interceptors.
+    wrappers: Sequence[HandlerWrapper] = field(default_factory=tuple)
+    # grpc.aio interceptors, for what must decide per call before the handler runs (authentication).
+    # They run before the wrappers: a call an interceptor refuses has no server span (it is logged).
     interceptors: Iterable[grpc.aio.ServerInterceptor] = field(default_factory=tuple)
     bind_host: str = "[::]"
     # TLS for the gRPC port (e.g. ``eta_common.auth.TlsFiles.server_credentials()``); None = plaintext.
@@ -61,12 +67,14 @@ async def serve(service: GrpcService, *, ready: asyncio.Event | None = None) -> 
     """Run until SIGTERM/SIGINT (or a background task fails), then shut down gracefully."""
     for hook in service.on_start:
         await hook()
+    # No interceptors unless a service needs one: grpc then resolves a registered method with a dict
+    # lookup, no coroutine chain per call.
     server = grpc.aio.server(
-        interceptors=[TracingServerInterceptor(), *service.interceptors],
-        options=[("grpc.so_reuseport", 0)],
+        interceptors=list(service.interceptors) or None, options=[("grpc.so_reuseport", 0)]
     )
-    # Before anything registers: undecodable request bytes get INVALID_ARGUMENT on every method.
-    validate_requests(server)
+    # Before anything registers: a span per call, the service's wrappers, and INVALID_ARGUMENT for
+    # undecodable request bytes, on every method.
+    wrap_registrations(server, [ServerTracing(), *service.wrappers, validating])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for register in service.register:

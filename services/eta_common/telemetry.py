@@ -29,8 +29,8 @@ from eta_common.config import env_str
 
 __all__ = [
     "JsonLinesSpanExporter",
+    "ServerTracing",
     "TracingClientInterceptor",
-    "TracingServerInterceptor",
     "extract_from_headers",
     "headers_with_context",
     "sampled_parent_from_headers",
@@ -149,32 +149,19 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-class TracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Server span per RPC (rpc.* semantic conventions), parented by the caller's ``traceparent``.
-
-    Cheap per call: the traced handler is built once per method (the call's metadata is read from its
-    context), and a call without trace headers skips the propagator."""
+class ServerTracing:
+    """Server span per RPC (rpc.* semantic conventions), parented by the caller's ``traceparent``: a
+    handler wrapper (``eta_common.handler_wrapping``), so the traced handler is built once per method at
+    registration. Unary-unary methods of the services are traced; ``/grpc.*`` (health, reflection) are
+    not. A call without trace headers skips the propagator."""
 
     def __init__(self, tracer_name: str = "eta.grpc.server") -> None:
         self._tracer = trace.get_tracer(tracer_name)
-        # method -> (the handler it wraps, the traced handler)
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or handler.unary_unary is None or method.startswith("/grpc."):
+    def __call__(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is None or method.startswith("/grpc."):
             return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        traced = self._traced(method, handler)
-        self._wrapped[method] = (handler, traced)
-        return traced
+        return self._traced(method, handler)
 
     def _traced(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         service, method_name = _split_method(method)

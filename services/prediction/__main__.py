@@ -16,7 +16,7 @@ from eta_common.grpc_server import GrpcService, run_grpc_service, service_parser
 from eta_common.online_store import OnlineStore
 from eta_common.redis_client import redis_from_url
 from prediction import config
-from prediction.admission import AdmissionInterceptor
+from prediction.admission import Admission
 from prediction.client_cache import ClientCache
 from prediction.models import ModelHolder
 from prediction.prediction_log import PredictionLog, copy_sink
@@ -94,7 +94,7 @@ def build(settings: config.PredictionSettings) -> GrpcService:
         prediction_log=prediction_log,
         feed_log_sample=settings.log_feed_sample,
     )
-    admission = AdmissionInterceptor(
+    admission = Admission(
         service=SERVICE,
         max_units=settings.max_in_flight,
         costs={"PredictEtaBatch": lambda request: 1 + len(request.restaurants) // 10},
@@ -139,7 +139,7 @@ def build(settings: config.PredictionSettings) -> GrpcService:
         # a background task that returns stops the service: the log writer runs only when enabled
         background=[refresh, write_log] if prediction_log is not None else [refresh],
         on_stop=[stop],
-        interceptors=[admission],
+        wrappers=[admission],
     )
 
 

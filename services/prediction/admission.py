@@ -1,4 +1,4 @@
-"""Admission control, per-RPC latency and readiness, as one server interceptor.
+"""Admission control, per-RPC latency and readiness, as one handler wrapper.
 
 * **Load shedding.** Each call holds admission units while it runs (PredictEta 1, PredictEtaBatch
   ``1 + restaurants // 10``, roughly its cost). A call that would take the units in flight over
@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2
 
 from prediction import metrics
 
-__all__ = ["AdmissionInterceptor"]
+__all__ = ["Admission"]
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
@@ -46,7 +46,10 @@ def _code_name(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return next((c.name for c in grpc.StatusCode if c.value[0] == code), str(code))
 
 
-class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class Admission:
+    """The handler wrapper (``eta_common.handler_wrapping``) for EtaService's methods and the health
+    service: applied once per method at registration, so a call pays one coroutine frame for it."""
+
     def __init__(
         self,
         *,
@@ -61,31 +64,16 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._costs = costs
         self._ready = ready
         self.in_flight = 0
-        self._wrapped: dict[int, tuple[Handler, Handler]] = {}  # id(original) -> (original, wrapped)
         self._latency: dict[tuple[str, str], Any] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            if handler is not None and handler_call_details.method == HEALTH_WATCH:
-                return self._watch_handler(handler)
-            return handler
-        method = handler_call_details.method
-        cached = self._wrapped.get(id(handler))
-        if cached is not None and cached[0] is handler:
-            return cached[1]
+    def __call__(self, method: str, handler: Handler) -> Handler:
+        if handler.unary_unary is None:
+            return self._health_watch(handler) if method == HEALTH_WATCH else handler
         if method == HEALTH_CHECK:
-            wrapped = self._health_check(handler)
-        elif method.startswith(self._prefix):
-            wrapped = self._admitted(method[len(self._prefix) :], handler)
-        else:
-            return handler
-        self._wrapped[id(handler)] = (handler, wrapped)
-        return wrapped
+            return self._health_check(handler)
+        if method.startswith(self._prefix):
+            return self._admitted(method[len(self._prefix) :], handler)
+        return handler
 
     def _observe(self, method: str, code: str, seconds: float) -> None:
         child = self._latency.get((method, code))
@@ -130,12 +118,6 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
-
-    def _watch_handler(self, handler: Handler) -> Handler:
-        cached = self._wrapped.get(id(handler))
-        if cached is None or cached[0] is not handler:
-            cached = self._wrapped[id(handler)] = (handler, self._health_watch(handler))
-        return cached[1]
 
     def _health_watch(self, handler: Handler) -> Handler:
         inner = handler.unary_stream

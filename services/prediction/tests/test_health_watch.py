@@ -12,9 +12,10 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from eta.v1 import eta_pb2
-from eta_common.grpc_errors import validate_requests
+from eta_common.grpc_errors import validating
+from eta_common.handler_wrapping import wrap_registrations
 from prediction import admission as admission_module
-from prediction.admission import AdmissionInterceptor
+from prediction.admission import Admission
 
 SERVICE = eta_pb2.DESCRIPTOR.services_by_name["EtaService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -34,8 +35,8 @@ class Env:
 async def env(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Env]:
     monkeypatch.setattr(admission_module, "WATCH_POLL_SECONDS", 0.05)
     ready = {"value": False}
-    interceptor = AdmissionInterceptor(service=SERVICE, max_units=3, costs={}, ready=lambda: ready["value"])
-    server = validate_requests(grpc.aio.server(interceptors=[interceptor]))  # as the bootstrap builds it
+    admission = Admission(service=SERVICE, max_units=3, costs={}, ready=lambda: ready["value"])
+    server = wrap_registrations(grpc.aio.server(), [admission, validating])  # as the bootstrap builds it
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
