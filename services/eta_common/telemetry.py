@@ -155,8 +155,10 @@ class ServerTracing:
     registration. Unary-unary methods of the services are traced; ``/grpc.*`` (health, reflection) are
     not. A call without trace headers skips the propagator."""
 
-    def __init__(self, tracer_name: str = "eta.grpc.server") -> None:
-        self._tracer = trace.get_tracer(tracer_name)
+    def __init__(
+        self, tracer_name: str = "eta.grpc.server", provider: trace.TracerProvider | None = None
+    ) -> None:
+        self._tracer = trace.get_tracer(tracer_name, tracer_provider=provider)
 
     def __call__(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.unary_unary is None or method.startswith("/grpc."):
@@ -180,21 +182,22 @@ class ServerTracing:
             }
             if carrier:
                 parent = propagate.extract(carrier)
-            with tracer.start_as_current_span(
-                name,
-                context=parent,
-                kind=SpanKind.SERVER,
-                attributes=attributes,
-                record_exception=True,
-                set_status_on_exception=True,
-            ) as span:
+            span = tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+            if not span.is_recording():
+                # Sampled out (most calls at a low ratio): no span to end or annotate, but its context
+                # (trace id, sampled flag off) is current, so whatever the handler calls stays sampled out.
+                token = otel_context.attach(trace.set_span_in_context(span, parent))
+                try:
+                    return await inner(request, servicer_context)
+                finally:
+                    otel_context.detach(token)
+            with trace.use_span(span, end_on_exit=True, record_exception=True, set_status_on_exception=True):
                 response = await inner(request, servicer_context)
-                if span.is_recording():
-                    code = servicer_context.code()
-                    status_code = code.value[0] if isinstance(code, grpc.StatusCode) else int(code or 0)
-                    span.set_attribute("rpc.grpc.status_code", status_code)
-                    if status_code != 0:
-                        span.set_status(Status(StatusCode.ERROR))
+                code = servicer_context.code()
+                status_code = code.value[0] if isinstance(code, grpc.StatusCode) else int(code or 0)
+                span.set_attribute("rpc.grpc.status_code", status_code)
+                if status_code != 0:
+                    span.set_status(Status(StatusCode.ERROR))
                 return response
 
         return grpc.unary_unary_rpc_method_handler(
