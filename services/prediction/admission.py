@@ -64,6 +64,7 @@ class Admission:
         self._costs = costs
         self._ready = ready
         self.in_flight = 0
+        metrics.IN_FLIGHT.set_function(lambda: self.in_flight)  # read at scrape time, not set per call
         self._latency: dict[tuple[str, str], Any] = {}
 
     def __call__(self, method: str, handler: Handler) -> Handler:
@@ -99,7 +100,6 @@ class Admission:
                     "(PREDICTION_MAX_IN_FLIGHT); retry with backoff or on another replica",
                 )
             self.in_flight = in_flight + units
-            metrics.IN_FLIGHT.set(self.in_flight)
             code = "OK"
             try:
                 return await inner(request, context)
@@ -110,7 +110,6 @@ class Admission:
                 raise
             finally:
                 self.in_flight -= units
-                metrics.IN_FLIGHT.set(self.in_flight)
                 self._observe(method, code, time.perf_counter() - started)
 
         return grpc.unary_unary_rpc_method_handler(

@@ -123,6 +123,7 @@ class PredictionLog:
         error_pause_seconds: float = 1.0,
     ) -> None:
         self._sink = sink
+        metrics.LOG_BUFFERED.set_function(lambda: len(self))  # read at scrape time, not set per row
         self._capacity = capacity
         self._batch_size = batch_size
         self._flush_seconds = flush_seconds
@@ -173,7 +174,6 @@ class PredictionLog:
             take = min(self._batch_size, len(rows) if drain else min(pending, len(rows)))
             pending -= take
             batch = [rows.popleft() for _ in range(take)]
-            metrics.LOG_BUFFERED.set(len(rows))
             records: list[tuple[Any, ...]] = []
             try:
                 for start in range(0, len(batch), _ENCODE_CHUNK):
@@ -198,7 +198,6 @@ class PredictionLog:
                     )
                 return False
             self._written.inc(len(records))
-        metrics.LOG_BUFFERED.set(0)
         return True
 
     async def close(self, timeout_seconds: float) -> None:

@@ -552,7 +552,6 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         inputs = [[values[c] for c in model.columns] for values in rows.values]
         ranges = (points, lows, highs)
         _log_rows(plog, model, rows.block, inputs, qualities, ranges, request_id, now, customer_id, market)
-        metrics.LOG_BUFFERED.set(len(plog))
 
     def _account_batch(
         self,
@@ -586,7 +585,6 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         inputs = rows.values[:, model.columns].tolist()
         ranges = (points, lows, highs)
         _log_rows(plog, model, rows.block, inputs, qualities, ranges, request_id, now, customer_id, market)
-        metrics.LOG_BUFFERED.set(len(plog))
 
 
 def _log_rows(

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from eta.v1 import eta_pb2, eta_pb2_grpc
 from eta_common.grpc_errors import validating
@@ -111,6 +112,7 @@ async def test_calls_over_the_limit_are_shed_at_once(env: Env) -> None:
     ]
     await _until_started(env, 3)
     assert env.admission.in_flight == 3
+    assert REGISTRY.get_sample_value("eta_prediction_in_flight_units") == 3  # read at scrape time
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await env.stub.PredictEta(eta_pb2.PredictEtaRequest(restaurant_id="extra"), timeout=10)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from prediction import metrics
 from prediction.prediction_log import COLUMNS, LoggedPrediction, PredictionLog, features_document
@@ -80,6 +81,7 @@ async def test_a_full_buffer_drops_new_rows_and_counts_them() -> None:
         log.add(row(i))  # never blocks
     assert len(log) == 3
     assert counter("dropped_full") - before == 2
+    assert REGISTRY.get_sample_value("eta_prediction_log_buffered_rows") == 3  # read at scrape time
 
 
 async def test_a_failed_write_drops_that_batch_counts_it_and_keeps_going() -> None:
