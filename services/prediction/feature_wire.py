@@ -89,7 +89,7 @@ class FeatureWire:
 
 
 _STAMPS: dict[float, bytes] = {}
-STAMPS_KEPT = 100_000  # encoded timestamps kept (~10 MB at most): a row's times repeat on every read
+STAMPS_KEPT = 100_000  # encoded timestamps kept (~15 MB at most): a row's times repeat on every read
 
 
 def _stamp(ms: float) -> bytes:
