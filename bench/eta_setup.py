@@ -162,6 +162,7 @@ async def _maintain_rows(redis_url: str) -> None:
         store,
         tick_ms=defaults.row_tick_ms,
         supply_refresh_seconds=defaults.supply_refresh_seconds,
+        supply_restamp_seconds=defaults.supply_restamp_seconds,
         lookahead_ms=defaults.row_lookahead_ms,
     )
     await maintenance.refresh_supply()

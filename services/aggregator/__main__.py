@@ -61,6 +61,7 @@ def build(settings: config.AggregatorSettings) -> GrpcService:
         store,
         tick_ms=settings.row_tick_ms,
         supply_refresh_seconds=settings.supply_refresh_seconds,
+        supply_restamp_seconds=settings.supply_restamp_seconds,
         lookahead_ms=settings.row_lookahead_ms,
         progress=progress,
     )

@@ -23,7 +23,11 @@ one's lock frees itself), ``AGGREGATOR_ROW_TICK_MS`` [100] how often the row tim
 whose ``valid_until`` is within ``AGGREGATOR_ROW_LOOKAHEAD_MS`` [2000] and computes their next row ahead
 of time (a timer lagging more than the lookahead makes reads fall back to the exact read),
 ``AGGREGATOR_SUPPLY_REFRESH_SECONDS`` [5] how often the free-driver counts near restaurants are
-recounted into the ready rows (their age; the feature's staleness budget is 60 s).
+recounted into the ready rows (their age; the feature's staleness budget is 60 s),
+``AGGREGATOR_SUPPLY_RESTAMP_SECONDS`` [30] how old an unchanged count may get before it is written again
+with a new as-of instant (a changed count is written at once; 0 = rewrite every count every refresh).
+Each write invalidates the row in the serving replicas' client-side caches; restamp + refresh must stay
+under the feature's 60 s budget.
 Plus ``KAFKA_*``, ``REDIS_URL``, ``DATABASE_URL`` and ``OTEL_*``.
 """
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from eta_common.config import (
+    ConfigError,
     DatabaseSettings,
     KafkaSettings,
     RedisSettings,
@@ -42,6 +47,9 @@ from eta_common.config import (
     env_str,
 )
 
+# The free-driver count's staleness budget (the prediction service's default): a count's age must stay
+# under it, restamping included.
+SUPPLY_BUDGET_SECONDS = 60.0
 DEFAULT_GRPC_PORT = 50052
 DEFAULT_METRICS_PORT = 9102
 
@@ -67,6 +75,15 @@ class AggregatorSettings:
     row_tick_ms: int = 100
     row_lookahead_ms: int = 2000
     supply_refresh_seconds: float = 5.0
+    supply_restamp_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.supply_restamp_seconds + self.supply_refresh_seconds >= SUPPLY_BUDGET_SECONDS:
+            raise ConfigError(
+                f"AGGREGATOR_SUPPLY_RESTAMP_SECONDS={self.supply_restamp_seconds:g} + "
+                f"AGGREGATOR_SUPPLY_REFRESH_SECONDS={self.supply_refresh_seconds:g} must stay under the "
+                f"free-driver count's {SUPPLY_BUDGET_SECONDS:g} s staleness budget (counts would age past it)"
+            )
 
     @classmethod
     def from_env(cls) -> AggregatorSettings:
@@ -103,5 +120,8 @@ class AggregatorSettings:
             row_lookahead_ms=env_int("AGGREGATOR_ROW_LOOKAHEAD_MS", cls.row_lookahead_ms, minimum=0),
             supply_refresh_seconds=env_float(
                 "AGGREGATOR_SUPPLY_REFRESH_SECONDS", cls.supply_refresh_seconds, minimum=0.1
+            ),
+            supply_restamp_seconds=env_float(
+                "AGGREGATOR_SUPPLY_RESTAMP_SECONDS", cls.supply_restamp_seconds, minimum=0
             ),
         )

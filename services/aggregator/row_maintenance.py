@@ -13,7 +13,9 @@ Two loops, both safe to run in every aggregator replica at once:
   aggregators, which reads take as "current as of" for the features fed by the event stream.
 * **supply refresher** — every ``AGGREGATOR_SUPPLY_REFRESH_SECONDS`` it counts the free drivers near the
   restaurants of the buckets it holds (one GEOSEARCH around them, counted with Redis' own arithmetic) into
-  their rows; the count's age is its as-of time, held to the feature's staleness budget (60 s).
+  their rows; the count's age is its as-of time, held to the feature's staleness budget (60 s). A count
+  equal to the row's is written again only once it is ``AGGREGATOR_SUPPLY_RESTAMP_SECONDS`` old (each
+  write invalidates the row in every serving replica's client-side cache).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class RowMaintenance:
         *,
         tick_ms: int,
         supply_refresh_seconds: float,
+        supply_restamp_seconds: float = 0.0,
         lookahead_ms: int = 2000,
         progress: Progress | None = None,
     ) -> None:
@@ -56,6 +59,7 @@ class RowMaintenance:
         self._lookahead_ms = lookahead_ms
         self._lease_ms = max(1000, 10 * tick_ms)
         self._supply_every = supply_refresh_seconds
+        self._restamp_ms = int(supply_restamp_seconds * 1000)
         self._owner = f"{socket.gethostname()}-{os.getpid()}"
 
     async def tick(self) -> int:
@@ -105,7 +109,11 @@ class RowMaintenance:
         for market in await self._store.markets():
             started = time.perf_counter()
             count = await self._store.refresh_supply(
-                now_ms=now_ms(), owner=self._owner, hold_ms=hold_ms, market=market
+                now_ms=now_ms(),
+                owner=self._owner,
+                hold_ms=hold_ms,
+                market=market,
+                restamp_ms=self._restamp_ms,
             )
             if count:
                 metrics.SUPPLY_REFRESH_SECONDS.observe(time.perf_counter() - started)

@@ -344,10 +344,20 @@ class OnlineWriter(Pipelines):
         results = await self._run(build)
         return [member.decode() for members in results for member in members]
 
-    async def refresh_supply(self, *, now_ms: int, owner: str, hold_ms: int, market: str = "") -> int:
+    async def refresh_supply(
+        self, *, now_ms: int, owner: str, hold_ms: int, market: str = "", restamp_ms: int = 0
+    ) -> int:
         """Count the free drivers near the restaurants of ``market`` (default: the writer's) in every
         bucket this process can hold for ``hold_ms`` (``SET NX PX``: one refresher per bucket per period,
-        across aggregators) and write the counts into their rows. Returns the number of rows written."""
+        across aggregators) and write the counts into their rows. Returns the number of rows written.
+
+        ``restamp_ms`` > 0: a count equal to the one in the row is left as it is until the row's count is
+        that old (its as-of instant, ``now_ms - restamp_ms`` or earlier); a changed count is written at
+        once. The row keeps the count, the instant it was counted and the drivers' provenance then, so it
+        stays exact as of that instant; only the reported age grows (to at most ``restamp_ms`` plus the
+        refresh period). Every write of ``s`` invalidates the row in every serving replica's client-side
+        cache, so not restamping unchanged counts every period saves those replicas a Redis round trip
+        per row read afterwards, and Redis the writes."""
         market = market or self.city
 
         def lock(pipe: Any) -> None:
@@ -373,10 +383,17 @@ class OnlineWriter(Pipelines):
         def meta(pipe: Any) -> None:
             for restaurant_id in ids:
                 pipe.hmget(restaurant_keys(restaurant_id)["meta"], ("lat", "lng"))
+                if restamp_ms > 0:
+                    pipe.hget(row_key(restaurant_id), "s")
 
+        replies = await self._run(meta, scripts=False)
+        if restamp_ms > 0:
+            places, current = replies[0::2], dict(zip(ids, replies[1::2], strict=True))
+        else:
+            places, current = replies, {}
         located: list[tuple[str, tuple[float, float]]] = []
         unplaced: list[str] = []
-        for restaurant_id, (lat, lng) in zip(ids, await self._run(meta, scripts=False), strict=True):
+        for restaurant_id, (lat, lng) in zip(ids, places, strict=True):
             if lat is None or lng is None:
                 unplaced.append(restaurant_id)
             else:
@@ -388,6 +405,14 @@ class OnlineWriter(Pipelines):
         as_of = now_ms
         for restaurant_id in unplaced:
             counts[restaurant_id] = supply_text_unknown(as_of)
+        if restamp_ms > 0:
+            counts = {
+                rid: text
+                for rid, text in counts.items()
+                if not _same_recent_count(current.get(rid), text, now_ms - restamp_ms)
+            }
+        if not counts:
+            return 0
 
         def write(pipe: Any) -> None:
             for restaurant_id, text in counts.items():
@@ -470,6 +495,21 @@ class OnlineWriter(Pipelines):
 
         (marked,) = await self._run(build)
         return bool(marked)
+
+
+def _same_recent_count(written: Any, text: str, oldest_ms: int) -> bool:
+    """Whether the row's ``s`` (``written``, bytes or None) holds the same count as ``text``, counted at
+    ``oldest_ms`` or later (then it need not be written again)."""
+    if not written:
+        return False
+    if isinstance(written, str):
+        written = written.encode()
+    count, _, rest = written.partition(b"|")
+    as_of, _, _ = rest.partition(b"|")
+    try:
+        return count.decode() == text.partition("|")[0] and int(as_of) >= oldest_ms
+    except ValueError:
+        return False
 
 
 def supply_text_unknown(as_of_ms: int) -> str:

@@ -4,9 +4,11 @@ it would not, the row timer's claims are leased, and the materialised supply equ
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -17,6 +19,7 @@ from eta_common.online.assemble import NO_CUSTOMER, City, assemble
 from eta_common.online.exact import Bounds, queue_city
 from eta_common.online.rows import Row, parse_row, parse_supply, valid_row
 from eta_common.online_store import DriverUpdate, OnlineStore, RestaurantUpdate, due_key, row_bucket, row_key
+from eta_common.timeutil import now_ms as wall_ms
 
 T0 = 1_800_000_000_000
 MIN = 60_000
@@ -305,3 +308,52 @@ async def test_a_rebuild_overtaken_by_a_flush_does_not_mark_the_store_initialize
     first, second = await store.begin_rebuild(), await store.begin_rebuild()  # two rebuilders: the last marks
     assert not await store.finish_rebuild(first, now_ms=T0)
     assert await store.finish_rebuild(second, now_ms=T0)
+
+
+async def test_an_unchanged_supply_count_is_written_again_only_once_it_is_old(store: OnlineStore) -> None:
+    """``restamp_ms``: a changed count is written at once, an unchanged one only when its as-of instant
+    is ``restamp_ms`` old — each write invalidates the row in every serving replica's cache."""
+    restaurants = [f"q{i}" for i in range(6)]
+    rng = random.Random(3)
+    for rid in restaurants:
+        await store.apply(_timeline(rng, rid, T0, 5), now_ms=T0)
+    drivers = [f"qd{i}" for i in range(8)]
+    await store.apply([DriverUpdate(d, "ONLINE", T0 - MIN, AT[0], AT[1]) for d in drivers], now_ms=T0)
+    restamp = 30_000
+
+    async def refresh(now: int) -> int:
+        return await store.refresh_supply(now_ms=now, owner=f"o{now}", hold_ms=1, restamp_ms=restamp)
+
+    async def texts() -> list[Any]:
+        return [await store.client.hget(row_key(rid), "s") for rid in restaurants]
+
+    def counted(text: bytes) -> tuple[float, float]:
+        supply = parse_supply(text)
+        assert supply is not None
+        return supply.drivers, supply.as_of_ms
+
+    first = wall_ms()
+    assert await refresh(first) == len(restaurants)  # no count yet: all written
+    written = await texts()
+    assert [counted(text)[0] for text in written] == [len(drivers)] * len(restaurants)
+    await asyncio.sleep(0.01)  # the bucket locks (1 ms) lapse
+    assert await refresh(first + 5_000) == 0  # same counts, counted 5 s ago: left as they are
+    assert await texts() == written
+    # the drivers go offline: every count changes and is written at once, whatever its age
+    await store.apply([DriverUpdate(d, "OFFLINE", T0, AT[0], AT[1]) for d in drivers], now_ms=T0)
+    await asyncio.sleep(0.01)
+    assert await refresh(first + 6_000) == len(restaurants)
+    changed = await texts()
+    assert [counted(text)[0] for text in changed] == [0] * len(restaurants)
+    await asyncio.sleep(0.01)
+    assert await refresh(first + 7_000) == 0
+    # the same zero counts once their as-of instant is older than restamp_ms: written with a new instant
+    await asyncio.sleep(0.01)
+    assert await refresh(wall_ms() + restamp + 1_000) == len(restaurants)
+    restamped = await texts()
+    for old, new in zip(changed, restamped, strict=True):
+        assert counted(new)[0] == counted(old)[0] == 0
+        assert counted(new)[1] > counted(old)[1]
+    # restamp_ms=0 (the store's default): every refresh writes every count
+    await asyncio.sleep(0.01)
+    assert await store.refresh_supply(now_ms=wall_ms(), owner="always", hold_ms=1) == len(restaurants)
