@@ -263,6 +263,29 @@ class ClientCache:
             if not inner.connected:
                 return await inner.execute(commands)
             self._generation = inner.generation
+        replies, missing, hits = self._lookup(commands)
+        if hits:
+            metrics.CLIENT_CACHE_HITS.inc(hits)
+        if missing:
+            await self._fetch(commands, missing, replies)
+        return replies
+
+    def cached(self, commands: Sequence[Command]) -> list[Any] | None:
+        """The replies of ``commands`` when every one is in the cache and the cache is current (active,
+        on the connection Redis tracks for); None otherwise, having changed nothing (then
+        :meth:`execute`). No I/O: a caller answered here awaits nothing."""
+        inner = self.inner
+        if not self._active or inner.generation != self._generation or not inner.connected:
+            return None
+        replies, missing, hits = self._lookup(commands)
+        if missing:
+            return None
+        metrics.CLIENT_CACHE_HITS.inc(hits)
+        return replies
+
+    def _lookup(self, commands: Sequence[Command]) -> tuple[list[Any], list[tuple[int, int, Any]], int]:
+        """The cached replies (None where missing), the misses as (position, kind, key) — kind 0 for a
+        command never cached — and the number of hits."""
         entries = self._entries
         replies: list[Any] = [None] * len(commands)
         missing: list[tuple[int, int, Any]] = []  # (position, kind, key)
@@ -288,11 +311,7 @@ class ClientCache:
                         hits += 1
                         continue
             missing.append((i, kind, key))
-        if hits:
-            metrics.CLIENT_CACHE_HITS.inc(hits)
-        if missing:
-            await self._fetch(commands, missing, replies)
-        return replies
+        return replies, missing, hits
 
     # --- misses ---------------------------------------------------------------------------------------
 

@@ -514,6 +514,12 @@ class LeanPipeline:
         self._commands.append(("HMGET", name, *fields, *args))
         return self
 
+    def cached(self) -> list[Any] | None:
+        """The replies from the client's memory when it holds them all (a client-side cache), without
+        I/O; None otherwise (then :meth:`execute`)."""
+        lookup = getattr(self._client, "cached", None)
+        return None if lookup is None else cast(list[Any] | None, lookup(self._commands))
+
     def geosearch(
         self,
         name: str,

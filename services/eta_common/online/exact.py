@@ -59,10 +59,10 @@ class Bounds:
         )
 
 
-def queue_city(pipe: Any, keys: dict[str, str], bounds: Bounds) -> None:
-    """:data:`CITY_READ_REPLIES` replies: the backlog count, the city groups' freshness and the store's
-    (when the aggregators were last current)."""
-    pipe.zcount(keys["waiting"], bounds.waiting, "+inf")
+def queue_city(pipe: Any, keys: dict[str, str], now: int) -> None:
+    """:data:`CITY_READ_REPLIES` replies at ``now``: the backlog count, the city groups' freshness and
+    the store's (when the aggregators were last current)."""
+    pipe.zcount(keys["waiting"], f"({now - F.WAITING_ORDER_TTL_MS}", "+inf")
     pipe.hmget(keys["meta"], CITY_FIELDS)
     pipe.hmget(AGGREGATORS_KEY, CURRENT_FIELD)
 

@@ -17,7 +17,12 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from eta_common import features as F
-from eta_common.customer_features import CUSTOMER_READ_REPLIES, parse_customer_read, queue_customer_read
+from eta_common.customer_features import (
+    CUSTOMER_READ_REPLIES,
+    CustomerFeatures,
+    parse_customer_read,
+    queue_customer_read,
+)
 from eta_common.feature_block import FeatureBlock, RestaurantFeatures
 from eta_common.online.assemble import (
     NO_CUSTOMER,
@@ -74,6 +79,29 @@ class OnlineReader(Pipelines):
             keys = self._reader_market_keys[market] = driver_keys(market)
         return keys
 
+    def read_from_memory(
+        self,
+        requests: Sequence[tuple[str, Location]],
+        *,
+        now_ms: int,
+        customer_id: str = "",
+        market: str = "",
+    ) -> FeatureBlock | None:
+        """:meth:`read_block` answered without I/O, when the client holds every reply in memory (the
+        prediction service's client-side cache, which Redis invalidates) and every restaurant has a row
+        valid at ``now_ms``; None otherwise (then :meth:`read_block`). A hit awaits nothing, so the
+        caller needs no timeout, pipeline or round-trip bookkeeping around it. (When a row turns out
+        not valid, :meth:`read_block` reads again: those cached replies count twice as cache hits.)"""
+        if not requests or not hasattr(self.client, "cached"):
+            return None
+        pipe: Any = self.client.pipeline(transaction=False)
+        self._queue_read(pipe, requests, self._city_keys_of(market), now_ms, customer_id)
+        results = pipe.cached()
+        if results is None:
+            return None
+        city, customer, states, stale = self._parse_read(results, now_ms, customer_id)
+        return None if stale else self._block(requests, now_ms, states, city, customer, 0)
+
     async def read_block(
         self,
         requests: Sequence[tuple[str, Location]],
@@ -87,17 +115,37 @@ class OnlineReader(Pipelines):
         every restaurant)."""
         if not requests:
             return FeatureBlock.defaults(requests, now_ms)
-        bounds = Bounds.at(now_ms)
         city_keys = self._city_keys_of(market)
+        results = await self._run(
+            lambda pipe: self._queue_read(pipe, requests, city_keys, now_ms, customer_id), scripts=False
+        )
+        city, customer, states, stale = self._parse_read(results, now_ms, customer_id)
+        if stale:
+            exact = await self._read_exact([requests[i] for i in stale], Bounds.at(now_ms), city, city_keys)
+            for i, state in zip(stale, exact, strict=True):
+                states[i] = state
+        return self._block(requests, now_ms, states, city, customer, len(stale))
 
-        def build(pipe: Any) -> None:
-            queue_city(pipe, city_keys, bounds)
-            if customer_id:
-                queue_customer_read(pipe, customer_id)
-            for restaurant_id, _location in requests:
-                pipe.hmget(f"rst:{{{restaurant_id}}}:row", ROW_FIELDS)
+    @staticmethod
+    def _queue_read(
+        pipe: Any,
+        requests: Sequence[tuple[str, Location]],
+        city_keys: dict[str, str],
+        now_ms: int,
+        customer_id: str,
+    ) -> None:
+        """The serving read's commands: the city part, the customer's when asked, a row per restaurant."""
+        queue_city(pipe, city_keys, now_ms)
+        if customer_id:
+            queue_customer_read(pipe, customer_id)
+        for restaurant_id, _location in requests:
+            pipe.hmget(f"rst:{{{restaurant_id}}}:row", ROW_FIELDS)
 
-        results = await self._run(build, scripts=False)
+    def _parse_read(
+        self, results: Sequence[Any], now_ms: int, customer_id: str
+    ) -> tuple[City, CustomerFeatures, list[RestaurantState | RowTemplate | None], list[int]]:
+        """The city, the customer, each restaurant's row valid at ``now_ms`` (None where there is none)
+        and the positions of those without one (they need the exact read)."""
         city = City.of(results[0], results[1], results[2], now_ms)
         base = CITY_READ_REPLIES
         customer = NO_CUSTOMER
@@ -114,10 +162,17 @@ class OnlineReader(Pipelines):
             states.append(found)
             if found is None:
                 stale.append(i)
-        if stale:
-            exact = await self._read_exact([requests[i] for i in stale], bounds, city, city_keys)
-            for i, state in zip(stale, exact, strict=True):
-                states[i] = state
+        return city, customer, states, stale
+
+    @staticmethod
+    def _block(
+        requests: Sequence[tuple[str, Location]],
+        now_ms: int,
+        states: Sequence[RestaurantState | RowTemplate | None],
+        city: City,
+        customer: CustomerFeatures,
+        from_fallback: int,
+    ) -> FeatureBlock:
         block = assemble(
             [rid for rid, _ in requests],
             [location for _, location in requests],
@@ -126,8 +181,8 @@ class OnlineReader(Pipelines):
             city,
             customer,
         )
-        block.from_fallback = len(stale)
-        block.from_rows = len(requests) - len(stale)
+        block.from_fallback = from_fallback
+        block.from_rows = len(requests) - from_fallback
         return block
 
     def _template(self, packed: bytes, supply: bytes, now_ms: int) -> RowTemplate | None:
@@ -155,7 +210,7 @@ class OnlineReader(Pipelines):
         city_keys = self._city_keys_of(market)
 
         def build(pipe: Any) -> None:
-            queue_city(pipe, city_keys, bounds)
+            queue_city(pipe, city_keys, now_ms)
 
         waiting, fields, current = await self._run(build, scripts=False)
         city = City.of(waiting, fields, current, now_ms)
@@ -238,7 +293,7 @@ class OnlineReader(Pipelines):
         city_keys = self._city_keys_of(market)
 
         def build(pipe: Any) -> None:
-            queue_city(pipe, city_keys, bounds)
+            queue_city(pipe, city_keys, now_ms)
             pipe.hmget(f"rst:{{{restaurant_id}}}:row", ROW_FIELDS)
 
         waiting, city_fields, current, (w, n, s) = await self._run(build, scripts=False)

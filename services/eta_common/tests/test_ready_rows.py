@@ -74,7 +74,7 @@ async def _from_row(store: OnlineStore, row: Row, restaurant: str, t: int) -> Fe
 
 async def _city(store: OnlineStore, t: int) -> City:
     pipe = store.client.pipeline(transaction=False)
-    queue_city(pipe, store._city_keys, Bounds.at(t))
+    queue_city(pipe, store._city_keys, t)
     waiting, fields, current = await pipe.execute()
     return City.of(waiting, fields, current, t)
 

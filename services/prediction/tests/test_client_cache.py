@@ -112,6 +112,42 @@ async def test_a_hit_needs_no_round_trip_and_a_write_by_anyone_invalidates(
         await cache.aclose()
 
 
+async def test_answers_from_memory_only_when_every_reply_is_cached_and_current(
+    redis_server: ChildProcess, writer: redis.Redis
+) -> None:
+    """``cached`` (the serving read's no-I/O path): all replies or None, never a fetch, never stale."""
+    writer.hset(ROW, mapping={"w": "v1", "s": "3"})
+    writer.zadd(WAITING, {"o1": 10, "o2": 20})
+    cache, inner = await _cache(redis_server)
+    read = [("HMGET", ROW, *FIELDS), ("ZCOUNT", WAITING, "(10", "+inf")]
+    try:
+        assert cache.cached(read) is None  # nothing cached yet
+        sent = inner.sent
+        assert cache.cached(read) is None
+        assert inner.sent == sent  # and asking fetched nothing
+        assert await cache.execute(read) == [[b"v1", None, b"3"], 1]
+        assert cache.cached(read) == [[b"v1", None, b"3"], 1]
+        assert cache.cached([*read, ("GET", "plain")]) is None  # a command never cached: not all in memory
+        assert cache.cached([("HMGET", OTHER_ROW, *FIELDS), *read]) is None  # one reply not cached yet
+        writer.zadd(WAITING, {"o3": 30})  # another client changes one key: its entry goes
+        deadline = asyncio.get_running_loop().time() + 2.0
+        while cache.cached(read) is not None:
+            assert asyncio.get_running_loop().time() < deadline, "still answered after the change"
+            await asyncio.sleep(0.001)
+        assert await cache.execute(read) == [[b"v1", None, b"3"], 2]
+        assert cache.cached(read) == [[b"v1", None, b"3"], 2]
+        # each fetched command goes behind its CLIENT CACHING: both keys first, then only the changed one
+        assert inner.sent == sent + 4 + 2
+        # the invalidation connection dies: the cache stops and answers nothing from memory
+        writer.client_kill_filter(_type="pubsub")
+        while cache.active:
+            await cache.execute([("HMGET", "rst:{probe}:row", *FIELDS)])
+            await asyncio.sleep(0.02)
+        assert cache.cached(read) is None
+    finally:
+        await cache.aclose()
+
+
 async def test_backlog_counts_from_the_cached_set_equal_redis_zcount(
     redis_server: ChildProcess, writer: redis.Redis
 ) -> None:

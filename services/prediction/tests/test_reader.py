@@ -223,3 +223,76 @@ async def test_reads_run_concurrently_from_the_first() -> None:
     )
     assert store.most == 5
     assert all(degradation is None for _features, degradation in found)
+
+
+class MemoryStore(FakeStore):
+    """A store with a no-I/O read (as the client-side cache gives): a hit, a miss (None) or a failure."""
+
+    def __init__(self, memory: str) -> None:
+        super().__init__()
+        self.memory = memory
+        self.memory_calls = 0
+
+    def read_from_memory(
+        self,
+        requests: Sequence[tuple[str, tuple[float, float]]],
+        *,
+        now_ms: int,
+        customer_id: str = "",
+        market: str = "",
+    ) -> FeatureBlock | None:
+        self.memory_calls += 1
+        if self.memory == "error":
+            raise ValueError("a bug in the cached read")
+        if self.memory == "miss":
+            return None
+        block = FeatureBlock.from_features(
+            [
+                RestaurantFeatures(
+                    rid, now_ms, {n: FeatureReading(n, 7.0, True, now_ms) for n in ONLINE_FEATURES}, loc
+                )
+                for rid, loc in requests
+            ]
+        )
+        block.from_rows = len(requests)
+        return block
+
+
+@pytest.mark.parametrize(
+    ("memory", "awaited_reads", "value"), [("hit", 0, 7.0), ("miss", 1, 1.0), ("error", 1, 1.0)]
+)
+async def test_a_read_answered_from_memory_skips_the_round_trip_path(
+    memory: str, awaited_reads: int, value: float
+) -> None:
+    store = MemoryStore(memory)
+    found, degradation = await _reader(store, Clock()).read([("a", WHERE)], now_ms=5, budget_seconds=None)
+    assert (store.memory_calls, store.calls) == (1, awaited_reads)
+    assert degradation is None
+    assert found.restaurant(0).readings[ONLINE_FEATURES[0]].value == value
+
+
+async def test_an_open_circuit_is_not_bypassed_by_the_memory_read() -> None:
+    store, clock = MemoryStore("miss"), Clock()
+    reader = _reader(store, clock)
+    store.fail = ConnectionError("redis down")
+    for _ in range(2):  # failures_to_open=2
+        await reader.read([("a", WHERE)], now_ms=5, budget_seconds=None)
+    store.memory = "hit"
+    calls = store.memory_calls
+    _, degradation = await reader.read([("a", WHERE)], now_ms=5, budget_seconds=None)
+    assert degradation == Degradation.ONLINE_STORE_UNAVAILABLE  # defaults while open, as before
+    assert store.memory_calls == calls
+
+
+async def test_reads_answered_from_memory_keep_sporadic_failures_from_opening_the_circuit() -> None:
+    store = MemoryStore("miss")
+    reader = _reader(store, Clock())  # failures_to_open=2
+    store.fail = ConnectionError("blip")
+    await reader.read([("a", WHERE)], now_ms=5, budget_seconds=None)  # one failure
+    store.memory, store.fail = "hit", None
+    await reader.read([("a", WHERE)], now_ms=5, budget_seconds=None)  # a hit: Redis tracked, alive
+    store.memory, store.fail = "miss", ConnectionError("blip")
+    await reader.read([("a", WHERE)], now_ms=5, budget_seconds=None)  # another failure, not consecutive
+    store.fail = None
+    _, degradation = await reader.read([("a", WHERE)], now_ms=5, budget_seconds=None)
+    assert degradation is None  # the circuit stayed closed
