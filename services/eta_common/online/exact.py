@@ -45,7 +45,6 @@ class Bounds:
     kitchen: str
     prep: tuple[str, ...]
     pickup: tuple[str, ...]
-    waiting: str
 
     @classmethod
     def at(cls, now: int) -> Bounds:
@@ -55,7 +54,6 @@ class Bounds:
             f"({now - F.KITCHEN_ORDER_TTL_MS}",
             tuple(f"({now - m.window_ms}" for m in F.WINDOW_MEANS),
             tuple(f"({now - m.window_ms}" for m in F.PICKUP_WAIT_MEANS),
-            f"({now - F.WAITING_ORDER_TTL_MS}",
         )
 
 

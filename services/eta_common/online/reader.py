@@ -62,6 +62,8 @@ class OnlineReader(Pipelines):
         self._reader_city_keys = driver_keys(city)
         self._reader_market_keys: dict[str, dict[str, str]] = {}
         self._templates: dict[tuple[bytes, bytes], tuple[int, float, RowTemplate]] = {}
+        # the client can answer reads from memory (the prediction service's client-side cache)
+        self._memory_reads = hasattr(self.client, "cached")
 
     async def read_restaurants(
         self, requests: Sequence[tuple[str, Location]], *, now_ms: int, customer_id: str = ""
@@ -92,7 +94,7 @@ class OnlineReader(Pipelines):
         valid at ``now_ms``; None otherwise (then :meth:`read_block`). A hit awaits nothing, so the
         caller needs no timeout, pipeline or round-trip bookkeeping around it. (When a row turns out
         not valid, :meth:`read_block` reads again: those cached replies count twice as cache hits.)"""
-        if not requests or not hasattr(self.client, "cached"):
+        if not requests or not self._memory_reads:
             return None
         pipe: Any = self.client.pipeline(transaction=False)
         self._queue_read(pipe, requests, self._city_keys_of(market), now_ms, customer_id)

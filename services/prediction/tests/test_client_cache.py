@@ -7,14 +7,17 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
 
 from devstack.infra import ChildProcess
+from eta_common.online_store import OnlineStore
+from eta_common.timeutil import now_ms as wall_ms
 from prediction.client_cache import ClientCache, cacheable_kind
 from prediction.redis_client import LeanRedis
+from prediction.tests.support import populate_city
 
 ROW = "rst:{r1}:row"
 OTHER_ROW = "rst:{r2}:row"
@@ -316,3 +319,46 @@ async def test_a_redis_with_a_password_is_cached_too(redis_server: ChildProcess,
     finally:
         admin.config_set("requirepass", "")
         admin.close()
+
+
+async def test_the_serving_read_is_answered_from_memory_once_cached(
+    redis_server: ChildProcess, writer: redis.Redis
+) -> None:
+    """The online store over the cache: a cold read needs Redis (None from memory), and once read the
+    same read comes from memory, equal to the full read."""
+    city = await _city_with_rows(redis_server)
+    cache, inner = await _cache(redis_server)
+    store = OnlineStore(cast(Any, cache))
+    try:
+        wanted = list(city.restaurants.items())[:5]
+        now = wall_ms()
+        assert store.read_from_memory(wanted, now_ms=now) is None  # nothing cached yet
+        full = await store.read_block(wanted, now_ms=now)
+        assert full.from_rows == len(wanted)
+        sent = inner.sent
+        from_memory = store.read_from_memory(wanted, now_ms=now)
+        assert from_memory is not None
+        assert inner.sent == sent  # no command sent
+        assert from_memory.values == full.values
+        assert from_memory.updated_ms == full.updated_ms
+        assert from_memory.from_rows == len(wanted)
+    finally:
+        await cache.aclose()
+    # a store on a client without a cache never answers from memory
+    plain = OnlineStore(cast(Any, LeanRedis.from_url(redis_server.url)))
+    try:
+        assert plain.read_from_memory(wanted, now_ms=wall_ms()) is None
+    finally:
+        await plain.close()
+
+
+async def _city_with_rows(server: ChildProcess) -> Any:
+    """A populated city with ready rows (the supply counted), written by another client."""
+    store = OnlineStore.from_url(server.url)
+    try:
+        city = await populate_city(store, now_ms=wall_ms())
+        await store.refresh_supply(now_ms=wall_ms(), owner="test", hold_ms=1)
+        await asyncio.sleep(0.002)
+        return city
+    finally:
+        await store.close()
