@@ -95,15 +95,15 @@ class FeatureAgeHistogram(Collector):
         mask = observed & ~np.isnan(ages)
         buckets = np.searchsorted(self._bound_array, ages[mask], side="left")
         buckets += (np.nonzero(mask)[1] * slots).astype(buckets.dtype)
-        counted = np.bincount(buckets, minlength=features * slots).reshape(features, slots).tolist()
+        counted = np.bincount(buckets, minlength=features * slots)
+        filled = np.flatnonzero(counted)  # the (feature, bucket) cells this block adds to: ~one per feature
         totals = np.where(mask, ages, 0.0).sum(axis=0).tolist()
         counts, sums = self._counts, self._sums
         with self._lock:
-            for j, (row, added) in enumerate(zip(counts, counted, strict=True)):
-                if any(added):
-                    for b, count in enumerate(added):
-                        row[b] += count
-                    sums[j] += totals[j]
+            for cell, count in zip(filled.tolist(), counted[filled].tolist(), strict=True):
+                counts[cell // slots][cell % slots] += count
+            for j, total in enumerate(totals):
+                sums[j] += total  # 0.0 where nothing was observed
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self._name, self._documentation, labels=["feature"])

@@ -34,7 +34,7 @@ from eta_common.markets import check_market, market_or_default
 from eta_common.timeutil import now_ms
 from prediction import metrics
 from prediction.config import ONLINE_FEATURES
-from prediction.feature_wire import FeatureWire
+from prediction.feature_wire import EtaRowsWire, FeatureWire
 from prediction.inference import ServingModel
 from prediction.models import ModelHolder
 from prediction.prediction_log import LoggedPrediction, PredictionLog
@@ -70,6 +70,8 @@ RESERVE_PER_ROW_SECONDS = 0.00005
 COMPLETE, STALE, MISSING = Quality.COMPLETE, Quality.STALE, Quality.MISSING
 _QUALITY_NAMES = {q: Quality.Name(q) for q in (COMPLETE, STALE, MISSING)}
 _FEATURES_WIRE = FeatureWire(eta_pb2.PredictEtaResponse.FEATURES_FIELD_NUMBER)
+_ETA_ROWS_WIRE = EtaRowsWire()  # PredictEtaBatchResponse.etas
+_flat = itertools.chain.from_iterable
 
 
 class RequestIds:
@@ -281,29 +283,17 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         columns = model.columns
         # the model's inputs and their ages: NaN (missing / unknown) as 0 on the wire
         inputs, ages = rows.values[:, columns], rows.ages[:, columns]
-        wire_values = np.where(np.isnan(inputs), 0.0, inputs).tolist()
-        wire_ages = np.where(np.isnan(ages), 0.0, ages).tolist()
+        wire_values = np.where(np.isnan(inputs), 0.0, inputs)
+        wire_ages = np.where(np.isnan(ages), 0.0, ages)
         ids, qualities, stale, missing = block.restaurant_ids, rows.quality, rows.stale, rows.missing
-        etas = [
-            eta_pb2.RestaurantEta(
-                restaurant_id=ids[i],
-                eta_minutes=points[i],
-                eta_low_minutes=lows[i],
-                eta_high_minutes=highs[i],
-                feature_quality=quality,
-                feature_values=wire_values[i],
-                feature_ages_seconds=wire_ages[i],
-                stale_features=stale[i],
-                missing_features=missing[i],
-            )
-            for i, quality in enumerate(qualities)
-        ]
         reply = eta_pb2.PredictEtaBatchResponse(
             request_id=request_id,
             model_version=model.version,
             feature_names=model.feature_names,
-            etas=etas,
             degradations=degradations,
+        )
+        reply.MergeFromString(
+            _ETA_ROWS_WIRE.encode(ids, points, lows, highs, qualities, wire_values, wire_ages, stale, missing)
         )
         logged = self._feed_log_sample >= 1.0 or random.random() < self._feed_log_sample
         self._account_batch(
@@ -409,9 +399,10 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         same function as the offline builder, so online = offline to the bit)."""
         n = len(block)
         cols = self._online_columns
-        values = np.array(block.values, dtype=np.float64).reshape(n, _K)
-        present = np.array(block.present, dtype=bool).reshape(n, _K)
-        changed = np.array(block.updated_ms, dtype=np.float64).reshape(n, _K)[:, cols]
+        # np.fromiter over the flattened rows: ~10 µs less per array than np.array's shape discovery
+        values = np.fromiter(_flat(block.values), np.float64, n * _K).reshape(n, _K)
+        present = np.fromiter(_flat(block.present), bool, n * _K).reshape(n, _K)
+        changed = np.fromiter(_flat(block.updated_ms), np.float64, n * _K).reshape(n, _K)[:, cols]
         current = block.current_ms
         if not math.isnan(current):  # unchanged since, and the store was current then
             changed = np.where(self._online_fed & (current > changed), current, changed)

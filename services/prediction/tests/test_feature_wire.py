@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from eta.v1 import eta_pb2, features_pb2
-from prediction.feature_wire import FeatureWire
+from prediction.feature_wire import EtaRowsWire, FeatureWire
 
 NAN = math.nan
 
@@ -69,3 +69,94 @@ def test_the_field_number_is_the_replys() -> None:
     reply = features_pb2.GetRestaurantFeaturesResponse()
     reply.MergeFromString(wire.request_time("hour_of_week", 5.0))
     assert [f.name for f in reply.features] == ["hour_of_week"]
+
+
+# --- the batch reply's rows --------------------------------------------------------------------------------
+
+
+def _batch_reference(
+    ids: list[str],
+    points: list[float],
+    lows: list[float],
+    highs: list[float],
+    qualities: list[int],
+    values: list[list[float]],
+    ages: list[list[float]],
+    stale: list[list[str]],
+    missing: list[list[str]],
+) -> eta_pb2.PredictEtaBatchResponse:
+    """The field-by-field build the handler used before."""
+    return eta_pb2.PredictEtaBatchResponse(
+        request_id="req",
+        model_version="v1",
+        feature_names=["a", "b"],
+        etas=[
+            eta_pb2.RestaurantEta(
+                restaurant_id=ids[i],
+                eta_minutes=points[i],
+                eta_low_minutes=lows[i],
+                eta_high_minutes=highs[i],
+                feature_quality=qualities[i],  # type: ignore[arg-type]
+                feature_values=values[i],
+                feature_ages_seconds=ages[i],
+                stale_features=stale[i],
+                missing_features=missing[i],
+            )
+            for i in range(len(ids))
+        ],
+    )
+
+
+@pytest.mark.parametrize("k", [0, 1, 13, 16, 40])  # 16 features: a 128-byte packed column, 2-byte length
+def test_batch_rows_parse_to_the_reference_message(k: int) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(k)
+    quality = eta_pb2.PredictEtaResponse.FeatureQuality
+    ids = ["r-1", "", "ü-restaurant " * 12, "r-4", "r-5"]  # empty and > 127 bytes
+    n = len(ids)
+    points = [0.0, -0.0, 25.5, 1e300, 7.0]
+    lows, highs = [p * 0.8 for p in points], [p * 1.2 for p in points]
+    qualities = [quality.COMPLETE, quality.STALE, quality.MISSING, 0, quality.COMPLETE]
+    values = rng.normal(size=(n, k))
+    values[0, :] = 0.0
+    ages = np.abs(rng.normal(size=(n, k)))
+    if k:
+        values[1, 0] = -0.0
+    stale = [[], ["num_orders_last_10_min"], [], ["x", "ü" * 200], []]
+    missing = [[], [], ["free_drivers_within_3km", "kitchen_busy"], [], ["x"]]
+    wire = EtaRowsWire()
+    reply = eta_pb2.PredictEtaBatchResponse(request_id="req", model_version="v1", feature_names=["a", "b"])
+    for _ in range(2):  # the second time from the cached pieces
+        reply.ClearField("etas")
+        reply.MergeFromString(
+            wire.encode(ids, np.array(points), lows, highs, qualities, values, ages, stale, missing)
+        )
+        expected = _batch_reference(
+            ids, points, lows, highs, qualities, values.tolist(), ages.tolist(), stale, missing
+        )
+        assert reply.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
+        assert reply == expected
+
+
+def test_every_feature_quality_is_one_varint_byte() -> None:
+    """The batch rows hold the quality in one byte: every enum number must stay below 128."""
+    numbers = eta_pb2.PredictEtaResponse.FeatureQuality.values()
+    assert numbers
+    assert all(0 <= v < 128 for v in numbers)
+
+
+def test_varints_match_the_general_encoding() -> None:
+    from prediction.feature_wire import _varint
+
+    def reference(n: int) -> bytes:
+        n &= (1 << 64) - 1
+        out = bytearray()
+        while n > 0x7F:
+            out.append((n & 0x7F) | 0x80)
+            n >>= 7
+        out.append(n)
+        return bytes(out)
+
+    for n in [*range(0, 20000), 2**21, 2**40, -1, -5]:
+        assert _varint(n) == reference(n), n
