@@ -26,7 +26,9 @@ Measured, every scenario ``repeats`` times, interleaved round by round (medians 
    PredictEta (1. and 2.) and the closed-loop batch again on a server with the client-side cache off
    (``PREDICTION_CLIENT_CACHE=false``: every read a round trip, as for rows not read since they changed);
 3. PredictEtaBatch of 50 restaurants at ``batch_rate``/s open loop: p50/p99, server CPU per batch; and
-   closed loop (``batch_concurrency`` outstanding): batches/s, Redis CPU per batch;
+   closed loop (``batch_concurrency`` outstanding): batches/s, Redis CPU per batch; at the same rate the
+   two echoes (the PredictEta-sized reply, and the feed's request with a feed-sized reply: the floor
+   under the batch's CPU target);
 4. tracing: 100 % sampling with the JSON-lines exporter, and 100 % sampling with no exporter, versus
    sampling off (max throughput);
 5. (first round) the echo in the previous benchmark's layout — one grpc.aio load-generator process, 32
@@ -190,6 +192,10 @@ def run(quick: bool) -> BenchResult:
             reply_bytes = len(asyncio.run(call_once(eta.target, PREDICT, world.single[0])))
             echo = H.start_echo(workdir, reply_bytes)
             servers.append(echo)
+            # the floor of a feed: the same request bytes answered with a feed-sized reply
+            feed_reply_bytes = len(asyncio.run(call_once(eta.target, PREDICT_BATCH, world.batches[0])))
+            feed_echo = H.start_echo(workdir, feed_reply_bytes)
+            servers.append(feed_echo)
             reads_before = H.feature_read_paths(eta)
             for server in servers:
                 server.park()
@@ -243,6 +249,7 @@ def run(quick: bool) -> BenchResult:
             seq, closed = "sequential", f"max (c={c}, {k} clients)"
             batch_label = f"eta PredictEtaBatch(50) {plan.batch_rate:.0f}/s"
             echo_at_rate = f"echo {plan.batch_rate:.0f}/s (open loop, as the batch)"
+            feed_echo_at_rate = f"echo {plan.batch_rate:.0f}/s, feed request and reply ({feed_reply_bytes} B)"
             batch_max = f"eta PredictEtaBatch(50) max (c={plan.batch_concurrency}, {k} clients)"
             profiler: subprocess.Popen[bytes] | None = None
             for round_ in range(plan.repeats):
@@ -263,6 +270,7 @@ def run(quick: bool) -> BenchResult:
                 )
                 measure(batch_label, eta, PREDICT_BATCH, "fixed", batch=True)
                 measure(echo_at_rate, echo, ECHO_METHOD, "fixed")
+                measure(feed_echo_at_rate, feed_echo, ECHO_METHOD, "fixed", batch=True)
                 measure(
                     batch_max,
                     eta,
@@ -326,6 +334,7 @@ def run(quick: bool) -> BenchResult:
     uncached_batch = med[f"{batch_max}, client cache off"]
     batch_loaded = med[batch_max]
     echo_rate = med[echo_at_rate]
+    feed_echo_rate = med[feed_echo_at_rate]
     traced_max = med[f"eta {closed}, tracing 100%"]
     recorded_max = med[f"eta {closed}, sampled, no exporter"]
     p50_budget = echo_seq["p50_ms"] + ping_p50 + 0.3
@@ -363,6 +372,8 @@ def run(quick: bool) -> BenchResult:
             "nocache_batch50_server_cpu_ms_at_max": uncached_batch["server_net_cpu_us_per_call"] / 1e3,
             "nocache_batch50_redis_cpu_us": uncached_batch["redis_net_cpu_us_per_call"],
             "echo_cpu_us_per_call_at_batch_rate": echo_rate["server_net_cpu_us_per_call"],
+            # the floor under the batch's CPU target: a bare echo of the feed's request and reply size
+            "feed_echo_cpu_us_per_call_at_batch_rate": feed_echo_rate["server_net_cpu_us_per_call"],
             # how much more CPU the same code costs when calls arrive to an idle process (caches cold)
             "idle_gap_cpu_factor": echo_rate["server_net_cpu_us_per_call"]
             / echo_max["server_cpu_us_per_call"],
@@ -458,7 +469,10 @@ def run(quick: bool) -> BenchResult:
         f"{echo_max['server_cpu_us_per_call']:.0f} µs back to back (×{figures['idle_gap_cpu_factor']:.1f}); "
         f"the batch costs {figures['batch50_server_cpu_ms']:.2f} ms at {plan.batch_rate:.0f}/s vs "
         f"{figures['batch50_server_cpu_ms_at_max']:.2f} ms back to back (1.5 ms target "
-        f"{'met' if figures['batch50_server_cpu_ms_at_max'] <= 1.5 else 'NOT met'} there)",
+        f"{'met' if figures['batch50_server_cpu_ms_at_max'] <= 1.5 else 'NOT met'} there); a bare echo of "
+        f"the feed's request and its {feed_reply_bytes} B reply costs "
+        f"{feed_echo_rate['server_net_cpu_us_per_call']:.0f} µs of CPU per call at {plan.batch_rate:.0f}/s: "
+        "that much of the 1.5 ms is the floor's",
         f"request {len(world.single[0])} B (PredictEta), reply {reply_bytes} B; echo replies {reply_bytes} B",
         f"Redis PING round trip from the server's core (idle, raw socket): p50 {ping_p50:.3f} ms, "
         f"p99 {ping_p99:.3f} ms — a prediction whose reads miss the client-side cache needs one such hop, "

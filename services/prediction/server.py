@@ -74,6 +74,30 @@ _ETA_ROWS_WIRE = EtaRowsWire()  # PredictEtaBatchResponse.etas
 _flat = itertools.chain.from_iterable
 
 
+def _valid_restaurants(
+    restaurants: Sequence[eta_pb2.RestaurantLocation], violations: list[tuple[str, str]]
+) -> list[tuple[str, tuple[float, float]]]:
+    """A feed's (id, (lat, lng)) in one pass over the messages, each field read once; a restaurant the
+    quick test does not pass gets the full checks (:func:`check_point`), which name its bad fields in
+    ``violations``. The quick test accepts exactly what they accept: a comparison with NaN or an
+    infinity is False, and ``lat or lng`` is false only for (±0, ±0)."""
+    wanted = []
+    for i, item in enumerate(restaurants):
+        restaurant_id = item.restaurant_id
+        if item.HasField("location"):
+            location = item.location
+            lat, lng = location.lat, location.lng
+            if restaurant_id and -90.0 <= lat <= 90.0 and -180.0 <= lng <= 180.0 and (lat or lng):
+                wanted.append((restaurant_id, (lat, lng)))
+                continue
+        if not restaurant_id:
+            violations.append((f"restaurants[{i}].restaurant_id", "required"))
+        check_point(
+            violations, f"restaurants[{i}].location", item.HasField("location"), item.location, required=True
+        )
+    return wanted
+
+
 class RequestIds:
     """``p-<random>-<n>``: unique across replicas (random prefix per process) and cheap."""
 
@@ -238,6 +262,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
     ) -> eta_pb2.PredictEtaBatchResponse:
         restaurants = request.restaurants
         violations: list[tuple[str, str]] = []
+        wanted: list[tuple[str, tuple[float, float]]] = []
         check_point(
             violations,
             "customer_location",
@@ -252,16 +277,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
                 ("restaurants", f"at most {self._max_batch} restaurants per call, got {len(restaurants)}")
             )
         else:
-            for i, item in enumerate(restaurants):
-                if not item.restaurant_id:
-                    violations.append((f"restaurants[{i}].restaurant_id", "required"))
-                check_point(
-                    violations,
-                    f"restaurants[{i}].location",
-                    item.HasField("location"),
-                    item.location,
-                    required=True,
-                )
+            wanted = _valid_restaurants(restaurants, violations)
         check_market(violations, request.market_id)
         if violations:
             await abort_bad_request(context, violations)
@@ -269,7 +285,6 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         budget = await self._time_budget(context, "PredictEtaBatch", len(restaurants))
         model = await self._model(context, "PredictEtaBatch")
         now = now_ms()
-        wanted = [(item.restaurant_id, (item.location.lat, item.location.lng)) for item in restaurants]
         market = market_or_default(request.market_id)
         block, degradation = await self._reader.read(
             wanted, now_ms=now, budget_seconds=budget, customer_id=request.customer_id, market=market
