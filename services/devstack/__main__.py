@@ -32,7 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     run_p.add_argument("--workdir", default=".run", help="state, logs and spans (default: .run)")
     run_p.add_argument(
-        "--seed-days", type=float, default=3.0, help="days of history to simulate (default: 3)"
+        "--seed-days",
+        type=float,
+        default=7.0,
+        help="days of history to simulate (default: 7: from 3, 1 first model in 5 failed the promotion gate)",
     )
     run_p.add_argument("--restaurants", type=int, default=20, help="restaurants in the city (default: 20)")
     run_p.add_argument(

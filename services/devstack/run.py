@@ -28,7 +28,7 @@ PROMETHEUS_PORT = 9090
 @dataclass(frozen=True)
 class RunOptions:
     workdir: str = ".run"
-    seed_days: float = 3.0
+    seed_days: float = 7.0
     restaurants: int = 20
     drivers: int | None = None  # None: sized from the restaurants (simulator.city.fleet_for)
     speed: float = 1.0
