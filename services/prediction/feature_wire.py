@@ -29,7 +29,7 @@ def _varint(n: int) -> bytes:
     """A protobuf varint (a negative int64 as its 64-bit two's complement, ten bytes)."""
     if 0 <= n < 128:
         return _ONE_BYTE[n]
-    if 0 < n < 16384:  # a batch row's length
+    if 0 < n < 16384:  # two bytes: a batch row's length
         return bytes(((n & 0x7F) | 0x80, n >> 7))
     n &= _MASK64
     out = bytearray()
@@ -38,6 +38,12 @@ def _varint(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+def _string(tag: int, text: str) -> bytes:
+    """A string field: its tag byte (field number < 16), the length, the UTF-8 bytes."""
+    raw = text.encode()
+    return bytes((tag,)) + _varint(len(raw)) + raw
 
 
 def _timestamp(ms: float) -> bytes:
@@ -59,8 +65,7 @@ class FeatureWire:
     def _name(self, name: str) -> bytes:
         part = self._names.get(name)
         if part is None:
-            raw = name.encode()
-            part = self._names[name] = b"\x0a" + _varint(len(raw)) + raw
+            part = self._names[name] = _string(0x0A, name)
         return part
 
     def request_time(self, name: str, value: float) -> bytes:
@@ -145,8 +150,7 @@ class EtaRowsWire:
         if part is None:
             if len(self._ids) >= IDS_KEPT:
                 self._ids.clear()
-            raw = restaurant_id.encode()
-            part = self._ids[restaurant_id] = b"\x0a" + _varint(len(raw)) + raw
+            part = self._ids[restaurant_id] = _string(0x0A, restaurant_id)
         return part
 
     def _names_of(self, tag: int, names: Sequence[str]) -> bytes:
@@ -157,9 +161,7 @@ class EtaRowsWire:
         if part is None:
             if len(self._names) >= IDS_KEPT:
                 self._names.clear()
-            part = self._names[key] = b"".join(
-                bytes((tag,)) + _varint(len(raw)) + raw for raw in (name.encode() for name in names)
-            )
+            part = self._names[key] = b"".join(_string(tag, name) for name in names)
         return part
 
     def encode(
@@ -169,18 +171,16 @@ class EtaRowsWire:
         lows: Any,
         highs: Any,
         qualities: Sequence[int],
-        values: Any,
-        ages: Any,
+        values: np.ndarray,
+        ages: np.ndarray,
         stale: Sequence[Sequence[str]],
         missing: Sequence[Sequence[str]],
     ) -> bytes:
         """Rows ``i`` of: the ids, the three minutes, the qualities (enum numbers), ``values`` and
-        ``ages`` (n × k float arrays, NaN already replaced as the reply wants), the stale and missing
+        ``ages`` (n × k float64 arrays, NaN already replaced as the reply wants), the stale and missing
         feature names."""
         n = len(restaurant_ids)
-        values = np.asarray(values, dtype=np.float64)
-        k = values.shape[1] if values.ndim == 2 else 0
-        layout, prefix = self._layout(k)
+        layout, prefix = self._layout(values.shape[1])
         rows = np.empty(n, layout)
         rows["eta_tag"], rows["low_tag"], rows["high_tag"] = 0x11, 0x19, 0x21  # fields 2-4, 64-bit
         rows["quality_tag"], rows["values_tag"], rows["ages_tag"] = 0x28, 0x32, 0x3A  # 5 varint, 6-7 packed
@@ -203,4 +203,4 @@ class EtaRowsWire:
 
 
 _ETAS_TAG = b"\x22"  # PredictEtaBatchResponse.etas: field 4, length-delimited
-IDS_KEPT = 100_000  # encoded restaurant ids kept (a city's restaurants)
+IDS_KEPT = 100_000  # encoded restaurant ids (a city's restaurants), and name sets, kept at most

@@ -28,7 +28,7 @@ from eta.v1 import eta_pb2, eta_pb2_grpc
 from eta_common import features as F
 from eta_common.customer_features import CUSTOMER_FEATURE_NAMES
 from eta_common.feature_block import ONLINE_NAMES, FeatureBlock, Rows
-from eta_common.geo import check_point
+from eta_common.geo import check_point, valid_point
 from eta_common.grpc_errors import abort_bad_request
 from eta_common.markets import check_market, market_or_default
 from eta_common.timeutil import now_ms
@@ -77,17 +77,16 @@ _flat = itertools.chain.from_iterable
 def _valid_restaurants(
     restaurants: Sequence[eta_pb2.RestaurantLocation], violations: list[tuple[str, str]]
 ) -> list[tuple[str, tuple[float, float]]]:
-    """A feed's (id, (lat, lng)) in one pass over the messages, each field read once; a restaurant the
-    quick test does not pass gets the full checks (:func:`check_point`), which name its bad fields in
-    ``violations``. The quick test accepts exactly what they accept: a comparison with NaN or an
-    infinity is False, and ``lat or lng`` is false only for (±0, ±0)."""
+    """A feed's (id, (lat, lng)) in one pass over the messages, each field read once; a restaurant with
+    no id or a location :func:`valid_point` refuses gets the full checks, which name its bad fields in
+    ``violations``."""
     wanted = []
     for i, item in enumerate(restaurants):
         restaurant_id = item.restaurant_id
         if item.HasField("location"):
             location = item.location
             lat, lng = location.lat, location.lng
-            if restaurant_id and -90.0 <= lat <= 90.0 and -180.0 <= lng <= 180.0 and (lat or lng):
+            if restaurant_id and valid_point(lat, lng):
                 wanted.append((restaurant_id, (lat, lng)))
                 continue
         if not restaurant_id:
