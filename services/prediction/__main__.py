@@ -42,6 +42,7 @@ def _online_store(
                 max_entries=settings.client_cache_entries,
                 silence_seconds=silence,
                 heartbeat_seconds=silence / 5,
+                refresh_ahead=settings.client_cache_refresh,
             )
             return OnlineStore(cast(aioredis.Redis, cache)), lean
         # both implement the part of redis.asyncio.Redis that OnlineStore's reads use

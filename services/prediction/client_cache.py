@@ -27,6 +27,13 @@ process and asks Redis to say when they change:
   (``PREDICTION_CLIENT_CACHE_SILENCE_MS`` / 5) and a ping unanswered for the silence window stops the
   cache the same way: an entry is never served more than that window (and one ping) after Redis last
   spoke.
+* **Fetched again ahead of the reads (refresh-ahead).** A key answered from the cache since it was
+  stored is *hot*: when Redis invalidates it, its entry is fetched again at once, in the background (one
+  round trip for every key invalidated in the same loop iteration), so the next feed that wants it finds
+  it in memory instead of paying a round trip in the middle of its read. A key not read since its last
+  fetch is only dropped: Redis reads for the refreshes never exceed the reads they save. The refetch is
+  an ordinary fetch (tracked, and not kept when invalidated again while on its way), so it changes
+  nothing about freshness. ``PREDICTION_CLIENT_CACHE_REFRESH=false`` turns it off.
 * **How fresh.** An answer can trail a write by the time the invalidation takes to arrive (well under a
   millisecond on one host) — the same order as the gap between two commands of one uncached read, and
   far below the event → Redis path's own latency. Reads ``as of`` another time and the exact fallback
@@ -194,6 +201,8 @@ class ClientCache:
         retry_seconds: float = 1.0,
         heartbeat_seconds: float = 0.1,
         silence_seconds: float = 0.5,
+        refresh_ahead: bool = False,
+        refresh_limit: int = 2_000,
     ) -> None:
         self.inner = inner
         self._max_entries = max_entries
@@ -217,6 +226,12 @@ class ClientCache:
         self._silence = silence_seconds
         self._unanswered_since: float | None = None  # the oldest ping sent since the last reply heard
         self._heartbeat: asyncio.Task[None] | None = None
+        # refresh-ahead (see the module docstring): keys hit since stored, and what to fetch again
+        self._refresh_ahead = refresh_ahead
+        self._refresh_limit = refresh_limit  # keys fetched again per round trip at most (the rest: on read)
+        self._hot: set[Any] = set()
+        self._due: dict[Any, list[Any]] = {}  # key -> its entry's sub-keys (HMGET fields, (), _ZCOUNT)
+        self._refreshing: asyncio.Task[None] | None = None
 
     # --- the client API -------------------------------------------------------------------------------
 
@@ -235,7 +250,7 @@ class ClientCache:
         self._closed = True
         self._active = False
         self._flush()
-        for task in (self._starting, self._heartbeat):
+        for task in (self._starting, self._heartbeat, self._refreshing):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -287,6 +302,7 @@ class ClientCache:
         """The cached replies (None where missing), the misses as (position, kind, key) — kind 0 for a
         command never cached — and the number of hits."""
         entries = self._entries
+        hot = self._hot if self._refresh_ahead else None
         replies: list[Any] = [None] * len(commands)
         missing: list[tuple[int, int, Any]] = []  # (position, kind, key)
         hits = 0
@@ -303,12 +319,16 @@ class ClientCache:
                     if scores is not None:
                         replies[i] = _count(scores, command[2], command[3])
                         hits += 1
+                        if hot is not None:
+                            hot.add(key)
                         continue
                 else:
                     value = entry.get(command[2:], _MISSING)
                     if value is not _MISSING:
                         replies[i] = list(value) if type(value) is tuple else value
                         hits += 1
+                        if hot is not None:
+                            hot.add(key)
                         continue
             missing.append((i, kind, key))
         return replies, missing, hits
@@ -316,7 +336,12 @@ class ClientCache:
     # --- misses ---------------------------------------------------------------------------------------
 
     async def _fetch(
-        self, commands: Sequence[Command], missing: list[tuple[int, int, Any]], replies: list[Any]
+        self,
+        commands: Sequence[Command],
+        missing: list[tuple[int, int, Any]],
+        replies: list[Any],
+        *,
+        ahead: bool = False,
     ) -> None:
         """The misses (and the commands never cached) in one round trip; what was fetched is kept
         unless its key was invalidated, or the cache flushed, while the reply was on its way."""
@@ -333,7 +358,7 @@ class ClientCache:
         for key in tracked:
             in_flight[key] = in_flight.get(key, 0) + 1
         if tracked:
-            metrics.CLIENT_CACHE_MISSES.inc(len(tracked))
+            (metrics.CLIENT_CACHE_REFRESHES if ahead else metrics.CLIENT_CACHE_MISSES).inc(len(tracked))
         started, generation = self._events, self.inner.generation
         try:
             answers = await self.inner.execute(sent)
@@ -383,17 +408,53 @@ class ClientCache:
         if keys is None:  # FLUSHALL / FLUSHDB, or Redis dropped its tracking table
             self._flush()
             return
-        entries, in_flight = self._entries, self._in_flight
+        entries, in_flight, hot = self._entries, self._in_flight, self._hot
         for raw in keys:
             key = raw.decode() if isinstance(raw, bytes) else raw
-            entries.pop(key, None)
+            entry = entries.pop(key, None)
+            if key in hot:
+                hot.discard(key)
+                if entry is not None and self._refresh_ahead:
+                    self._due[key] = list(entry)
             if key in in_flight:
                 self._invalidated_at[key] = self._events
+        if self._due and (self._refreshing is None or self._refreshing.done()):
+            self._refreshing = asyncio.ensure_future(self._refresh())
+
+    async def _refresh(self) -> None:
+        """Fetch the hot keys Redis invalidated again, ahead of the reads that will want them."""
+        await asyncio.sleep(0)  # the invalidations of this loop iteration go in the same round trip
+        while self._due and self._active and not self._closed:
+            due, self._due = self._due, {}
+            commands: list[Command] = []
+            missing: list[tuple[int, int, Any]] = []
+            for key, subs in due.items():
+                if key in self._entries or key in self._in_flight:
+                    continue  # a read fetched it meanwhile (or is fetching it)
+                for sub in subs:
+                    if type(sub) is int:  # _ZCOUNT: the sorted set's scores
+                        kind, command = _ZCOUNT, ("ZCOUNT", key, "-inf", "+inf")
+                    else:
+                        kind, command = _VALUE, ("HMGET", key, *sub) if sub else ("GET", key)
+                    missing.append((len(commands), kind, key))
+                    commands.append(command)
+                if len(commands) >= self._refresh_limit:
+                    break  # the rest is fetched by the reads that want it
+            if not commands:
+                continue
+            try:
+                await self._fetch(commands, missing, [None] * len(commands), ahead=True)
+            except (RedisError, OSError, TimeoutError) as exc:  # the reads fetch what they need
+                log.debug("refresh-ahead fetch failed", extra={"error": repr(exc)})
+                self._due.clear()
+                return
 
     def _flush(self) -> None:
         self._events += 1
         self._flushed_at = self._events
         self._entries.clear()
+        self._hot.clear()
+        self._due.clear()
 
     def _deactivate(self, why: str) -> None:
         if self._active:

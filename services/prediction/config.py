@@ -43,6 +43,9 @@ Time and load
   ``PREDICTION_CLIENT_CACHE_ENTRIES`` [50000] keys kept at most (~1 KB each; then the cache starts over).
   ``PREDICTION_CLIENT_CACHE_SILENCE_MS`` [500] the cache stops serving when its invalidation connection
   has been silent this long (pinged 5 times as often): a hung Redis or network is noticed within it.
+  ``PREDICTION_CLIENT_CACHE_REFRESH`` [true] fetch a key read from the cache again as soon as Redis
+  invalidates it (refresh-ahead), so the next read finds it in memory; a key not read since its last
+  fetch is only dropped.
 
 Prediction log (PostgreSQL table ``predictions``)
   ``PREDICTION_LOG_ENABLED`` [true]; ``PREDICTION_LOG_BUFFER`` [20000] rows held in memory at most
@@ -151,6 +154,7 @@ class PredictionSettings:
     client_cache: bool = True
     client_cache_entries: int = 50_000
     client_cache_silence_ms: int = 500
+    client_cache_refresh: bool = True
     log_enabled: bool = True
     log_buffer: int = 20_000
     log_batch: int = 500
@@ -201,6 +205,7 @@ class PredictionSettings:
             client_cache_entries=env_int(
                 "PREDICTION_CLIENT_CACHE_ENTRIES", cls.client_cache_entries, minimum=1
             ),
+            client_cache_refresh=env_bool("PREDICTION_CLIENT_CACHE_REFRESH", cls.client_cache_refresh),
             client_cache_silence_ms=env_int(
                 "PREDICTION_CLIENT_CACHE_SILENCE_MS", cls.client_cache_silence_ms, minimum=10
             ),

@@ -164,6 +164,10 @@ CLIENT_CACHE_MISSES = Counter(
     "eta_prediction_client_cache_misses_total",
     "Cacheable serving reads fetched from Redis (and tracked for invalidation)",
 )
+CLIENT_CACHE_REFRESHES = Counter(
+    "eta_prediction_client_cache_refreshes_total",
+    "Hot keys fetched again right after Redis invalidated them (refresh-ahead), before a read wanted them",
+)
 CLIENT_CACHE_INVALIDATIONS = Counter(
     "eta_prediction_client_cache_invalidation_messages_total",
     "Invalidation messages Redis sent for keys the client-side cache tracks",

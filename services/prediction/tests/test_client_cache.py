@@ -45,10 +45,10 @@ class Counting(LeanRedis):
         return await super().execute(commands)
 
 
-async def _cache(server: ChildProcess) -> tuple[ClientCache, Counting]:
+async def _cache(server: ChildProcess, *, refresh_ahead: bool = False) -> tuple[ClientCache, Counting]:
     inner = Counting.from_url(server.url)
     assert isinstance(inner, Counting)
-    cache = ClientCache(inner, retry_seconds=0.05)
+    cache = ClientCache(inner, retry_seconds=0.05, refresh_ahead=refresh_ahead)
     await _until(cache, lambda: cache.active)
     return cache, inner
 
@@ -362,3 +362,93 @@ async def _city_with_rows(server: ChildProcess) -> Any:
         return city
     finally:
         await store.close()
+
+
+# --- refresh-ahead ---------------------------------------------------------------------------------------
+
+
+async def _in_memory(cache: ClientCache, command: Any, want: Any, timeout: float = 2.0) -> None:
+    """Wait, without reading through to Redis, until ``cached`` answers ``want`` for ``command``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (got := cache.cached([command])) != [want]:
+        assert asyncio.get_running_loop().time() < deadline, f"{command}: from memory {got}, want {want}"
+        await asyncio.sleep(0.001)
+
+
+async def test_a_hot_key_is_fetched_again_as_soon_as_it_changes(
+    redis_server: ChildProcess, writer: redis.Redis
+) -> None:
+    """Refresh-ahead: a key read from the cache since it was stored is fetched again when Redis invalidates
+    it, so the next read is answered from memory with the new value; rows, a backlog set and a plain GET
+    alike."""
+    writer.hset(ROW, mapping={"w": "v1", "s": "3"})
+    writer.zadd(WAITING, {"o1": 10, "o2": 20})
+    writer.set("eta:customers:as_of", "1")
+    cache, inner = await _cache(redis_server, refresh_ahead=True)
+    row, backlog = ("HMGET", ROW, *FIELDS), ("ZCOUNT", WAITING, "(10", "+inf")
+    marker = ("GET", "eta:customers:as_of")
+    try:
+        assert await cache.execute([row, backlog, marker]) == [[b"v1", None, b"3"], 1, b"1"]
+        assert cache.cached([row, backlog, marker]) == [[b"v1", None, b"3"], 1, b"1"]  # hits: now hot
+        writer.hset(ROW, "w", "v2")
+        writer.zadd(WAITING, {"o3": 30})
+        writer.set("eta:customers:as_of", "2")
+        await _in_memory(cache, row, [b"v2", None, b"3"])
+        await _in_memory(cache, backlog, 2)
+        await _in_memory(cache, marker, b"2")
+        sent = inner.sent
+        assert await cache.execute([row, backlog, marker]) == [[b"v2", None, b"3"], 2, b"2"]
+        assert inner.sent == sent  # the read itself sent nothing
+        # still tracked after the refetch: the next change comes back the same way
+        writer.hset(ROW, "w", "v3")
+        await _in_memory(cache, row, [b"v3", None, b"3"])
+    finally:
+        await cache.aclose()
+
+
+async def test_a_key_not_read_since_its_fetch_is_dropped_not_fetched_again(
+    redis_server: ChildProcess, writer: redis.Redis
+) -> None:
+    """Refreshes never exceed the reads they save: a changed key that nobody read since it was fetched
+    is only dropped; the next read fetches it as without refresh-ahead."""
+    writer.hset(ROW, "w", "v1")
+    cache, inner = await _cache(redis_server, refresh_ahead=True)
+    try:
+        assert await _read(cache) == [b"v1", None, None]  # fetched, never hit: not hot
+        sent = inner.sent
+        writer.hset(ROW, "w", "v2")
+        deadline = asyncio.get_running_loop().time() + 2.0
+        while ROW in cache._entries:
+            assert asyncio.get_running_loop().time() < deadline, "the entry outlived its invalidation"
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)
+        assert ROW not in cache._entries
+        assert inner.sent == sent  # nothing fetched for it
+        assert await _read(cache) == [b"v2", None, None]
+    finally:
+        await cache.aclose()
+
+
+async def test_refresh_ahead_never_keeps_a_value_older_than_the_last_write(
+    redis_server: ChildProcess, writer: redis.Redis
+) -> None:
+    """A burst of writes to a hot key (each invalidating while a refetch may be on its way): once the
+    last write's invalidation is in, memory answers the last value or nothing, never an older one."""
+    writer.hset(ROW, "w", "0")
+    cache, _ = await _cache(redis_server, refresh_ahead=True)
+    row = ("HMGET", ROW, *FIELDS)
+    try:
+        for burst in range(1, 6):
+            await _read(cache)
+            assert cache.cached([row]) is not None  # a hit: hot
+            pipe = writer.pipeline(transaction=False)
+            for i in range(40):
+                pipe.hset(ROW, "w", f"{burst}-{i}")
+            pipe.execute()
+            last = [f"{burst}-39".encode(), None, None]
+            await _in_memory(cache, row, last)
+            for _ in range(50):  # and it stays so
+                assert cache.cached([row]) in (None, [last])
+                await asyncio.sleep(0.001)
+    finally:
+        await cache.aclose()
