@@ -21,10 +21,13 @@ NaN when unknown. The request-time columns (distance, hour of the week) are the 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from eta_common import features as F
 
@@ -34,6 +37,7 @@ __all__ = [
     "ONLINE_COLUMNS",
     "ONLINE_NAMES",
     "FeatureBlock",
+    "FeatureColumns",
     "FeatureReading",
     "K",
     "RestaurantFeatures",
@@ -184,3 +188,47 @@ class FeatureBlock:
 
     def restaurants(self) -> list[RestaurantFeatures]:
         return [self.restaurant(i) for i in range(len(self))]
+
+
+@dataclass(slots=True)
+class FeatureColumns:
+    """A :class:`FeatureBlock` as arrays (rows × :data:`K`): what a feed computes on column-wise. The
+    reader builds it straight from its cached row templates when a read is answered from memory
+    (:meth:`eta_common.online.reader.OnlineReader.read_columns_from_memory`), with no per-row lists;
+    :meth:`of_block` converts any block (the full read, the defaults) to the same layout."""
+
+    restaurant_ids: list[str]
+    locations: list[tuple[float, float] | None]
+    as_of_ms: int
+    values: np.ndarray  # float64; the request-time columns are the caller's to fill
+    present: np.ndarray  # bool
+    updated_ms: np.ndarray  # float64, NaN = unknown
+    event_ms: np.ndarray  # float64, NaN = unknown
+    writers: list[Sequence[Any]]
+    from_rows: int = 0
+    from_fallback: int = 0
+    supply_as_of_ms: list[float] = field(default_factory=list)
+    current_ms: float = math.nan
+
+    def __len__(self) -> int:
+        return len(self.restaurant_ids)
+
+    @classmethod
+    def of_block(cls, block: FeatureBlock) -> FeatureColumns:
+        n = len(block)
+        flat = itertools.chain.from_iterable
+        # np.fromiter over the flattened rows: ~10 µs less per array than np.array's shape discovery
+        return cls(
+            block.restaurant_ids,
+            block.locations,
+            block.as_of_ms,
+            np.fromiter(flat(block.values), np.float64, n * K).reshape(n, K),
+            np.fromiter(flat(block.present), bool, n * K).reshape(n, K),
+            np.fromiter(flat(block.updated_ms), np.float64, n * K).reshape(n, K),
+            np.fromiter(flat(block.event_ms), np.float64, n * K).reshape(n, K),
+            block.writers,
+            block.from_rows,
+            block.from_fallback,
+            block.supply_as_of_ms,
+            block.current_ms,
+        )

@@ -27,7 +27,7 @@ from opentelemetry import trace
 from eta.v1 import eta_pb2, eta_pb2_grpc
 from eta_common import features as F
 from eta_common.customer_features import CUSTOMER_FEATURE_NAMES
-from eta_common.feature_block import ONLINE_NAMES, FeatureBlock, Rows
+from eta_common.feature_block import ONLINE_NAMES, FeatureBlock, FeatureColumns, Rows
 from eta_common.geo import check_point, valid_point
 from eta_common.grpc_errors import abort_bad_request
 from eta_common.markets import check_market, market_or_default
@@ -71,7 +71,6 @@ COMPLETE, STALE, MISSING = Quality.COMPLETE, Quality.STALE, Quality.MISSING
 _QUALITY_NAMES = {q: Quality.Name(q) for q in (COMPLETE, STALE, MISSING)}
 _FEATURES_WIRE = FeatureWire(eta_pb2.PredictEtaResponse.FEATURES_FIELD_NUMBER)
 _ETA_ROWS_WIRE = EtaRowsWire()  # PredictEtaBatchResponse.etas
-_flat = itertools.chain.from_iterable
 
 
 def _valid_restaurants(
@@ -130,7 +129,7 @@ class _BatchRows:
     missing features and quality, computed column-wise. Per restaurant and feature, the list path's
     Python loop costs ~0.5 µs; a 50-row feed has 550 of them, and the reply and metrics 1,300 more."""
 
-    block: FeatureBlock
+    block: FeatureColumns
     values: np.ndarray  # the model's input, request-time features filled in
     ages: np.ndarray  # NaN = unknown
     present: np.ndarray  # bool: the store had a value
@@ -285,7 +284,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
         model = await self._model(context, "PredictEtaBatch")
         now = now_ms()
         market = market_or_default(request.market_id)
-        block, degradation = await self._reader.read(
+        block, degradation = await self._reader.read_columns(
             wanted, now_ms=now, budget_seconds=budget, customer_id=request.customer_id, market=market
         )
         customer = (request.customer_location.lat, request.customer_location.lng)
@@ -408,15 +407,13 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
             ]
         return names
 
-    def _batch_rows(self, block: FeatureBlock, customer: tuple[float, float], now: int) -> _BatchRows:
+    def _batch_rows(self, block: FeatureColumns, customer: tuple[float, float], now: int) -> _BatchRows:
         """:meth:`_rows`, column-wise: the same rules, the same values (the distance row by row with the
         same function as the offline builder, so online = offline to the bit)."""
         n = len(block)
         cols = self._online_columns
-        # np.fromiter over the flattened rows: ~10 µs less per array than np.array's shape discovery
-        values = np.fromiter(_flat(block.values), np.float64, n * _K).reshape(n, _K)
-        present = np.fromiter(_flat(block.present), bool, n * _K).reshape(n, _K)
-        changed = np.fromiter(_flat(block.updated_ms), np.float64, n * _K).reshape(n, _K)[:, cols]
+        values, present = block.values, block.present  # the block's own arrays: filled in place
+        changed = block.updated_ms[:, cols]
         current = block.current_ms
         if not math.isnan(current):  # unchanged since, and the store was current then
             changed = np.where(self._online_fed & (current > changed), current, changed)
@@ -595,7 +592,7 @@ class EtaServicer(eta_pb2_grpc.EtaServiceServicer):
 def _log_rows(
     plog: PredictionLog,
     model: ServingModel,
-    block: FeatureBlock,
+    block: FeatureBlock | FeatureColumns,
     inputs: Sequence[Sequence[float]],
     qualities: Sequence[QualityValue],
     ranges: _Ranges,

@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from eta_common import features as F
 from eta_common.customer_features import CUSTOMER_MEAN_DELIVERY_28D, CUSTOMER_ORDERS_28D, CustomerFeatures
-from eta_common.feature_block import COLUMN, DEFAULT_ROW, FeatureBlock, K
+from eta_common.feature_block import COLUMN, DEFAULT_ROW, FeatureBlock, FeatureColumns, K
 from eta_common.online.keys import LIVE_AGGREGATOR_MS
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "RestaurantState",
     "Supply",
     "assemble",
+    "assemble_columns",
     "num",
 ]
 
@@ -147,6 +150,8 @@ class RowTemplate(NamedTuple):
     event: list[float]
     writers: Sequence[Any]  # per column, or _NO_WRITERS
     supply_as_of_ms: float
+    # the same four rows as the bytes of one (4, K) float64 array (present as 0/1): a feed joins these
+    packed: bytes
 
 
 def template_of(state: RestaurantState) -> RowTemplate:
@@ -191,7 +196,10 @@ def template_of(state: RestaurantState) -> RowTemplate:
                 per_column[k] = ref
         per_column[_FREE_COLUMN] = supply_ref
         writers = per_column
-    return RowTemplate(values, present, updated, event, writers, nan if supply is None else supply.as_of_ms)
+    packed = np.array((values, present, updated, event), dtype=np.float64).tobytes()
+    return RowTemplate(
+        values, present, updated, event, writers, nan if supply is None else supply.as_of_ms, packed
+    )
 
 
 def assemble(
@@ -255,3 +263,62 @@ def assemble(
     block.supply_as_of_ms = supply_as_of
     block.current_ms = city.current_ms
     return block
+
+
+def assemble_columns(
+    restaurant_ids: list[str],
+    locations: list[tuple[float, float] | None],
+    now_ms: int,
+    templates: Sequence[RowTemplate],
+    city: City,
+    customer: CustomerFeatures,
+) -> FeatureColumns:
+    """:func:`assemble` of ready-row templates, as arrays: the templates' packed rows joined into one
+    array (one bytes join: ~1 µs for 50, where stacking 50 small arrays costs ~1 µs each), then the
+    request's columns (the city's backlog, the customer's features) set column-wise — the same values as
+    :func:`assemble` (tested), without a list per row."""
+    nan = math.nan
+    n = len(templates)
+    joined = b"".join([t.packed for t in templates])
+    stacked = np.frombuffer(joined, dtype=np.float64).reshape(n, 4, K).copy()  # writable, the read's own
+    values, updated, event = stacked[:, 0, :], stacked[:, 2, :], stacked[:, 3, :]
+    present = stacked[:, 1, :] != 0.0
+    dispatch = city.dispatch
+    b = _BACKLOG_COLUMN
+    if dispatch.updated is not None:
+        values[:, b], present[:, b] = float(city.waiting), True
+    else:
+        values[:, b], present[:, b] = DEFAULT_ROW[b], False
+    updated[:, b] = nan if dispatch.updated is None else float(dispatch.updated)
+    event[:, b] = nan if dispatch.event is None else float(dispatch.event)
+    if customer is not NO_CUSTOMER:
+        known_at = customer.as_of_ms
+        at = nan if known_at is None else float(known_at)
+        mean = customer.mean_delivery_minutes_last_28_days
+        values[:, _CUSTOMER_ORDERS_COLUMN] = customer.orders_last_28_days
+        present[:, _CUSTOMER_ORDERS_COLUMN] = known_at is not None
+        values[:, _CUSTOMER_MEAN_COLUMN] = mean
+        present[:, _CUSTOMER_MEAN_COLUMN] = not math.isnan(mean)
+        for k in (_CUSTOMER_ORDERS_COLUMN, _CUSTOMER_MEAN_COLUMN):
+            updated[:, k] = event[:, k] = at
+    dispatch_ref = dispatch.writer
+    writers: list[Sequence[Any]] = []
+    for t in templates:
+        refs = t.writers
+        if dispatch_ref is not None:
+            refs = list(refs)
+            refs[b] = dispatch_ref
+        writers.append(refs)
+    return FeatureColumns(
+        restaurant_ids,
+        locations,
+        now_ms,
+        values,
+        present,
+        updated,
+        event,
+        writers,
+        from_rows=len(templates),
+        supply_as_of_ms=[t.supply_as_of_ms for t in templates],
+        current_ms=city.current_ms,
+    )

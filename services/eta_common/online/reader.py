@@ -23,7 +23,7 @@ from eta_common.customer_features import (
     parse_customer_read,
     queue_customer_read,
 )
-from eta_common.feature_block import FeatureBlock, RestaurantFeatures
+from eta_common.feature_block import FeatureBlock, FeatureColumns, RestaurantFeatures
 from eta_common.online.assemble import (
     NO_CUSTOMER,
     City,
@@ -31,6 +31,7 @@ from eta_common.online.assemble import (
     RowTemplate,
     Supply,
     assemble,
+    assemble_columns,
     template_of,
 )
 from eta_common.online.connection import Pipelines
@@ -103,6 +104,35 @@ class OnlineReader(Pipelines):
             return None
         city, customer, states, stale = self._parse_read(results, now_ms, customer_id)
         return None if stale else self._block(requests, now_ms, states, city, customer, 0)
+
+    def read_columns_from_memory(
+        self,
+        requests: Sequence[tuple[str, Location]],
+        *,
+        now_ms: int,
+        customer_id: str = "",
+        market: str = "",
+    ) -> FeatureColumns | None:
+        """:meth:`read_from_memory` as arrays (a feed): the same answer, built from the cached row
+        templates' arrays in one stack instead of a list per row; None when the read needs I/O."""
+        if not requests or not self._memory_reads:
+            return None
+        pipe: Any = self.client.pipeline(transaction=False)
+        self._queue_read(pipe, requests, self._city_keys_of(market), now_ms, customer_id)
+        results = pipe.cached()
+        if results is None:
+            return None
+        city, customer, states, stale = self._parse_read(results, now_ms, customer_id)
+        if stale:
+            return None
+        return assemble_columns(
+            [rid for rid, _ in requests],
+            [location for _, location in requests],
+            now_ms,
+            states,  # type: ignore[arg-type]  # every one a RowTemplate: none is stale
+            city,
+            customer,
+        )
 
     async def read_block(
         self,

@@ -5,14 +5,18 @@ connection is lost (or Redis is flushed) nothing stale is served."""
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Iterator
 from typing import Any, cast
 
+import numpy as np
 import pytest
 import redis
 
 from devstack.infra import ChildProcess
+from eta_common import features as F
+from eta_common.feature_block import FeatureColumns
 from eta_common.online_store import OnlineStore
 from eta_common.timeutil import now_ms as wall_ms
 from prediction.client_cache import ClientCache, cacheable_kind
@@ -450,5 +454,52 @@ async def test_refresh_ahead_never_keeps_a_value_older_than_the_last_write(
             for _ in range(50):  # and it stays so
                 assert cache.cached([row]) in (None, [last])
                 await asyncio.sleep(0.001)
+    finally:
+        await cache.aclose()
+
+
+@pytest.mark.parametrize("customer", ["", "c7"])
+async def test_a_feed_read_as_columns_equals_the_block_read(
+    redis_server: ChildProcess, writer: redis.Redis, customer: str
+) -> None:
+    """``read_columns_from_memory`` (a feed: the cached templates' arrays stacked, the request's columns
+    set column-wise) answers exactly what the list-based read does, converted: values, presence,
+    provenance, writers, supply as-of, the store's freshness; with and without a customer."""
+    city = await _city_with_rows(redis_server)
+    if customer:
+        writer.hset(f"cust:{{{customer}}}", mapping={"orders": "6", "mean_minutes": "31.5", "as_of": "1700"})
+        writer.set("eta:customers:as_of", "1700")
+    cache, inner = await _cache(redis_server)
+    store = OnlineStore(cast(Any, cache))
+    try:
+        wanted = list(city.restaurants.items())[:12]
+        now = wall_ms()
+        assert store.read_columns_from_memory(wanted, now_ms=now, customer_id=customer) is None  # cold
+        full = await store.read_block(wanted, now_ms=now, customer_id=customer)
+        sent = inner.sent
+        columns = store.read_columns_from_memory(wanted, now_ms=now, customer_id=customer)
+        assert columns is not None
+        assert inner.sent == sent  # from memory
+        want = FeatureColumns.of_block(full)
+        for name in ("values", "updated_ms", "event_ms"):
+            np.testing.assert_array_equal(getattr(columns, name), getattr(want, name), err_msg=name)
+        np.testing.assert_array_equal(columns.present, want.present)
+        assert columns.present.dtype == bool
+        assert [list(w) for w in columns.writers] == [list(w) for w in want.writers]
+        assert columns.restaurant_ids == want.restaurant_ids
+        assert columns.locations == want.locations
+        assert columns.supply_as_of_ms == want.supply_as_of_ms
+        assert columns.current_ms == want.current_ms or (
+            math.isnan(columns.current_ms) and math.isnan(want.current_ms)
+        )
+        assert (columns.from_rows, columns.from_fallback) == (len(wanted), 0)
+        if customer:
+            k = F.FEATURE_NAMES.index("customer_orders_last_28_days")
+            assert columns.values[:, k].tolist() == [6.0] * len(wanted)
+        # the arrays are the read's own: filling request-time columns leaves the cached templates alone
+        columns.values[:, :] = -1.0
+        again = store.read_columns_from_memory(wanted, now_ms=now, customer_id=customer)
+        assert again is not None
+        np.testing.assert_array_equal(again.values, want.values)
     finally:
         await cache.aclose()

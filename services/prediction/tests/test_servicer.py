@@ -14,7 +14,7 @@ import pytest
 
 from eta.v1 import eta_pb2, events_pb2
 from eta_common import features as F
-from eta_common.feature_block import FeatureBlock
+from eta_common.feature_block import FeatureBlock, FeatureColumns
 from eta_common.feature_proto import to_feature_value
 from eta_common.online_store import FeatureReading, RestaurantFeatures
 from eta_common.tests.servicer_context import Aborted, Context
@@ -78,6 +78,20 @@ class Reader:
         )
         block.current_ms = self.current_ms
         return block, None
+
+    async def read_columns(
+        self,
+        requests: Sequence[tuple[str, tuple[float, float]]],
+        *,
+        now_ms: int,
+        budget_seconds: float | None,
+        customer_id: str = "",
+        market: str = "",
+    ) -> tuple[FeatureColumns, Any]:
+        block, degradation = await self.read(
+            requests, now_ms=now_ms, budget_seconds=budget_seconds, customer_id=customer_id, market=market
+        )
+        return FeatureColumns.of_block(block), degradation
 
 
 class Log:
@@ -461,7 +475,7 @@ async def test_the_batch_path_computes_what_the_row_by_row_path_does(
     rng = np.random.default_rng(5)
     for _ in range(5):
         block = _random_block(rng, 40, current_ms)
-        batch = servicer._batch_rows(block, (52.54, 13.43), NOW)  # first: _rows fills in the block
+        batch = servicer._batch_rows(FeatureColumns.of_block(block), (52.54, 13.43), NOW)
         rows = servicer._rows(block, (52.54, 13.43), NOW)
         np.testing.assert_array_equal(batch.values, np.array(rows.values))
         np.testing.assert_array_equal(batch.ages, np.array(rows.ages))
