@@ -36,7 +36,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanContext, SpanKind, TraceFlags
@@ -57,6 +57,7 @@ DegradationValue: TypeAlias = eta_pb2.Degradation.ValueType
 Location = tuple[float, float]
 
 MAX_WRITER_LINKS = 16
+_Found = TypeVar("_Found", FeatureBlock, FeatureColumns)
 
 
 def default_features(restaurant_id: str, location: Location, now_ms: int) -> RestaurantFeatures:
@@ -209,26 +210,39 @@ class FeatureReader:
         """:meth:`read` as arrays (a feed). Answered from the client-side cache, the columns come straight
         from the cached rows; anything else (a miss, a row needing the exact read, a traced call, an open
         circuit, an error) takes :meth:`read` and converts its block: the same answer either way."""
-        from_memory = self._columns_from_memory
-        if (
-            from_memory is not None
-            and not self._breaker.is_open
-            and not trace.get_current_span().is_recording()
-        ):
-            started = time.perf_counter()
-            try:
-                found = from_memory(requests, now_ms=now_ms, customer_id=customer_id, market=market)
-            except Exception:  # the full path reads again and answers (or degrades) as usual
-                found = None
+        if not trace.get_current_span().is_recording():  # a traced read takes read(): its span
+            found = self._memory(self._columns_from_memory, requests, now_ms, customer_id, market)
             if found is not None:
-                self._breaker.success()  # as a hit through read() (see _read)
-                metrics.STAGE_REDIS.observe(time.perf_counter() - started)
-                metrics.READS_FROM_ROWS.inc(found.from_rows)
                 return found, None
         block, degradation = await self.read(
             requests, now_ms=now_ms, budget_seconds=budget_seconds, customer_id=customer_id, market=market
         )
         return FeatureColumns.of_block(block), degradation
+
+    def _memory(
+        self,
+        read: Callable[..., _Found | None] | None,
+        requests: Sequence[tuple[str, Location]],
+        now_ms: int,
+        customer_id: str,
+        market: str,
+    ) -> _Found | None:
+        """The read answered from the client-side cache, when it can be (None: take the full path). A
+        hit awaits nothing, so it needs no timeout. It counts as a success, as a cache hit through the
+        full path always did (the cache answers only while its tracking connections to Redis are alive),
+        so sporadic failures between hits never add up to an open circuit."""
+        if read is None or self._breaker.is_open:
+            return None
+        started = time.perf_counter()
+        try:
+            found = read(requests, now_ms=now_ms, customer_id=customer_id, market=market)
+        except Exception:  # the full path reads again and answers (or degrades) as usual
+            return None
+        if found is not None:
+            self._breaker.success()
+            metrics.STAGE_REDIS.observe(time.perf_counter() - started)
+            metrics.READS_FROM_ROWS.inc(found.from_rows)
+        return found
 
     async def _read(
         self,
@@ -240,23 +254,9 @@ class FeatureReader:
         market: str = "",
     ) -> tuple[FeatureBlock, DegradationValue | None]:
         breaker = self._breaker
-        from_memory = self._from_memory
-        if from_memory is not None and not breaker.is_open:
-            # Answered from the client-side cache, the read awaits nothing: no timeout to arm. It counts
-            # as a success, as a cache hit through the full path always did (the cache answers only while
-            # its tracking connections to Redis are alive), so sporadic failures between hits never add
-            # up to an open circuit. Anything else (a miss, a row needing the exact read, an error) takes
-            # the full path below.
-            started = time.perf_counter()
-            try:
-                found = from_memory(requests, now_ms=now_ms, customer_id=customer_id, market=market)
-            except Exception:  # the full path below reads again and answers (or degrades) as usual
-                found = None
-            if found is not None:
-                breaker.success()
-                metrics.STAGE_REDIS.observe(time.perf_counter() - started)
-                metrics.READS_FROM_ROWS.inc(found.from_rows)
-                return found, None
+        hit = self._memory(self._from_memory, requests, now_ms, customer_id, market)
+        if hit is not None:
+            return hit, None
         if not breaker.allow():
             metrics.FALLBACKS.labels("redis_circuit_open").inc(len(requests))
             return self._defaults(requests, now_ms), Degradation.ONLINE_STORE_UNAVAILABLE

@@ -95,15 +95,11 @@ class OnlineReader(Pipelines):
         valid at ``now_ms``; None otherwise (then :meth:`read_block`). A hit awaits nothing, so the
         caller needs no timeout, pipeline or round-trip bookkeeping around it. (When a row turns out
         not valid, :meth:`read_block` reads again: those cached replies count twice as cache hits.)"""
-        if not requests or not self._memory_reads:
+        found = self._memory_read(requests, now_ms, customer_id, market)
+        if found is None:
             return None
-        pipe: Any = self.client.pipeline(transaction=False)
-        self._queue_read(pipe, requests, self._city_keys_of(market), now_ms, customer_id)
-        results = pipe.cached()
-        if results is None:
-            return None
-        city, customer, states, stale = self._parse_read(results, now_ms, customer_id)
-        return None if stale else self._block(requests, now_ms, states, city, customer, 0)
+        city, customer, states = found
+        return self._block(requests, now_ms, states, city, customer, 0)
 
     def read_columns_from_memory(
         self,
@@ -114,7 +110,19 @@ class OnlineReader(Pipelines):
         market: str = "",
     ) -> FeatureColumns | None:
         """:meth:`read_from_memory` as arrays (a feed): the same answer, built from the cached row
-        templates' arrays in one stack instead of a list per row; None when the read needs I/O."""
+        templates' packed rows in one array instead of a list per row; None when the read needs I/O."""
+        found = self._memory_read(requests, now_ms, customer_id, market)
+        if found is None:
+            return None
+        city, customer, templates = found
+        locations: list[Location | None] = [location for _, location in requests]
+        return assemble_columns([rid for rid, _ in requests], locations, now_ms, templates, city, customer)
+
+    def _memory_read(
+        self, requests: Sequence[tuple[str, Location]], now_ms: int, customer_id: str, market: str
+    ) -> tuple[City, CustomerFeatures, list[RowTemplate]] | None:
+        """The serving read's city, customer and row templates from the client's memory; None when any
+        reply is not there or any restaurant has no row valid at ``now_ms``."""
         if not requests or not self._memory_reads:
             return None
         pipe: Any = self.client.pipeline(transaction=False)
@@ -125,14 +133,7 @@ class OnlineReader(Pipelines):
         city, customer, states, stale = self._parse_read(results, now_ms, customer_id)
         if stale:
             return None
-        return assemble_columns(
-            [rid for rid, _ in requests],
-            [location for _, location in requests],
-            now_ms,
-            states,  # type: ignore[arg-type]  # every one a RowTemplate: none is stale
-            city,
-            customer,
-        )
+        return city, customer, states  # type: ignore[return-value]  # none stale: every one a template
 
     async def read_block(
         self,

@@ -79,18 +79,8 @@ class Reader:
         block.current_ms = self.current_ms
         return block, None
 
-    async def read_columns(
-        self,
-        requests: Sequence[tuple[str, tuple[float, float]]],
-        *,
-        now_ms: int,
-        budget_seconds: float | None,
-        customer_id: str = "",
-        market: str = "",
-    ) -> tuple[FeatureColumns, Any]:
-        block, degradation = await self.read(
-            requests, now_ms=now_ms, budget_seconds=budget_seconds, customer_id=customer_id, market=market
-        )
+    async def read_columns(self, requests: Any, **kwargs: Any) -> tuple[FeatureColumns, Any]:
+        block, degradation = await self.read(requests, **kwargs)
         return FeatureColumns.of_block(block), degradation
 
 
