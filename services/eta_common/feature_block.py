@@ -195,18 +195,15 @@ class FeatureColumns:
     """A :class:`FeatureBlock` as arrays (rows × :data:`K`): what a feed computes on column-wise. The
     reader builds it straight from its cached row templates when a read is answered from memory
     (:meth:`eta_common.online.reader.OnlineReader.read_columns_from_memory`), with no per-row lists;
-    :meth:`of_block` converts any block (the full read, the defaults) to the same layout."""
+    :meth:`of_block` converts any block (the full read, the defaults) to the same layout. Only what a
+    feed uses: no event times or writers (a traced feed reads the block, whose span links need them)."""
 
     restaurant_ids: list[str]
     locations: list[tuple[float, float] | None]
-    as_of_ms: int
     values: np.ndarray  # float64; the request-time columns are the caller's to fill
     present: np.ndarray  # bool
     updated_ms: np.ndarray  # float64, NaN = unknown
-    event_ms: np.ndarray  # float64, NaN = unknown
-    writers: list[Sequence[Any]]
     from_rows: int = 0
-    from_fallback: int = 0
     supply_as_of_ms: list[float] = field(default_factory=list)
     current_ms: float = math.nan
 
@@ -221,14 +218,10 @@ class FeatureColumns:
         return cls(
             block.restaurant_ids,
             block.locations,
-            block.as_of_ms,
             np.fromiter(flat(block.values), np.float64, n * K).reshape(n, K),
             np.fromiter(flat(block.present), bool, n * K).reshape(n, K),
             np.fromiter(flat(block.updated_ms), np.float64, n * K).reshape(n, K),
-            np.fromiter(flat(block.event_ms), np.float64, n * K).reshape(n, K),
-            block.writers,
             block.from_rows,
-            block.from_fallback,
             block.supply_as_of_ms,
             block.current_ms,
         )

@@ -150,7 +150,7 @@ class RowTemplate(NamedTuple):
     event: list[float]
     writers: Sequence[Any]  # per column, or _NO_WRITERS
     supply_as_of_ms: float
-    # the same four rows as the bytes of one (4, K) float64 array (present as 0/1): a feed joins these
+    # values, present (0/1) and updated as the bytes of one (3, K) float64 array: a feed joins these
     packed: bytes
 
 
@@ -196,7 +196,7 @@ def template_of(state: RestaurantState) -> RowTemplate:
                 per_column[k] = ref
         per_column[_FREE_COLUMN] = supply_ref
         writers = per_column
-    packed = np.array((values, present, updated, event), dtype=np.float64).tobytes()
+    packed = np.array((values, present, updated), dtype=np.float64).tobytes()
     return RowTemplate(
         values, present, updated, event, writers, nan if supply is None else supply.as_of_ms, packed
     )
@@ -268,7 +268,6 @@ def assemble(
 def assemble_columns(
     restaurant_ids: list[str],
     locations: list[tuple[float, float] | None],
-    now_ms: int,
     templates: Sequence[RowTemplate],
     city: City,
     customer: CustomerFeatures,
@@ -280,8 +279,8 @@ def assemble_columns(
     nan = math.nan
     n = len(templates)
     joined = b"".join([t.packed for t in templates])
-    stacked = np.frombuffer(joined, dtype=np.float64).reshape(n, 4, K).copy()  # writable, the read's own
-    values, updated, event = stacked[:, 0, :], stacked[:, 2, :], stacked[:, 3, :]
+    stacked = np.frombuffer(joined, dtype=np.float64).reshape(n, 3, K).copy()  # writable, the read's own
+    values, updated = stacked[:, 0, :], stacked[:, 2, :]
     present = stacked[:, 1, :] != 0.0
     dispatch = city.dispatch
     b = _BACKLOG_COLUMN
@@ -290,7 +289,6 @@ def assemble_columns(
     else:
         values[:, b], present[:, b] = DEFAULT_ROW[b], False
     updated[:, b] = nan if dispatch.updated is None else float(dispatch.updated)
-    event[:, b] = nan if dispatch.event is None else float(dispatch.event)
     if customer is not NO_CUSTOMER:
         known_at = customer.as_of_ms
         at = nan if known_at is None else float(known_at)
@@ -299,26 +297,14 @@ def assemble_columns(
         present[:, _CUSTOMER_ORDERS_COLUMN] = known_at is not None
         values[:, _CUSTOMER_MEAN_COLUMN] = mean
         present[:, _CUSTOMER_MEAN_COLUMN] = not math.isnan(mean)
-        for k in (_CUSTOMER_ORDERS_COLUMN, _CUSTOMER_MEAN_COLUMN):
-            updated[:, k] = event[:, k] = at
-    dispatch_ref = dispatch.writer
-    writers: list[Sequence[Any]] = []
-    for t in templates:
-        refs = t.writers
-        if dispatch_ref is not None:
-            refs = list(refs)
-            refs[b] = dispatch_ref
-        writers.append(refs)
+        updated[:, [_CUSTOMER_ORDERS_COLUMN, _CUSTOMER_MEAN_COLUMN]] = at
     return FeatureColumns(
         restaurant_ids,
         locations,
-        now_ms,
         values,
         present,
         updated,
-        event,
-        writers,
-        from_rows=len(templates),
+        from_rows=n,
         supply_as_of_ms=[t.supply_as_of_ms for t in templates],
         current_ms=city.current_ms,
     )

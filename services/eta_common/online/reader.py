@@ -116,7 +116,7 @@ class OnlineReader(Pipelines):
             return None
         city, customer, templates = found
         locations: list[Location | None] = [location for _, location in requests]
-        return assemble_columns([rid for rid, _ in requests], locations, now_ms, templates, city, customer)
+        return assemble_columns([rid for rid, _ in requests], locations, templates, city, customer)
 
     def _memory_read(
         self, requests: Sequence[tuple[str, Location]], now_ms: int, customer_id: str, market: str

@@ -464,7 +464,7 @@ async def test_a_feed_read_as_columns_equals_the_block_read(
 ) -> None:
     """``read_columns_from_memory`` (a feed: the cached templates' arrays stacked, the request's columns
     set column-wise) answers exactly what the list-based read does, converted: values, presence,
-    provenance, writers, supply as-of, the store's freshness; with and without a customer."""
+    update times, supply as-of, the store's freshness; with and without a customer."""
     city = await _city_with_rows(redis_server)
     if customer:
         writer.hset(f"cust:{{{customer}}}", mapping={"orders": "6", "mean_minutes": "31.5", "as_of": "1700"})
@@ -481,18 +481,17 @@ async def test_a_feed_read_as_columns_equals_the_block_read(
         assert columns is not None
         assert inner.sent == sent  # from memory
         want = FeatureColumns.of_block(full)
-        for name in ("values", "updated_ms", "event_ms"):
+        for name in ("values", "updated_ms"):
             np.testing.assert_array_equal(getattr(columns, name), getattr(want, name), err_msg=name)
         np.testing.assert_array_equal(columns.present, want.present)
         assert columns.present.dtype == bool
-        assert [list(w) for w in columns.writers] == [list(w) for w in want.writers]
         assert columns.restaurant_ids == want.restaurant_ids
         assert columns.locations == want.locations
         assert columns.supply_as_of_ms == want.supply_as_of_ms
         assert columns.current_ms == want.current_ms or (
             math.isnan(columns.current_ms) and math.isnan(want.current_ms)
         )
-        assert (columns.from_rows, columns.from_fallback) == (len(wanted), 0)
+        assert columns.from_rows == len(wanted)
         if customer:
             k = F.FEATURE_NAMES.index("customer_orders_last_28_days")
             assert columns.values[:, k].tolist() == [6.0] * len(wanted)
