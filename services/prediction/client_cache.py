@@ -396,7 +396,9 @@ class ClientCache:
         entry = entries.get(key)
         if entry is None:
             if len(entries) >= self._max_entries:  # the oldest key goes (Redis keeps tracking it: harmless)
-                del entries[next(iter(entries))]
+                oldest = next(iter(entries))
+                del entries[oldest]
+                self._hot.discard(oldest)
             entry = entries[key] = {}
         entry[sub] = value
 
@@ -412,9 +414,9 @@ class ClientCache:
         for raw in keys:
             key = raw.decode() if isinstance(raw, bytes) else raw
             entry = entries.pop(key, None)
-            if key in hot:
+            if key in hot:  # only ever filled with refresh-ahead on
                 hot.discard(key)
-                if entry is not None and self._refresh_ahead:
+                if entry is not None:
                     self._due[key] = list(entry)
             if key in in_flight:
                 self._invalidated_at[key] = self._events
