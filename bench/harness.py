@@ -41,6 +41,8 @@ PEERS_VENV = REPO_ROOT / ".venv" / "peers"  # `make bench-peers` installs the `p
 # against the echo at 16 outstanding vs grpc.aio's ~175, so one client core keeps a server core saturated)
 # or "grpc" (grpc.aio).
 GRPC_CLIENT = os.environ.get("BENCH_GRPC_CLIENT", "h2")
+# open-loop runs: the last ms before each call spent on the CPU, not in asyncio's timer (see bench.loadgen)
+FIXED_SPIN_MS = float(os.environ.get("BENCH_FIXED_SPIN_MS", "2"))
 
 
 # --- statistics ------------------------------------------------------------------------------------------
@@ -464,7 +466,7 @@ def run_load(
         argv += ["--target", target, "--method", method, "--requests", str(requests_file)]
         argv += ["--mode", mode, "--concurrency", str(share), "--rate", str(rate / clients)]
         argv += ["--start-at", repr(start_at), "--warmup", str(warmup), "--duration", str(duration)]
-        argv += ["--timeout", str(timeout)]
+        argv += ["--timeout", str(timeout), "--spin-ms", str(FIXED_SPIN_MS)]
         proc = subprocess.Popen(
             argv, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT
         )

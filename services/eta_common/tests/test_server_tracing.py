@@ -13,10 +13,10 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 
 from eta_common.handler_wrapping import wrap_registrations
-from eta_common.telemetry import ServerTracing
+from eta_common.telemetry import ServerTracing, never_samples
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 
@@ -91,3 +91,31 @@ async def test_a_sampled_call_runs_under_its_server_span(sampled: tuple[str, InM
     assert ok.attributes["rpc.method"] == "Call"
     assert ok.attributes["rpc.grpc.status_code"] == 0
     assert not failed.status.is_ok
+
+
+def test_tracing_off_leaves_the_handlers_unwrapped() -> None:
+    """``always_off`` (or the no-op provider) can record nothing: the handler is served as registered,
+    with no span or context work per call; a sampler that may record keeps the wrapper."""
+    handler = grpc.unary_unary_rpc_method_handler(_current)
+    for provider in (TracerProvider(sampler=ALWAYS_OFF), trace.NoOpTracerProvider()):
+        assert never_samples(provider)
+        assert ServerTracing(provider=provider)("/t.T/Call", handler) is handler
+    for sampler in (ALWAYS_ON, ParentBased(ALWAYS_OFF), TraceIdRatioBased(0.01)):
+        provider = TracerProvider(sampler=sampler)
+        assert not never_samples(provider)
+        assert ServerTracing(provider=provider)("/t.T/Call", handler) is not handler
+
+
+async def test_an_unwrapped_handler_still_answers_with_no_trace_context() -> None:
+    server = wrap_registrations(
+        grpc.aio.server(), [ServerTracing(provider=TracerProvider(sampler=ALWAYS_OFF))]
+    )
+    server.add_registered_method_handlers("t.T", {"Call": grpc.unary_unary_rpc_method_handler(_current)})
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = await channel.unary_unary("/t.T/Call")(b"", metadata=_parent("01"), timeout=5)
+        assert reply == f"{0:032x} 0 False".encode()
+    finally:
+        await server.stop(0)
