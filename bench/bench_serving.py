@@ -33,8 +33,10 @@ Measured, every scenario ``repeats`` times, interleaved round by round (medians 
    sampling off (max throughput);
 5. (first round) the echo in the previous benchmark's layout — one grpc.aio load-generator process, 32
    outstanding, the ETA servers idle on the echo's core — to show what that layout measured.
-Plus the Redis PING round trip from the server core, and the share of feature reads served from ready
-rows versus the fallback path if the service exports ``eta_prediction_feature_reads_total``.
+Plus, each round, ``bench.cold_work`` alone on the server core (the machine's cold-call factor: the same
+CPU work back to back and every 1/``batch_rate`` s), the Redis PING round trip from the server core, and
+the share of feature reads served from ready rows versus the fallback path if the service exports
+``eta_prediction_feature_reads_total``.
 
 ``BENCH_SERVING_PROFILE=1`` (``=native``: with C frames) additionally records the ETA server with py-spy
 during its first max-throughput run and saves the hottest functions to
@@ -54,6 +56,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from bench import harness as H
@@ -252,7 +255,11 @@ def run(quick: bool) -> BenchResult:
             feed_echo_at_rate = f"echo {plan.batch_rate:.0f}/s, feed request and reply ({feed_reply_bytes} B)"
             batch_max = f"eta PredictEtaBatch(50) max (c={plan.batch_concurrency}, {k} clients)"
             profiler: subprocess.Popen[bytes] | None = None
+            cold: list[dict[str, float]] = []
             for round_ in range(plan.repeats):
+                for server in servers:
+                    server.park()
+                cold.append(H.cold_work(1000 / plan.batch_rate, calls=60 if quick else 150))
                 measure(f"echo {seq}", echo, ECHO_METHOD, "max")
                 measure(f"eta PredictEta {seq}", eta, PREDICT, "max")
                 measure(f"eta PredictEta {seq}, client cache off", uncached, PREDICT, "max")
@@ -377,6 +384,10 @@ def run(quick: bool) -> BenchResult:
             # how much more CPU the same code costs when calls arrive to an idle process (caches cold)
             "idle_gap_cpu_factor": echo_rate["server_net_cpu_us_per_call"]
             / echo_max["server_cpu_us_per_call"],
+            # the machine's share of that: the same CPU work alone, back to back vs at the batch rate
+            "cold_work_back_to_back_us": median(c["back_to_back_us"] for c in cold),
+            "cold_work_gapped_us": median(c["gapped_us"] for c in cold),
+            "cold_work_factor": median(c["factor"] for c in cold),
             "batch50_max_rps": batch_loaded["rps"],
             "batch50_server_cpu_ms_at_max": batch_loaded["server_net_cpu_us_per_call"] / 1e3,
             "batch50_redis_cpu_us": batch_loaded["redis_net_cpu_us_per_call"],
@@ -473,6 +484,16 @@ def run(quick: bool) -> BenchResult:
         f"the feed's request and its {feed_reply_bytes} B reply costs "
         f"{feed_echo_rate['server_net_cpu_us_per_call']:.0f} µs of CPU per call at {plan.batch_rate:.0f}/s: "
         "that much of the 1.5 ms is the floor's",
+        f"the machine's cold-call factor (bench.cold_work, no gRPC, no service: fixed Python + numpy work "
+        f"alone on the server core, each round): {figures['cold_work_back_to_back_us']:.0f} µs back to back, "
+        f"{figures['cold_work_gapped_us']:.0f} µs when run every {1000 / plan.batch_rate:.0f} ms "
+        f"(×{figures['cold_work_factor']:.2f}; per round "
+        + ", ".join(f"×{c['factor']:.2f}" for c in cold)
+        + f"); the batch back to back × that factor = "
+        f"{figures['batch50_server_cpu_ms_at_max'] * figures['cold_work_factor']:.2f} ms, measured at "
+        f"{plan.batch_rate:.0f}/s {figures['batch50_server_cpu_ms']:.2f} ms: meeting 1.5 ms at "
+        f"{plan.batch_rate:.0f}/s on this machine takes ≤ "
+        f"{1.5 / figures['cold_work_factor']:.2f} ms back to back",
         f"request {len(world.single[0])} B (PredictEta), reply {reply_bytes} B; echo replies {reply_bytes} B",
         f"Redis PING round trip from the server's core (idle, raw socket): p50 {ping_p50:.3f} ms, "
         f"p99 {ping_p99:.3f} ms — a prediction whose reads miss the client-side cache needs one such hop, "

@@ -538,6 +538,18 @@ def medians(results: Sequence[Mapping[str, Any]], *, closed_loop: bool) -> tuple
     return {key: median([float(r[key]) for r in used]) for key in numeric}, len(used)
 
 
+def cold_work(gap_ms: float = 50.0, calls: int = 150) -> dict[str, float]:
+    """``bench.cold_work`` on the server core (park the servers first): the same CPU work's cost back to
+    back and every ``gap_ms``, and their ratio (the machine's cold-call factor)."""
+    argv = [sys.executable, "-m", "bench.cold_work", "--gap-ms", str(gap_ms), "--calls", str(calls)]
+    argv += ["--cpus", ",".join(str(cpu) for cpu in sorted(SERVER_CPUS))]
+    done = subprocess.run(
+        argv, env=base_env(), cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300
+    )
+    result: dict[str, float] = json.loads(done.stdout.splitlines()[-1])
+    return result
+
+
 def idle_cpu_rate(pids: Mapping[str, int], seconds: float = 3.0) -> dict[str, float]:
     """CPU seconds per second each process spends with no load (its background work)."""
     before = {k: tree_cpu_seconds(v) for k, v in pids.items()}

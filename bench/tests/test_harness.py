@@ -207,3 +207,15 @@ async def test_a_fixed_rate_run_with_the_spin_sends_every_call_on_time() -> None
     # the lag of a send behind its due instant: the spin removes the event loop's timer granularity (a
     # loose bound: this is a shared test machine; the benchmark reports the measured figure)
     assert result["send_lag_p99_ms"] < 1.0
+
+
+def test_cold_work_reports_the_same_work_back_to_back_and_gapped(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.cold_work import main
+
+    assert main(["--calls", "5", "--gap-ms", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"back_to_back_us", "gapped_us", "gap_ms", "factor"}
+    assert result["back_to_back_us"] > 0
+    assert result["gapped_us"] > 0
+    assert result["gap_ms"] == 2.0
+    assert result["factor"] == pytest.approx(result["gapped_us"] / result["back_to_back_us"])
