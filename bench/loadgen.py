@@ -54,21 +54,27 @@ def spin_seconds(rate: float, spin_ms: float) -> float:
 # --- role: bare echo server ------------------------------------------------------------------------------
 
 
-async def echo_server(port: int, response_bytes: int) -> None:
+async def start_echo(answer: Callable[[bytes], bytes], port: int = 0) -> tuple[Any, int]:
+    """A bare grpc.aio server answering ``/bench.Echo/Echo`` with ``answer(request)`` on 127.0.0.1
+    (``port`` 0: any free one), started; returns it and its port."""
     import grpc
 
-    reply = b"\x00" * response_bytes
-
-    async def echo(_request: bytes, _context: Any) -> bytes:
-        return reply
+    async def echo(request: bytes, _context: Any) -> bytes:
+        return answer(request)
 
     server = grpc.aio.server()
     handler = grpc.method_handlers_generic_handler(
         "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
     )
     server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
+    return server, bound
+
+
+async def echo_server(port: int, response_bytes: int) -> None:
+    reply = b"\x00" * response_bytes
+    server, _ = await start_echo(lambda _request: reply, port)
     await server.wait_for_termination()
 
 

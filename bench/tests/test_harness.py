@@ -138,20 +138,10 @@ def test_closed_loop_medians_use_server_bound_runs() -> None:
 
 
 async def test_h2_grpc_client_against_grpc_aio() -> None:
-    import grpc
+    from bench.loadgen import _h2_caller, start_echo
 
-    from bench.loadgen import _h2_caller
-
-    async def echo(request: bytes, _context: object) -> bytes:
-        return request * 300  # a reply of several DATA frames' worth
-
-    server = grpc.aio.server()
-    handler = grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
-    )
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    # a reply of several DATA frames' worth
+    server, port = await start_echo(lambda request: request * 300)
     try:
         client = await _h2_caller(f"127.0.0.1:{port}", "/bench.Echo/Echo")
         results = await asyncio.gather(*(client.call(b"x" * 100) for _ in range(200)))
@@ -177,20 +167,9 @@ def test_the_fixed_rate_spin_is_used_only_for_calls_far_apart() -> None:
 async def test_a_fixed_rate_run_with_the_spin_sends_every_call_on_time() -> None:
     import argparse
 
-    import grpc
+    from bench.loadgen import load, start_echo
 
-    from bench.loadgen import load
-
-    async def echo(request: bytes, _context: object) -> bytes:
-        return request
-
-    server = grpc.aio.server()
-    handler = grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
-    )
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, port = await start_echo(lambda request: request)
     requests = Path(tempfile.mkdtemp()) / "requests.bin"
     requests.write_bytes((3).to_bytes(4, "little") + b"abc")
     try:
