@@ -179,8 +179,9 @@ class ServerTracing:
 
     def __call__(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.unary_unary is None or method.startswith("/grpc.") or self._never:
-            # Tracing off (``OTEL_TRACES_SAMPLER=always_off`` or the SDK disabled): no span could ever be
-            # recorded, here or below, so the handler is not wrapped (measured ~3 % of a PredictEta).
+            # Tracing off (``OTEL_TRACES_SAMPLER=always_off`` or the SDK disabled): no span could ever
+            # be recorded, here or below, so the handler is not wrapped (paired A/B: +2 % throughput,
+            # -2.6 % CPU per call).
             return handler
         return self._traced(method, handler)
 
