@@ -73,7 +73,7 @@ typecheck: install
 	$(VENV)/bin/mypy services tests bench
 
 unit: install
-	$(PY) -m pytest -q -m "not integration" services tests/unit tests/deploy
+	$(PY) -m pytest -q -m "not integration" services tests/unit tests/deploy bench/tests
 
 integration: install
 	$(PY) -m pytest -q -m integration tests/integration
@@ -87,7 +87,7 @@ CLUSTER_TESTS  := $(CLUSTER_SUBSET) tests/integration/test_feature_guarantees.py
 	tests/integration/test_consistency_day.py tests/integration/test_redis_cluster_shard_down.py
 
 test: lint typecheck api-check
-	$(PY) -m pytest -q services tests
+	$(PY) -m pytest -q services tests bench/tests
 	$(PY) -m pytest -q --redis-mode=cluster $(CLUSTER_SUBSET)
 
 test-cluster: install

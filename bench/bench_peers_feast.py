@@ -9,7 +9,8 @@ the ETA service's online store. Without the peers venv the benchmark is skipped 
 
 Measured, in interleaved rounds (medians), each server alone on core 0 (the other parked on core 1), the
 load generators (``bench.loadgen``: gRPC bytes in and out for the ETA service; HTTP/1.1 keep-alive JSON
-POSTs for ``feast serve``), Redis and PostgreSQL on core 1:
+POSTs for ``feast serve``), Redis and PostgreSQL (at the lowest CPU priority, see ``bench.harness``) on
+core 1:
 
 * PredictEta vs ``feast serve`` with 1 entity (``POST /get-online-features``): sequential p50/p99 (one call
   at a time) and max throughput (``concurrency`` outstanding over 2 load-generator processes);
@@ -401,7 +402,8 @@ def run(quick: bool) -> BenchResult:
         f"{c} outstanding (batches: {bc}) over {plan.clients} load-generator processes; Redis CPU per call "
         "from the closed-loop runs",
         f"cores: the server under test alone on {sorted(H.SERVER_CPUS)} (the other parked), the SDK process "
-        f"on {sorted(H.SERVER_CPUS)}; load generators + Redis + PostgreSQL on {sorted(H.CLIENT_CPUS)}",
+        f"on {sorted(H.SERVER_CPUS)}; load generators + Redis + PostgreSQL (nice {H.PG_NICE}) "
+        f"on {sorted(H.CLIENT_CPUS)}",
         "feast serve: 1 gunicorn/uvicorn worker, --no-access-log, --max-requests 0; HTTP keep-alive client, "
         "one connection per outstanding call",
         "ETA feature reads by path: "

@@ -10,7 +10,8 @@ health/reflection) answering every request with bytes of the ETA reply's size; t
 it the very same request bytes it sends the ETA service.
 
 CPU layout (2 cores): the server under test is **alone** on core 0 (the servers not under test are
-parked on core 1); the load generator processes, Redis, PostgreSQL and this orchestrator are on core 1.
+parked on core 1); the load generator processes, Redis, PostgreSQL (at the lowest CPU priority: it stands
+in for a database on another host, see ``bench.harness``) and this orchestrator are on core 1.
 A baseline is a floor only if the load generator is not the bottleneck: every run reports, from
 ``/proc``, the server's CPU share, the load generators' share, how busy the client core was in total,
 and anything else that ran on the server core; a run whose client core was saturated while the server's
@@ -415,6 +416,19 @@ def run(quick: bool) -> BenchResult:
             f"in-process, {misses:.0f} fetched from Redis (the row maintenance rewrites every row's supply "
             "count every 5 s, and a row at each window edge)"
         )
+    log_rows = {
+        key.split('"')[1]: value
+        for key, value in H.metric_samples(stages, "eta_prediction_log_rows_total").items()
+    }
+    figures["log_rows_written"] = log_rows.get("written", 0.0)
+    figures["log_rows_dropped"] = log_rows.get("dropped_full", 0.0) + log_rows.get("dropped_error", 0.0)
+    waiting = sum(H.metric_samples(stages, "eta_prediction_log_buffered_rows").values())
+    notes.append(
+        f"prediction log (the ETA server without tracing, whole run; PostgreSQL at nice {H.PG_NICE}): "
+        f"{figures['log_rows_written']:.0f} rows written, {figures['log_rows_dropped']:.0f} dropped, "
+        f"{waiting:.0f} waiting at the end"
+        + (" — the log fell behind" if figures["log_rows_dropped"] else "")
+    )
     if reads_after is not None:
         delta = {k: v - (reads_before or {}).get(k, 0.0) for k, v in reads_after.items()}
         served = sum(delta.values())
@@ -469,7 +483,7 @@ def run(quick: bool) -> BenchResult:
             else "; NO server-bound echo run: the echo figure is a lower bound, re-run on a quiet machine"
         ),
         f"cores: server under test alone on {sorted(H.SERVER_CPUS)} (other servers parked), "
-        f"load generators + Redis + PostgreSQL on {sorted(H.CLIENT_CPUS)}",
+        f"load generators + Redis + PostgreSQL (nice {H.PG_NICE}) on {sorted(H.CLIENT_CPUS)}",
         f"ready rows kept fresh by: {world.row_maintenance}; server and Redis CPU per call are net of "
         "what each spends idle (measured with no load: Redis "
         f"{figures['redis_background_cpu_pct']:.2f} % of a core — the row maintenance, serverCron; the ETA "

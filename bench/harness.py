@@ -11,6 +11,13 @@ cycles from the one being measured. Every load run reports, from ``/proc``:
 * how busy each core was in total (``/proc/stat``), so a run where the client core was saturated (the
   load generator, not the server, set the pace) or where something else ran on the server's core is
   visible — ``LoadRun.client_bound`` flags the first.
+
+PostgreSQL stands in for a database on another host, so it runs at the lowest CPU priority
+(``BENCH_PG_NICE`` [19]; 0 = as any process): on the shared client core, its share of the prediction log
+(a COPY of 500 rows is ~7 ms of its CPU in one go, ~13 µs per prediction) delayed the load generator's
+wake-ups, and that delay was counted in the ETA server's latency — measured over 8 paired sequential
+rounds: p99 ×0.79, p50 ×0.93 and throughput ×1.08 at nice 19 against 0 (×0.88 p99 with SCHED_IDLE).
+The log still keeps up: ``bench_serving`` reports its rows written, dropped and waiting.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ PEERS_VENV = REPO_ROOT / ".venv" / "peers"  # `make bench-peers` installs the `p
 GRPC_CLIENT = os.environ.get("BENCH_GRPC_CLIENT", "h2")
 # open-loop runs: the last ms before each call spent on the CPU, not in asyncio's timer (see bench.loadgen)
 FIXED_SPIN_MS = float(os.environ.get("BENCH_FIXED_SPIN_MS", "2"))
+PG_NICE = int(os.environ.get("BENCH_PG_NICE", "19"))
 
 
 # --- statistics ------------------------------------------------------------------------------------------
@@ -95,6 +103,14 @@ def pin_tree(pid: int, cpus: set[int]) -> None:
     pin(pid, cpus)
     for child in children(pid):
         pin_tree(child, cpus)
+
+
+def renice_tree(pid: int, niceness: int) -> None:
+    """Set a process's and its descendants' niceness (processes they start later inherit it)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+        os.setpriority(os.PRIO_PROCESS, pid, niceness)
+    for child in children(pid):
+        renice_tree(child, niceness)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -298,7 +314,7 @@ class Infra:
 
 @contextlib.contextmanager
 def infrastructure(workdir: Path, *, postgres: bool = True) -> Iterator[Infra]:
-    """Redis (and PostgreSQL) from wheels, pinned to the client core."""
+    """Redis (and PostgreSQL, at ``PG_NICE``) from wheels, pinned to the client core."""
     from devstack.infra import start_postgres, start_redis
 
     redis = start_redis(workdir / "redis", workdir / "logs")
@@ -310,6 +326,7 @@ def infrastructure(workdir: Path, *, postgres: bool = True) -> Iterator[Infra]:
         pg = start_postgres(workdir / "pgdata", workdir / "logs")
         try:
             pin_tree(pg.proc.pid, CLIENT_CPUS)
+            renice_tree(pg.proc.pid, PG_NICE)
             yield Infra(redis.url, redis.proc.pid, pg.url, pg.proc.pid)
         finally:
             pg.stop()

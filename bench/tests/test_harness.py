@@ -1,11 +1,14 @@
-"""Unit tests of the benchmark helpers: ``.venv/bin/pytest bench/tests`` (not part of ``make test``)."""
+"""Unit tests of the benchmark helpers (part of `make test`; alone: `.venv/bin/pytest bench/tests`)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import math
+import os
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -198,3 +201,22 @@ def test_cold_work_reports_the_same_work_back_to_back_and_gapped(capsys: pytest.
     assert result["gapped_us"] > 0
     assert result["gap_ms"] == 2.0
     assert result["factor"] == pytest.approx(result["gapped_us"] / result["back_to_back_us"])
+
+
+def test_renice_tree_lowers_a_process_and_its_descendants() -> None:
+    # a shell (the parent) with a sleeping child: both end up at the niceness asked for
+    proc = subprocess.Popen(["sh", "-c", "sleep 30 & wait"])
+    try:
+        deadline = time.monotonic() + 5
+        while not H.children(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        children = H.children(proc.pid)
+        assert len(children) == 1
+        H.renice_tree(proc.pid, 17)
+        assert os.getpriority(os.PRIO_PROCESS, proc.pid) == 17
+        assert os.getpriority(os.PRIO_PROCESS, children[0]) == 17
+    finally:
+        for pid in H.children(proc.pid):
+            os.kill(pid, 9)
+        proc.kill()
+        proc.wait(5)
