@@ -73,8 +73,8 @@ def build(settings: config.PredictionSettings) -> GrpcService:
     )
     state: dict[str, asyncpg.Pool] = {}
 
-    async def sink(records: list[tuple[object, ...]]) -> None:
-        await copy_sink(state["pool"])(records)
+    async def sink(lines: list[str]) -> None:
+        await copy_sink(state["pool"])(lines)
 
     prediction_log = (
         PredictionLog(

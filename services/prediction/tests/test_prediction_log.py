@@ -6,13 +6,21 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from typing import Any
+import re
+from datetime import datetime
 
 import pytest
 from prometheus_client import REGISTRY
 
 from prediction import metrics
-from prediction.prediction_log import COLUMNS, LoggedPrediction, PredictionLog, features_document
+from prediction import prediction_log as PL
+from prediction.prediction_log import (
+    COLUMNS,
+    LoggedPrediction,
+    PredictionLog,
+    copy_line,
+    features_document,
+)
 
 
 def row(i: int, values: tuple[float, float] = (1.0, math.nan)) -> LoggedPrediction:
@@ -26,15 +34,30 @@ def counter(result: str) -> float:
     return float(metrics.LOG_ROWS.labels(result)._value.get())
 
 
+_UNESCAPED = {"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}
+
+
+def parse_line(line: str) -> tuple[str | None, ...]:
+    """A line of COPY's text format back to its column values (\\N: None)."""
+    assert line.endswith("\n")
+    assert line.count("\n") == 1
+    return tuple(
+        None if field == "\\N" else re.sub(r"\\(.)", lambda m: _UNESCAPED[m.group(1)], field)
+        for field in line[:-1].split("\t")
+    )
+
+
 class Sink:
+    """Keeps each batch of lines written, parsed back to column values."""
+
     def __init__(self) -> None:
-        self.batches: list[list[tuple[Any, ...]]] = []
+        self.batches: list[list[tuple[str | None, ...]]] = []
         self.fail = False
 
-    async def __call__(self, records: list[tuple[Any, ...]]) -> None:
+    async def __call__(self, lines: list[str]) -> None:
         if self.fail:
             raise OSError("connection refused")
-        self.batches.append(records)
+        self.batches.append([parse_line(line) for line in lines])
 
 
 def test_the_features_document_is_the_models_input_with_null_for_missing() -> None:
@@ -69,9 +92,71 @@ async def test_rows_are_written_in_batches_as_table_records() -> None:
     assert [len(b) for b in sink.batches] == [4, 4, 2]
     record = dict(zip(COLUMNS, sink.batches[0][0], strict=True))
     assert record["request_id"] == "req-0"
-    assert record["served_at"].timestamp() == 1_800_000_000
-    assert json.loads(record["features"])["orders_in_kitchen"] == 1.0
+    assert datetime.fromisoformat(str(record["served_at"])).timestamp() == 1_800_000_000
+    assert (record["eta_minutes"], record["eta_low_minutes"], record["eta_high_minutes"]) == (
+        "20.0",
+        "15.0",
+        "28.0",
+    )
+    assert json.loads(str(record["features"]))["orders_in_kitchen"] == 1.0
+    assert record["customer_id"] is None
+    assert record["market_id"] is None
     assert len(log) == 0
+
+
+def test_a_line_escapes_what_copy_text_format_reserves_and_drops_nul() -> None:
+    odd = "a\tb\nc\rd\\e \\N é\0!"
+    line = copy_line(row(1)._replace(request_id=odd, customer_id=odd, market="m1"))
+    record = dict(zip(COLUMNS, parse_line(line), strict=True))
+    assert record["request_id"] == record["customer_id"] == odd.replace("\0", "")
+    assert record["market_id"] == "m1"
+
+
+async def test_rows_are_encoded_after_the_request_not_during_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``add`` (in the handler) only keeps the row; once ``_ENCODE_EVERY`` wait, a callback of its own
+    encodes them; fewer wait for the next write."""
+    order: list[str] = []
+
+    def encode(row: LoggedPrediction) -> str:
+        order.append(f"encoded {row.request_id}")
+        return copy_line(row)
+
+    monkeypatch.setattr(PL, "copy_line", encode)
+    sink = Sink()
+    log = PredictionLog(sink, capacity=100, batch_size=100, flush_seconds=60)
+    for i in range(PL._ENCODE_EVERY - 1):
+        log.add(row(i))
+    await asyncio.sleep(0)
+    assert order == []  # not enough rows for a callback
+    log.add(row(PL._ENCODE_EVERY - 1))
+    order.append("handler done")
+    assert len(log) == PL._ENCODE_EVERY
+    await asyncio.sleep(0)
+    assert order == ["handler done"] + [f"encoded req-{i}" for i in range(PL._ENCODE_EVERY)]
+    log.add(row(100))
+    assert await log.flush()  # the write encodes what waits
+    assert [r[1] for b in sink.batches for r in b] == [f"req-{i}" for i in range(PL._ENCODE_EVERY)] + [
+        "req-100"
+    ]
+    assert len(log) == 0
+
+
+async def test_many_rows_are_encoded_a_chunk_per_callback(monkeypatch: pytest.MonkeyPatch) -> None:
+    encoded: list[int] = []
+
+    def encode(row: LoggedPrediction) -> str:
+        encoded.append(1)
+        return copy_line(row)
+
+    monkeypatch.setattr(PL, "copy_line", encode)
+    log = PredictionLog(Sink(), capacity=1000, batch_size=1000, flush_seconds=60)
+    for i in range(PL._ENCODE_CHUNK * 2 + 1):
+        log.add(row(i))
+    await asyncio.sleep(0)
+    assert len(encoded) == PL._ENCODE_CHUNK  # the others wait for the loop's next turn
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(encoded) == PL._ENCODE_CHUNK * 2 + 1
 
 
 async def test_a_full_buffer_drops_new_rows_and_counts_them() -> None:
@@ -128,9 +213,9 @@ async def test_under_steady_traffic_rows_go_in_full_batches_or_once_per_period()
     never one COPY per handful of predictions (the log once wrote 2.4 rows per COPY under load)."""
 
     class SlowSink(Sink):
-        async def __call__(self, records: list[tuple[Any, ...]]) -> None:
+        async def __call__(self, lines: list[str]) -> None:
             await asyncio.sleep(0.005)  # a COPY's round trips
-            await super().__call__(records)
+            await super().__call__(lines)
 
     sink = SlowSink()
     batch, period = 50, 0.1
