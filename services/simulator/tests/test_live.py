@@ -158,6 +158,12 @@ async def test_publisher_counts_what_it_could_not_send(ingestion: tuple[FakeInge
     assert stats.call_errors >= 1
 
 
+# The default city places roughly 40-60 orders an hour (by the hour of day; its floor at night), so a
+# test that simulates 100 s (2 s at ×50) or 4 min of warm-up could see none, depending on when it runs
+# (a run after midnight UTC did). 20× the demand makes an order certain in those windows at any hour.
+BUSY_CITY = CityConfig(demand_multiplier=20.0)
+
+
 async def test_run_live_sends_a_valid_city_and_stops_after_the_duration(
     ingestion: tuple[FakeIngestion, str],
 ) -> None:
@@ -166,7 +172,7 @@ async def test_run_live_sends_a_valid_city_and_stops_after_the_duration(
     started = now_ms()
     stats = await run_live(
         target,
-        CityConfig(),
+        BUSY_CITY,
         speed=50.0,
         stop=asyncio.Event(),
         duration_seconds=2.0,
@@ -211,7 +217,7 @@ async def test_run_live_warmup_sends_the_recent_past_first(ingestion: tuple[Fake
     servicer, target = ingestion
     started = now_ms()
     stats = await run_live(
-        target, CityConfig(), speed=1.0, stop=asyncio.Event(), duration_seconds=0.5, warmup_minutes=4.0
+        target, BUSY_CITY, speed=1.0, stop=asyncio.Event(), duration_seconds=0.5, warmup_minutes=4.0
     )
     assert stats.rejected == 0
     assert stats.orders_placed > 0
