@@ -207,11 +207,13 @@ class PredictionLog:
         """Encode up to ``_ENCODE_CHUNK`` rows, and come back for the rest after other callbacks ran."""
         rows = self._rows
         chunk, self._rows = rows[:_ENCODE_CHUNK], rows[_ENCODE_CHUNK:]
-        self._encode(chunk)
-        if self._rows:
-            asyncio.get_running_loop().call_soon(self._encode_some)
-        else:
-            self._encoding = False
+        try:
+            self._encode(chunk)
+        finally:  # whatever happened, the next rows still get their callback
+            if self._rows:
+                asyncio.get_running_loop().call_soon(self._encode_some)
+            else:
+                self._encoding = False
 
     def _encode(self, rows: list[LoggedPrediction]) -> None:
         lines = self._lines

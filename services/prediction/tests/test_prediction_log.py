@@ -241,3 +241,31 @@ async def test_under_steady_traffic_rows_go_in_full_batches_or_once_per_period()
     sizes = [len(b) for b in sink.batches]
     assert len(sizes) <= added // batch + math.ceil(elapsed / period) + 2, sizes
     assert all(len(b) <= batch for b in sink.batches)
+
+
+async def test_a_row_that_cannot_be_encoded_is_dropped_and_counted_and_the_rest_go_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    before = counter("dropped_error")
+
+    def encode(row: LoggedPrediction) -> str:
+        if row.request_id == "req-3":
+            raise ValueError("not a float")
+        return copy_line(row)
+
+    monkeypatch.setattr(PL, "copy_line", encode)
+    sink = Sink()
+    log = PredictionLog(sink, capacity=100, batch_size=100, flush_seconds=60)
+    for i in range(PL._ENCODE_EVERY * 2):
+        log.add(row(i))
+    await asyncio.sleep(0)
+    assert await log.flush()
+    written = [r[1] for b in sink.batches for r in b]
+    assert written == [f"req-{i}" for i in range(PL._ENCODE_EVERY * 2) if i != 3]
+    assert counter("dropped_error") - before == 1
+    for i in range(PL._ENCODE_EVERY):  # the callbacks still run for later rows
+        log.add(row(100 + i))
+    await asyncio.sleep(0)
+    assert len(log) == PL._ENCODE_EVERY
+    assert await log.flush()
+    assert len(log) == 0
