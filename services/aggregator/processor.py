@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aggregator import metrics
@@ -224,7 +225,9 @@ class BatchProcessor:
             start_ns = time.time_ns()
             try:
                 return await self._store.apply(updates, now_ms=start_ns // 1_000_000), start_ns
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (RedisConnectionError, RedisTimeoutError, NoScriptError, OSError) as exc:
+                # NoScriptError: the store reloads its scripts, but a Redis still restarting may lose
+                # them again; like an outage, it is waited out, never the end of the consume loop
                 attempt += 1
                 metrics.REDIS_RETRIES.inc()
                 log.warning(

@@ -83,17 +83,21 @@ class Pipelines:
             return await self._run(build)
         if not self._sha:
             await self._load_scripts()
-        for attempt in (1, 2, 3):
+        # Lost connections and a lost script cache are counted apart: a Redis that restarts empty gives
+        # refused connections first and then NOSCRIPT, and that NOSCRIPT must still get its reload.
+        reloads = failures = 0
+        while True:
             try:
                 return await self._send_direct([_pack_command(call) for call in calls(self._sha)])
             except NoScriptError:
-                if attempt == 3:
+                reloads += 1
+                if reloads > 2:
                     raise
                 await self._load_scripts()
             except RedisConnectionError:
-                if attempt == 3:
+                failures += 1
+                if failures >= 3:
                     raise
-        raise AssertionError("unreachable")
 
     async def _send_direct(self, packed: list[bytes]) -> list[Any]:
         pool = self.client.connection_pool

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from devstack.infra import ChildProcess
@@ -103,6 +104,30 @@ async def test_a_lost_script_cache_is_reloaded(stores: tuple[OnlineStore, Online
     for store in (direct, piped):
         await store.apply(updates[half:], now_ms=T0 + 6 * 60_000)
     assert await _dump(direct.client) == await _dump(piped.client)
+
+
+async def test_a_redis_back_empty_after_refused_connections_gets_its_scripts_reloaded(
+    stores: tuple[OnlineStore, OnlineStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis restarting empty refuses connections, then answers NOSCRIPT: the reload still happens
+    (a shared attempt count once raised NoScriptError there and ended the aggregator's consume loop)."""
+    direct, _ = stores
+    _, updates = _city_updates(7, "restart", n_restaurants=3, n_drivers=5, orders_per_minute=10)
+    await direct.apply(updates[:10], now_ms=T0 + 60_000)
+    await direct.client.script_flush()  # came back empty
+    send = direct._send_direct
+    refused = 2
+
+    async def flaky(packed: list[bytes]) -> list[Any]:
+        nonlocal refused
+        if refused:
+            refused -= 1
+            raise RedisConnectionError("Error 111 connecting. Connection refused.")
+        return await send(packed)
+
+    monkeypatch.setattr(direct, "_send_direct", flaky)
+    assert len(await direct.apply(updates[10:20], now_ms=T0 + 120_000)) == 10
+    assert refused == 0
 
 
 _BUSY_300_MS = """
