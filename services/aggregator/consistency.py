@@ -248,9 +248,9 @@ SELECT kind, type, (extract(epoch FROM event_time) * 1000)::bigint AS event_ms,
 FROM events WHERE ingest_time >= $1 AND ingest_time <= $2
 """
 _SERVED_SQL = """
-SELECT id, (extract(epoch FROM served_at) * 1000)::bigint AS served_ms, restaurant_id, features,
-       coalesce(customer_id, '') AS customer_id, market_id
-FROM predictions WHERE served_at >= $1 AND served_at <= $2 ORDER BY served_at LIMIT $3
+SELECT id, (extract(epoch FROM served_at) * 1000)::bigint AS served_ms, restaurant_id,
+       prediction_features(p) AS features, coalesce(customer_id, '') AS customer_id, market_id
+FROM predictions p WHERE served_at >= $1 AND served_at <= $2 ORDER BY served_at LIMIT $3
 """
 
 

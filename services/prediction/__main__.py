@@ -73,8 +73,8 @@ def build(settings: config.PredictionSettings) -> GrpcService:
     )
     state: dict[str, asyncpg.Pool] = {}
 
-    async def sink(lines: list[str]) -> None:
-        await copy_sink(state["pool"])(lines)
+    async def sink(records: list[bytes]) -> None:
+        await copy_sink(state["pool"])(records)
 
     prediction_log = (
         PredictionLog(

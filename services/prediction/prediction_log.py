@@ -2,52 +2,58 @@
 
 A request only appends its rows to an in-memory list (no I/O, no encoding before the reply). Once
 ``_ENCODE_EVERY`` rows wait, a callback of its own (``loop.call_soon``: after the handler has returned
-and gRPC has the reply) encodes them to lines of PostgreSQL's ``COPY`` text format, at most
-``_ENCODE_CHUNK`` per callback. A background task writes the lines with one ``COPY … FROM STDIN`` into
-``predictions`` in batches of ``PREDICTION_LOG_BATCH`` rows, at least every ``PREDICTION_LOG_FLUSH_MS``;
-a batch goes as one block of bytes, so writing it holds the event loop for no encoding at all. (Before,
-the rows were encoded at write time, 64 between yields, and asyncpg's binary COPY encoded all 500
-records in one go: calls that arrived meanwhile waited. Paired rounds against that: p99 ×0.75 at 16
-calls outstanding, ×0.88 one call at a time, the same CPU per call; a callback per row instead of per 8
-cost ~4 % more CPU per call.) The buffer is bounded (``PREDICTION_LOG_BUFFER``): when PostgreSQL is
-slow or down and it is full, new rows are dropped and counted
+and gRPC has the reply) encodes them to records of PostgreSQL's binary ``COPY`` format, at most
+``_ENCODE_CHUNK`` per callback. A background task writes the records with one ``COPY … FROM STDIN``
+into ``predictions`` in batches of ``PREDICTION_LOG_BATCH`` rows, at least every
+``PREDICTION_LOG_FLUSH_MS``; a batch goes as one block of bytes, so writing it holds the event loop for
+no encoding at all. (Before, the rows were encoded at write time, 64 between yields, and asyncpg's binary
+COPY encoded all 500 records in one go: calls that arrived meanwhile waited. Paired rounds against that:
+p99 ×0.75 at 16 calls outstanding, ×0.88 one call at a time, the same CPU per call; a callback per row
+instead of per 8 cost ~4 % more CPU per call. Then each row was a line of COPY's text format with the
+features as a JSON document, ~11 µs a row in-process, nearly all of it formatting floats as text; a
+binary record packs them: ~2.5 µs.) The buffer is bounded (``PREDICTION_LOG_BUFFER``): when PostgreSQL
+is slow or down and it is full, new rows are dropped and counted
 (``eta_prediction_log_rows_total{result="dropped_full"}``); a batch PostgreSQL refuses is dropped and
 counted (``dropped_error``) after which writing pauses briefly. A request is never slowed down or failed
 by the log. On shutdown the buffer is flushed (bounded by the shutdown grace).
 
 Row: ``served_at``, ``request_id`` (the caller's or a generated one, returned in the reply; a batch's
 rows share it and differ by ``restaurant_id``), ``restaurant_id``, ``model_version``, the range,
-``feature_quality`` and ``features``: the model's input exactly as scored, ``{name: value}`` with
-``null`` for a value the model saw as missing (NaN), e.g.
+``feature_quality``, and the model's input exactly as scored: ``feature_names`` and ``feature_values``
+(NaN for a value the model saw as missing), with ``supply_as_of_ms``: when the free-driver count came
+materialised (a ready row), the instant it is exact for (NULL when the read counted it). SQL's
+``prediction_features(p)`` (migration 0008) reads a row as the document the consistency check compares,
+``{name: value or null, "@free_drivers_within_3km": ms}``, e.g.
 ``{"num_orders_last_10_min": 3.0, ..., "mean_prep_minutes_last_60_min": null, "distance_km": 2.4,
 "hour_of_week": 139.0}`` — the contract ``eta-aggregator check-consistency`` reads. A feature that was
-missing in the store is logged with the default the model used (0 for counts, null for NaN defaults).
+missing in the store is logged with the default the model used (0 for counts, NaN for NaN defaults).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-import re
+import struct
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import asyncpg
 
-from eta_common import features as F
 from prediction import metrics
 
-__all__ = ["COLUMNS", "LoggedPrediction", "PredictionLog", "copy_line", "copy_sink", "features_document"]
+__all__ = [
+    "COLUMNS", "COPY_HEADER", "COPY_TRAILER", "LoggedPrediction", "PredictionLog", "copy_record", "copy_sink",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 COLUMNS = (
     "served_at", "request_id", "restaurant_id", "model_version", "eta_minutes", "eta_low_minutes",
-    "eta_high_minutes", "feature_quality", "features", "customer_id", "market_id",
+    "eta_high_minutes", "feature_quality", "feature_names", "feature_values", "supply_as_of_ms",
+    "customer_id", "market_id",
 )  # fmt: skip
 _ENCODE_EVERY = 8  # rows waiting that get an encoding callback (one per row cost ~4 % more CPU per call)
 _ENCODE_CHUNK = 64  # rows encoded per callback (a feed's sampled rows in one; more yield in between)
@@ -71,73 +77,96 @@ class LoggedPrediction(NamedTuple):
     market: str = ""  # the market the request was served in ('' = not recorded)
 
 
-Sink = Callable[[list[str]], Awaitable[None]]  # a batch of COPY text lines
+Sink = Callable[[list[bytes]], Awaitable[None]]  # a batch of binary COPY records
 
 
-_KEYS: dict[tuple[str, ...], list[str]] = {}  # '"name":' per model feature list (a handful of models)
+# PostgreSQL's binary COPY format: a signature, flags and header extension (both 0), then per row a
+# field count and each field as its length and bytes (-1: NULL), then -1. Big-endian throughout.
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+COPY_TRAILER = b"\xff\xff"
+_I32 = struct.Struct(">i")
+_HEAD = struct.Struct(">hiq")  # field count; served_at: 8 bytes of µs since 2000-01-01 UTC
+_RANGE = struct.Struct(">ididid")  # eta, low, high: three float8 fields
+_BIGINT = struct.Struct(">iq")
+_NULL = _I32.pack(-1)
+_PG_EPOCH_MS = 946_684_800_000  # 2000-01-01T00:00:00Z in Unix milliseconds
+_TEXT_OID, _FLOAT8_OID = 25, 701
 
 
-def features_document(row: LoggedPrediction) -> str:
-    """``{name: value or null}``: what the model scored (for finite values and NaN the same text as
-    ``json.dumps`` with compact separators, built from cached keys: ``json.dumps`` was the log's
-    largest cost per row)."""
-    names = tuple(row.names)
-    keys = _KEYS.get(names)
-    if keys is None:
-        keys = _KEYS[names] = [json.dumps(name) + ":" for name in names]
-    if len(keys) != len(row.values):
-        raise ValueError("feature names and values differ in length")
-    as_of = row.supply_as_of_ms
-    return (
-        "{"
-        + ",".join(
-            [
-                key + ("null" if math.isnan(v) else repr(float(v)))
-                for key, v in zip(keys, row.values, strict=True)
-            ]
-        )
-        + ("" if math.isnan(as_of) else f',"{F.SUPPLY_AS_OF_LOG_KEY}":{int(as_of)}')
-        + "}"
-    )
+def _text(value: str) -> bytes:
+    data = value.encode()
+    return _I32.pack(len(data)) + data
 
 
-# COPY's text format: a tab between columns, a newline after the row, \N for NULL; a backslash, tab,
-# newline or carriage return inside a value is escaped. NUL cannot be stored in PostgreSQL text: dropped.
-_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\0": None})
-_RESERVED = re.compile("[\\\\\t\n\r\0]")
-_NULL = "\\N"
-_second: list[Any] = [None, ""]  # the last second encoded and its text (calls share it)
+class _Features(NamedTuple):
+    """What a model's feature list encodes to, built once per list: the ``text[]`` field of its names
+    (the same bytes every row) and the ``float8[]`` field's packer, fed ``template`` with the values
+    put in its odd places: the field's length, the array header, then each element's length and value."""
+
+    names: bytes
+    values: struct.Struct
+    template: list[float]
 
 
-def _served_text(ms: int) -> str:
-    """``YYYY-MM-DD HH:MM:SS.mmm+00``: the second's text is kept, the milliseconds appended."""
-    second, milli = divmod(ms, 1000)
-    if _second[0] != second:
-        _second[0], _second[1] = second, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
-    return f"{_second[1]}.{milli:03d}+00"
+_FEATURES: dict[tuple[str, ...], _Features] = {}  # one per model feature list (a handful)
+_TEXTS: dict[str, bytes] = {}  # model versions and qualities: a few distinct values, encoded once
 
 
-def copy_line(row: LoggedPrediction) -> str:
-    """The row as one line of ``COPY predictions (COLUMNS) FROM STDIN`` in text format. Text that needs
-    no escaping (nearly all) is not copied again: one search over the ids, a ``\\`` test on the document
-    (JSON escapes every control character with a backslash)."""
+def _features(names: Sequence[str]) -> _Features:
+    key = tuple(names)
+    found = _FEATURES.get(key)
+    if found is None:
+        n = len(key)
+        elements = b"".join(_text(name) for name in key)
+        array = struct.pack(">iiiii", 1, 0, _TEXT_OID, n, 1) + elements  # 1 dimension, no NULLs, from 1
+        packer = struct.Struct(">iiiiii" + "id" * n)
+        template: list[float] = [packer.size - 4, 1, 0, _FLOAT8_OID, n, 1, *([8, 0.0] * n)]
+        found = _FEATURES[key] = _Features(_I32.pack(len(array)) + array, packer, template)
+    return found
+
+
+def _cached_text(value: str) -> bytes:
+    data = _TEXTS.get(value)
+    if data is None:
+        if len(_TEXTS) > 1000:  # not expected (versions and qualities), but never unbounded
+            _TEXTS.clear()
+        data = _TEXTS[value] = _text(value)
+    return data
+
+
+def copy_record(row: LoggedPrediction) -> bytes:
+    """The row as one record of ``COPY predictions (COLUMNS) FROM STDIN (FORMAT binary)``: numbers
+    packed as they are (no text to format, nothing to escape). PostgreSQL text cannot hold NUL: it is
+    dropped. A NaN feature is stored as NaN (``prediction_features`` reads it as null)."""
     request_id, restaurant_id, version = row.request_id, row.restaurant_id, row.model_version
     customer, market = row.customer_id, row.market
-    if _RESERVED.search(f"{request_id}{restaurant_id}{version}{customer}{market}"):
-        esc = _ESCAPES
+    if "\0" in f"{request_id}{restaurant_id}{version}{customer}{market}":
         request_id, restaurant_id, version = (
-            request_id.translate(esc),
-            restaurant_id.translate(esc),
-            version.translate(esc),
+            request_id.replace("\0", ""),
+            restaurant_id.replace("\0", ""),
+            version.replace("\0", ""),
         )
-        customer, market = customer.translate(esc), market.translate(esc)
-    document = features_document(row)
-    if "\\" in document:
-        document = document.translate(_ESCAPES)
-    return (
-        f"{_served_text(row.served_ms)}\t{request_id}\t{restaurant_id}\t{version}\t"
-        f"{float(row.eta)!r}\t{float(row.low)!r}\t{float(row.high)!r}\t{row.quality}\t{document}\t"
-        f"{customer or _NULL}\t{market or _NULL}\n"
+        customer, market = customer.replace("\0", ""), market.replace("\0", "")
+    features = _features(row.names)
+    values = list(features.template)
+    if len(row.values) * 2 != len(values) - 6:
+        raise ValueError("feature names and values differ in length")
+    values[7::2] = row.values
+    as_of = row.supply_as_of_ms
+    return b"".join(
+        (
+            _HEAD.pack(len(COLUMNS), 8, (row.served_ms - _PG_EPOCH_MS) * 1000),
+            _text(request_id),
+            _text(restaurant_id),
+            _cached_text(version),
+            _RANGE.pack(8, row.eta, 8, row.low, 8, row.high),
+            _cached_text(row.quality),
+            features.names,
+            features.values.pack(*values),
+            _NULL if math.isnan(as_of) else _BIGINT.pack(8, int(as_of)),
+            _text(customer) if customer else _NULL,
+            _text(market) if market else _NULL,
+        )
     )
 
 
@@ -146,16 +175,16 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
 
 
 def copy_sink(pool: asyncpg.Pool, *, timeout_seconds: float = 10.0) -> Sink:
-    """Write a batch of lines with one COPY: one block of bytes, nothing left to encode."""
+    """Write a batch of records with one binary COPY: one block of bytes, nothing left to encode."""
 
-    async def write(lines: list[str]) -> None:
-        data = "".join(lines).encode()
+    async def write(records: list[bytes]) -> None:
+        data = b"".join((COPY_HEADER, *records, COPY_TRAILER))
         async with pool.acquire(timeout=timeout_seconds) as conn:
             await conn.copy_to_table(
                 "predictions",
                 source=_once(data),
                 columns=list(COLUMNS),
-                format="text",
+                format="binary",
                 timeout=timeout_seconds,
             )
 
@@ -180,7 +209,7 @@ class PredictionLog:
         self._error_pause = error_pause_seconds
         self._rows: list[LoggedPrediction] = []  # added, not encoded yet
         self._encoding = False  # an encoding callback is scheduled
-        self._lines: deque[str] = deque()  # encoded, waiting to be written
+        self._records: deque[bytes] = deque()  # encoded, waiting to be written
         self._wake = asyncio.Event()
         self._last_error_log = 0.0
         self._dropped_full = metrics.LOG_ROWS.labels("dropped_full")
@@ -188,14 +217,14 @@ class PredictionLog:
         self._dropped_error = metrics.LOG_ROWS.labels("dropped_error")
 
     def __len__(self) -> int:
-        return len(self._rows) + len(self._lines)
+        return len(self._rows) + len(self._records)
 
     def add(self, row: LoggedPrediction) -> None:
         """Queue a row (never blocks; drops and counts when the buffer is full). Rows are encoded in a
         callback after the current one — the request's handler — is done, once ``_ENCODE_EVERY`` wait
         (the rest by the next write)."""
         rows = self._rows
-        if len(rows) + len(self._lines) >= self._capacity:
+        if len(rows) + len(self._records) >= self._capacity:
             self._dropped_full.inc()
             return
         rows.append(row)
@@ -216,14 +245,14 @@ class PredictionLog:
                 self._encoding = False
 
     def _encode(self, rows: list[LoggedPrediction]) -> None:
-        lines = self._lines
+        records = self._records
         for row in rows:
             try:
-                lines.append(copy_line(row))
-            except (TypeError, ValueError, AttributeError) as exc:  # a bug, not PostgreSQL: drop the row
+                records.append(copy_record(row))
+            except (TypeError, ValueError, AttributeError, struct.error) as exc:  # a bug: drop the row
                 self._dropped_error.inc()
                 log.error("prediction log row not encodable; dropped", extra={"error": repr(exc)})
-        if len(lines) >= self._batch_size:
+        if len(records) >= self._batch_size:
             self._wake.set()
 
     async def run(self) -> None:
@@ -247,16 +276,16 @@ class PredictionLog:
         them at once would, under steady traffic, turn the log into one COPY per handful of predictions
         (measured: 2.4 rows per COPY at 1.3k predictions/s, ~130 µs of the server's CPU per prediction)."""
         self._encode_waiting()
-        lines = self._lines
-        pending = len(lines)
-        while lines and (drain or pending > 0):
-            take = min(self._batch_size, len(lines) if drain else min(pending, len(lines)))
+        records = self._records
+        pending = len(records)
+        while records and (drain or pending > 0):
+            take = min(self._batch_size, len(records) if drain else min(pending, len(records)))
             pending -= take
-            batch = [lines.popleft() for _ in range(take)]
+            batch = [records.popleft() for _ in range(take)]
             try:
                 await self._sink(batch)
             except asyncio.CancelledError:  # shutting down: give the rows back for close() to write
-                lines.extendleft(reversed(batch))
+                records.extendleft(reversed(batch))
                 raise
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
                 self._dropped_error.inc(len(batch))
@@ -291,4 +320,4 @@ class PredictionLog:
             self._dropped_error.inc(left)
             log.warning("prediction log not fully flushed at shutdown", extra={"rows": left})
             self._rows.clear()
-            self._lines.clear()
+            self._records.clear()

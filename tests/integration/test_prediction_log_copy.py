@@ -1,6 +1,8 @@
-"""The prediction log's COPY text lines, written to a real PostgreSQL, read back as the rows they encode:
-odd text in every text column (tab, newline, carriage return, backslash, quotes, non-ASCII, NUL), NULL
-for an absent customer and market, a NaN feature as JSON null, and the supply's as-of instant."""
+"""The prediction log's binary COPY records, written to a real PostgreSQL, read back as the rows they
+encode: odd text in every text column (tab, newline, carriage return, backslash, quotes, non-ASCII, NUL),
+NULL for an absent customer and market, ∞ and NaN, and ``prediction_features(p)`` (migration 0008) giving
+the document the consistency check reads: a NaN feature as JSON null, the supply's as-of instant under
+its key — and a row logged before, with its JSON document, read back as that document."""
 
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ async def test_logged_rows_read_back_as_written(pool: asyncpg.Pool) -> None:
     for r in rows:
         log.add(r)
     await log.close(timeout_seconds=10)
-    stored = await pool.fetch("SELECT * FROM predictions ORDER BY id")
+    stored = await pool.fetch("SELECT p.*, prediction_features(p) AS document FROM predictions p ORDER BY id")
     assert len(stored) == 3
     nul_free = ODD.replace("\0", "")  # PostgreSQL text cannot hold NUL
     for got, want in zip(stored, rows, strict=True):
@@ -65,9 +67,24 @@ async def test_logged_rows_read_back_as_written(pool: asyncpg.Pool) -> None:
         assert got["feature_quality"] == want.quality
         assert got["customer_id"] == (text(want.customer_id) or None)
         assert got["market_id"] == (text(want.market) or None)
-        features = json.loads(got["features"])
+        assert got["feature_names"] == list(NAMES)
+        assert got["feature_values"][0::2] == [3.0, 1.75]
+        assert math.isnan(got["feature_values"][1])
+        features = json.loads(got["document"])
         expected = {"orders_in_kitchen": 3.0, "mean_prep_minutes_last_60_min": None, "distance_km": 1.75}
         if not math.isnan(want.supply_as_of_ms):
             expected[F.SUPPLY_AS_OF_LOG_KEY] = int(want.supply_as_of_ms)
         assert features == expected
     assert stored[1]["request_id"] == nul_free
+
+
+async def test_a_row_logged_before_the_arrays_reads_as_its_document(pool: asyncpg.Pool) -> None:
+    document = {"orders_in_kitchen": 2.0, "mean_prep_minutes_last_60_min": None}
+    await pool.execute(
+        "INSERT INTO predictions (served_at, restaurant_id, model_version, eta_minutes, eta_low_minutes,"
+        " eta_high_minutes, feature_quality, features)"
+        " VALUES (now(), 'r0', 'v0', 20, 15, 28, 'COMPLETE', $1)",
+        json.dumps(document),
+    )
+    got = await pool.fetchval("SELECT prediction_features(p) FROM predictions p")
+    assert json.loads(got) == document

@@ -388,7 +388,10 @@ async def test_every_prediction_is_logged_with_its_features_and_model(serving: S
     conn = await asyncpg.connect(serving.postgres.url)
     try:
         ids = ["order-42", anonymous.request_id, "feed-1"]
-        query = "SELECT * FROM predictions WHERE request_id = ANY($1::text[]) ORDER BY id"
+        query = (
+            "SELECT p.*, prediction_features(p) AS document FROM predictions p"
+            " WHERE request_id = ANY($1::text[]) ORDER BY id"
+        )
         rows = await poll_until(lambda: conn.fetch(query, ids), lambda r: len(r) == 5, timeout=10)
     finally:
         await conn.close()
@@ -401,7 +404,7 @@ async def test_every_prediction_is_logged_with_its_features_and_model(serving: S
         single.eta_high_minutes,
     )
     assert logged["feature_quality"] == "COMPLETE"
-    document = json.loads(logged["features"])
+    document = json.loads(logged["document"])
     # served from a ready row: the free-driver count is logged with the instant it was counted
     supply_as_of = document.pop(F.SUPPLY_AS_OF_LOG_KEY)
     assert 0 < supply_as_of <= logged["served_at"].timestamp() * 1000
