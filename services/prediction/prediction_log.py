@@ -32,6 +32,7 @@ missing in the store is logged with the default the model used (0 for counts, Na
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import struct
@@ -49,6 +50,7 @@ __all__ = [
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
+_WRITE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 COLUMNS = (
     "served_at", "request_id", "restaurant_id", "model_version", "eta_minutes", "eta_low_minutes",
@@ -212,6 +214,7 @@ class PredictionLog:
         self._records: deque[bytes] = deque()  # encoded, waiting to be written
         self._wake = asyncio.Event()
         self._last_error_log = 0.0
+        self._in_flight: asyncio.Future[None] | None = None  # the batch being written
         self._dropped_full = metrics.LOG_ROWS.labels("dropped_full")
         self._written = metrics.LOG_ROWS.labels("written")
         self._dropped_error = metrics.LOG_ROWS.labels("dropped_error")
@@ -282,25 +285,38 @@ class PredictionLog:
             take = min(self._batch_size, len(records) if drain else min(pending, len(records)))
             pending -= take
             batch = [records.popleft() for _ in range(take)]
+            write = self._in_flight = asyncio.ensure_future(self._sink(batch))
             try:
-                await self._sink(batch)
-            except asyncio.CancelledError:  # shutting down: give the rows back for close() to write
-                records.extendleft(reversed(batch))
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                # Shutting down in the middle of a COPY, which may still commit: its rows are not given
+                # back (close() would write them a second time); it finishes on its own, close() waits.
+                write.add_done_callback(functools.partial(self._account, rows=len(batch)))
                 raise
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-                self._dropped_error.inc(len(batch))
-                now = time.monotonic()
-                if now - self._last_error_log > 30:  # one line per 30 s, not one per batch
-                    self._last_error_log = now
-                    log.warning(
-                        "prediction log write failed; batch dropped",
-                        extra={"rows": len(batch), "error": repr(exc)},
-                    )
+            except _WRITE_ERRORS as exc:
+                self._write_failed(len(batch), exc)
                 return False
             self._written.inc(len(batch))
             if drain:
                 self._encode_waiting()
         return True
+
+    def _write_failed(self, rows: int, exc: BaseException) -> None:
+        self._dropped_error.inc(rows)
+        now = time.monotonic()
+        if now - self._last_error_log > 30:  # one line per 30 s, not one per batch
+            self._last_error_log = now
+            log.warning(
+                "prediction log write failed; batch dropped", extra={"rows": rows, "error": repr(exc)}
+            )
+
+    def _account(self, write: asyncio.Future[None], rows: int) -> None:
+        """Count a write that went on after its flush was cancelled."""
+        exc = None if write.cancelled() else write.exception()
+        if write.cancelled() or exc is not None:
+            self._write_failed(rows, exc or asyncio.CancelledError())
+        else:
+            self._written.inc(rows)
 
     def _encode_waiting(self) -> None:
         """Encode the rows whose callback has not run yet (usually none)."""
@@ -312,6 +328,8 @@ class PredictionLog:
         """Flush what is left (shutdown); rows still unwritten after the timeout are dropped and counted."""
         try:
             async with asyncio.timeout(timeout_seconds):
+                if self._in_flight is not None and not self._in_flight.done():
+                    await asyncio.wait([self._in_flight])  # a write the writer's cancel left running
                 await self.flush(drain=True)
         except TimeoutError:
             pass

@@ -342,3 +342,27 @@ async def test_a_row_with_a_value_that_is_no_number_is_dropped_and_counted() -> 
     assert await log.flush()
     assert sink.request_ids() == ["req-2"]
     assert counter("dropped_error") - before == 1
+
+
+async def test_a_write_cut_short_by_shutdown_is_neither_written_twice_nor_lost() -> None:
+    """Shutdown cancels the writer, maybe in the middle of a COPY that still commits; close() must not
+    write that batch's rows again (it once gave them back, and they were logged twice)."""
+
+    class SlowSink(Sink):
+        async def __call__(self, records: list[bytes]) -> None:
+            await super().__call__(records)  # PostgreSQL has the rows: the COPY will commit
+            await asyncio.sleep(0.05)  # its reply still on the way
+
+    before = counter("written")
+    sink = SlowSink()
+    log = PredictionLog(sink, capacity=100, batch_size=PL._ENCODE_EVERY // 2, flush_seconds=60)
+    writer = asyncio.ensure_future(log.run())
+    for i in range(PL._ENCODE_EVERY):
+        log.add(row(i))
+    await asyncio.sleep(0.01)  # encoded, and the writer's first COPY is on its way
+    writer.cancel()
+    await asyncio.gather(writer, return_exceptions=True)
+    await log.close(timeout_seconds=5)
+    assert sink.request_ids() == [f"req-{i}" for i in range(PL._ENCODE_EVERY)]
+    assert counter("written") - before == PL._ENCODE_EVERY
+    assert len(log) == 0
