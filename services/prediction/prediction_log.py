@@ -11,11 +11,13 @@ COPY encoded all 500 records in one go: calls that arrived meanwhile waited. Pai
 p99 ×0.75 at 16 calls outstanding, ×0.88 one call at a time, the same CPU per call; a callback per row
 instead of per 8 cost ~4 % more CPU per call. Then each row was a line of COPY's text format with the
 features as a JSON document, ~11 µs a row in-process, nearly all of it formatting floats as text; a
-binary record packs them: ~2.5 µs.) The buffer is bounded (``PREDICTION_LOG_BUFFER``): when PostgreSQL
+binary record packs them: ~4–5 µs.) The buffer is bounded (``PREDICTION_LOG_BUFFER``): when PostgreSQL
 is slow or down and it is full, new rows are dropped and counted
 (``eta_prediction_log_rows_total{result="dropped_full"}``); a batch PostgreSQL refuses is dropped and
 counted (``dropped_error``) after which writing pauses briefly. A request is never slowed down or failed
-by the log. On shutdown the buffer is flushed (bounded by the shutdown grace).
+by the log. On shutdown the buffer is flushed (bounded by the shutdown grace); a write in flight when
+the writer is cancelled finishes and is waited for, never repeated (it may commit: its rows were once
+written twice).
 
 Row: ``served_at``, ``request_id`` (the caller's or a generated one, returned in the reply; a batch's
 rows share it and differ by ``restaurant_id``), ``restaurant_id``, ``model_version``, the range,
