@@ -1,6 +1,7 @@
 """Online = offline: recompute served features from the PostgreSQL history and compare.
 
-Every served prediction is logged with the feature values it used (table ``predictions``). For each one,
+Every served prediction is logged with the feature values it used (table ``predictions``, read as
+``{name: value}`` through SQL's ``prediction_features(p)``, migration 0008). For each one,
 this check replays the archived events the online store could have seen at serving time through the
 offline builder (the same feature definitions the trainer uses) and compares feature by feature.
 
