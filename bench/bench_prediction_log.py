@@ -38,14 +38,10 @@ import asyncpg
 
 from bench import harness as H
 from bench.result import BenchResult
+from eta_common import features as F
 
 NAME = "prediction_log"
-FEATURES = (
-    "num_orders_last_10_min", "num_orders_last_30_min", "orders_in_kitchen", "mean_prep_minutes_last_60_min",
-    "mean_pickup_wait_minutes_last_60_min", "free_drivers_within_3km", "drivers_waiting_at_restaurants",
-    "city_orders_last_30_min", "customer_orders_last_90_days", "customer_mean_eta_error_minutes",
-    "restaurant_backlog", "distance_km", "hour_of_week",
-)  # fmt: skip
+FEATURES = F.FEATURE_NAMES  # the model's inputs, as the service logs them
 BATCH = 500
 PER_TURN = 8  # rows added between event-loop turns (the log's encoding callback runs every 8 rows)
 
