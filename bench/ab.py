@@ -54,6 +54,9 @@ def parse_variant(text: str) -> Variant:
         raise argparse.ArgumentTypeError(f"{name}: the environment must be an object of strings")
     services = env.pop("ETA_SERVICES", None)
     if services is not None:
+        # a wrong path would not fail: the installed tree's packages would answer instead, unnoticed
+        if not (Path(services) / "prediction" / "__main__.py").is_file():
+            raise argparse.ArgumentTypeError(f"{name}: {services} has no prediction/ (a copy of services/?)")
         env["PYTHONPATH"] = os.pathsep.join([str(H.REPO_ROOT), services])
     return Variant(name, env)
 
@@ -98,13 +101,12 @@ def run(variants: Sequence[Variant], kinds: Sequence[str], rounds: int, seconds:
     workdir = Path(tempfile.mkdtemp(prefix="bench-ab-"))
     with eta_world(workdir, rows=20000, rounds=ROUNDS) as world:
         infra = world.infra
-        servers = {
-            v.name: H.start_eta(
-                workdir, infra.redis_url, infra.database_url, tracing=False, tag=v.name, extra_env=v.env
-            )
-            for v in variants
-        }
-        try:
+        servers: dict[str, H.Server] = {}
+        try:  # a variant that fails to start stops the ones already started
+            for v in variants:
+                servers[v.name] = H.start_eta(
+                    workdir, infra.redis_url, infra.database_url, tracing=False, tag=v.name, extra_env=v.env
+                )
             for s in servers.values():
                 H.wait_for_scorer(s)
                 s.park()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import pytest
 
@@ -18,9 +19,18 @@ def test_a_variant_is_a_name_and_its_environment() -> None:
     assert ab.parse_variant("base={}").env == {}
 
 
-def test_a_code_copy_replaces_the_services_on_the_path_and_keeps_this_bench() -> None:
-    v = ab.parse_variant('copy={"ETA_SERVICES": "/tmp/copy/services"}')
-    assert v.env == {"PYTHONPATH": os.pathsep.join([str(H.REPO_ROOT), "/tmp/copy/services"])}
+def test_a_code_copy_replaces_the_services_on_the_path_and_keeps_this_bench(tmp_path: Path) -> None:
+    services = tmp_path / "services"
+    (services / "prediction").mkdir(parents=True)
+    (services / "prediction" / "__main__.py").write_text("")
+    v = ab.parse_variant(f'copy={{"ETA_SERVICES": "{services}"}}')
+    assert v.env == {"PYTHONPATH": os.pathsep.join([str(H.REPO_ROOT), str(services)])}
+
+
+def test_a_code_copy_that_is_not_one_is_refused_not_silently_replaced_by_this_tree(tmp_path: Path) -> None:
+    # the installed tree is on the path too: a wrong directory would run it instead of the copy
+    with pytest.raises(argparse.ArgumentTypeError, match="has no prediction/"):
+        ab.parse_variant(f'copy={{"ETA_SERVICES": "{tmp_path / "nowhere"}"}}')
 
 
 @pytest.mark.parametrize("text", ["base", "=", "x=[1]", 'x={"N": 1}', "x={nope"])
