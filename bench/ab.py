@@ -22,7 +22,7 @@ import argparse
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
@@ -66,13 +66,6 @@ def round_order(names: Sequence[str], round_no: int) -> list[str]:
     return list(names) if round_no % 2 == 0 else list(reversed(names))
 
 
-def paired_ratios(
-    runs: Sequence[Mapping[str, float]], reference: Sequence[Mapping[str, float]], key: str
-) -> list[float]:
-    """Per round, the variant's figure over the reference's in the same round."""
-    return [a[key] / b[key] for a, b in zip(runs, reference, strict=True) if b[key]]
-
-
 def summary(variants: Sequence[Variant], kinds: Sequence[str]) -> list[str]:
     reference = variants[-1]
     lines = []
@@ -86,7 +79,7 @@ def summary(variants: Sequence[Variant], kinds: Sequence[str]) -> list[str]:
             )
         for v in variants[:-1]:
             for f in ("rps", "server_cpu_us_per_call", "p99_ms"):
-                ratios = paired_ratios(v.runs[kind], reference.runs[kind], f)
+                ratios = H.paired_ratios(v.runs[kind], reference.runs[kind], f)
                 lines.append(
                     f"    {v.name}/{reference.name} {f}: x{median(ratios):.3f} "
                     f"(rounds {', '.join(f'{r:.2f}' for r in ratios)})"
@@ -113,7 +106,7 @@ def run(variants: Sequence[Variant], kinds: Sequence[str], rounds: int, seconds:
             idle = H.idle_cpu_rate({n: s.pid for n, s in servers.items()}, 4.0)
             by_name = {v.name: v for v in variants}
             for round_no in range(rounds):
-                for name in round_order(list(by_name), round_no):
+                for name in round_order(list(servers), round_no):
                     for other in servers.values():
                         other.park()
                     server = servers[name]

@@ -162,9 +162,8 @@ def _ratio(a: float, b: float) -> float:
 
 
 def _paired(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], key: str) -> list[float]:
-    """The ratio of each round's pair (the two scenarios measured back to back in the same round): a
-    machine phase that slows both cancels out, which a ratio of the medians does not guarantee."""
-    return sorted(_ratio(float(a[key]), float(b[key])) for a, b in zip(ours, theirs, strict=True))
+    """:func:`bench.harness.paired_ratios`, sorted (the result reports them so)."""
+    return sorted(H.paired_ratios(ours, theirs, key))
 
 
 def run(quick: bool) -> BenchResult:

@@ -71,6 +71,18 @@ def median(values: Sequence[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
+def paired_ratios(
+    runs: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]], key: str
+) -> list[float]:
+    """Per round, a figure over the reference's measured back to back in the same round (NaN where the
+    reference is 0): a machine phase that slows both cancels out, which a ratio of medians does not
+    guarantee. In round order."""
+    return [
+        float(a[key]) / float(b[key]) if b[key] else float("nan")
+        for a, b in zip(runs, reference, strict=True)
+    ]
+
+
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 

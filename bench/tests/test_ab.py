@@ -47,12 +47,6 @@ def test_rounds_alternate_so_every_variant_holds_every_position_equally() -> Non
         assert sorted(order.index(name) for order in orders) in ([0, 0, 2, 2], [1, 1, 1, 1])
 
 
-def test_ratios_are_paired_within_each_round() -> None:
-    runs = [{"rps": 110.0}, {"rps": 90.0}]
-    reference = [{"rps": 100.0}, {"rps": 100.0}]
-    assert ab.paired_ratios(runs, reference, "rps") == [1.1, 0.9]
-
-
 def test_the_summary_gives_medians_and_ratios_against_the_last_variant() -> None:
     def run(rps: float) -> dict[str, float]:
         return {"rps": rps, "server_cpu_us_per_call": 1e6 / rps, "p50_ms": 1.0, "p99_ms": 2.0}

@@ -27,6 +27,13 @@ def test_percentile_and_median() -> None:
     assert H.median([4.0, 1.0, 2.0, 3.0]) == 2.5
 
 
+def test_ratios_are_paired_within_each_round_in_round_order() -> None:
+    runs = [{"rps": 110.0}, {"rps": 90.0}]
+    reference = [{"rps": 100.0}, {"rps": 100.0}]
+    assert H.paired_ratios(runs, reference, "rps") == [1.1, 0.9]
+    assert math.isnan(H.paired_ratios([{"rps": 1.0}], [{"rps": 0.0}], "rps")[0])
+
+
 def _run(server_s: float, client_core_s: float, server_core_s: float, seconds: float = 1.0) -> H.LoadRun:
     (server_core,) = H.SERVER_CPUS
     (client_core,) = H.CLIENT_CPUS
